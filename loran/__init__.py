@@ -1,0 +1,1 @@
+"""LoRAN: low-rank adaptation with a structured non-linear transformation."""
