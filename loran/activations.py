@@ -1,0 +1,199 @@
+"""Element-wise activations f applied to the low-rank update B A, with their derivatives.
+
+LoRAN computes ``s * x @ f(B A)^T``. The memory-saving backward (``loran.autograd``) needs f' explicitly,
+so every activation is a pair ``(f, df)`` of plain functions of a float32 tensor and keyword parameters.
+Adding an activation is one entry in ``ACTIVATIONS``.
+
+Start-up behaviour (``Activation.build(start=...)``):
+- ``"official"``: f exactly as in the official PEFT-LoRAN code. With LoRA's init (B = 0) Sigmoid changes the
+  model at step 0 (f(0) = 0.5) and ReLU never trains (f'(0) = 0, so every gradient is exactly zero).
+- ``"base"`` (the default): the centred f(x) - f(0), and at exactly x = 0 the right derivative f'(0+).
+  Every activation then starts at the base model and trains (ReLU's subgradient at 0 is taken as 1).
+  For activations with f(0) = 0 and a continuous f' (sinter, tanh, silu, ...) both modes are identical.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+START_MODES = ("base", "official")
+
+
+def sinter(x: Tensor, amp: float = 5e-5, omega: float = 1e4) -> Tensor:
+    """Sinter: f(x) = x + amp * x * sin(omega * x). Defaults are the released adapters' settings."""
+    return x + amp * x * torch.sin(omega * x)
+
+
+def d_sinter(x: Tensor, amp: float = 5e-5, omega: float = 1e4) -> Tensor:
+    """f'(x) = 1 + amp * sin(omega x) + amp * omega * x * cos(omega x)."""
+    wx = omega * x
+    return 1 + amp * torch.sin(wx) + amp * omega * x * torch.cos(wx)
+
+
+def identity(x: Tensor) -> Tensor:
+    """f(x) = x: LoRAN with the identity is LoRA."""
+    return x
+
+
+def d_identity(x: Tensor) -> Tensor:
+    """f'(x) = 1."""
+    return torch.ones_like(x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """f(x) = 1 / (1 + exp(-x)); f(0) = 0.5."""
+    return torch.sigmoid(x)
+
+
+def d_sigmoid(x: Tensor) -> Tensor:
+    """f'(x) = sigmoid(x) (1 - sigmoid(x))."""
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """f(x) = tanh(x)."""
+    return torch.tanh(x)
+
+
+def d_tanh(x: Tensor) -> Tensor:
+    """f'(x) = 1 - tanh(x)^2."""
+    return 1 - torch.tanh(x) ** 2
+
+
+def relu(x: Tensor) -> Tensor:
+    """f(x) = max(x, 0)."""
+    return torch.relu(x)
+
+
+def d_relu(x: Tensor) -> Tensor:
+    """f'(x) = 1 for x > 0 else 0 (torch's convention at 0)."""
+    return (x > 0).to(x.dtype)
+
+
+def silu(x: Tensor) -> Tensor:
+    """f(x) = x * sigmoid(x)."""
+    return torch.nn.functional.silu(x)
+
+
+def d_silu(x: Tensor) -> Tensor:
+    """f'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def swish(x: Tensor, beta: float = 25.0) -> Tensor:
+    """f(x) = x * sigmoid(beta * x); the official code fixes beta = 25."""
+    return x * torch.sigmoid(beta * x)
+
+
+def d_swish(x: Tensor, beta: float = 25.0) -> Tensor:
+    """f'(x) = sigmoid(bx) + b x sigmoid(bx) (1 - sigmoid(bx))."""
+    s = torch.sigmoid(beta * x)
+    return s + beta * x * s * (1 - s)
+
+
+def cos(x: Tensor, omega: float = 1e4) -> Tensor:
+    """f(x) = x + x * cos(omega * x); the official code fixes omega = 1e4 (note f'(0) = 2)."""
+    return x + x * torch.cos(omega * x)
+
+
+def d_cos(x: Tensor, omega: float = 1e4) -> Tensor:
+    """f'(x) = 1 + cos(omega x) - omega x sin(omega x)."""
+    wx = omega * x
+    return 1 + torch.cos(wx) - omega * x * torch.sin(wx)
+
+
+def gaussian(x: Tensor) -> Tensor:
+    """f(x) = 0.5 * x * exp(-x^2)."""
+    return 0.5 * x * torch.exp(-x * x)
+
+
+def d_gaussian(x: Tensor) -> Tensor:
+    """f'(x) = 0.5 exp(-x^2) (1 - 2 x^2)."""
+    return 0.5 * torch.exp(-x * x) * (1 - 2 * x * x)
+
+
+# name -> (f, f'). Parameters are the keyword arguments of f (and f' takes the same ones).
+ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    "sinter": (sinter, d_sinter),
+    "identity": (identity, d_identity),
+    "sigmoid": (sigmoid, d_sigmoid),
+    "tanh": (tanh, d_tanh),
+    "relu": (relu, d_relu),
+    "silu": (silu, d_silu),
+    "swish": (swish, d_swish),
+    "cos": (cos, d_cos),
+    "gaussian": (gaussian, d_gaussian),
+}
+
+# Parameters that must be finite and >= 0 wherever an activation has them.
+NON_NEGATIVE_PARAMS = ("amp", "omega", "beta")
+
+
+def activation_params(name: str) -> dict[str, float]:
+    """The parameters activation `name` takes, with their defaults."""
+    f, _ = ACTIVATIONS[name]
+    return {p.name: p.default for p in list(inspect.signature(f).parameters.values())[1:]}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation with its parameters bound: ``f(z)`` and ``df(z)`` on float32 tensors."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+    start: str = "base"
+
+    def __post_init__(self) -> None:
+        validate_activation(self.name, self.params, self.start)
+
+    @property
+    def _pair(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+        return ACTIVATIONS[self.name]
+
+    @property
+    def offset(self) -> float:
+        """f(0), subtracted in the "base" start mode."""
+        if self.start == "official":
+            return 0.0
+        return float(self._pair[0](torch.zeros((), dtype=torch.float64), **self.params))
+
+    def f(self, z: Tensor) -> Tensor:
+        """The activation, element-wise (centred in "base" mode)."""
+        out = self._pair[0](z, **self.params)
+        offset = self.offset
+        return out - offset if offset else out
+
+    def df(self, z: Tensor) -> Tensor:
+        """The derivative, element-wise; in "base" mode the right derivative at exactly 0."""
+        if self.start == "base":
+            # f'(0+) for a kink at 0 (ReLU); for continuous f' this changes nothing.
+            z = torch.where(z == 0, torch.full_like(z, torch.finfo(z.dtype).tiny), z)
+        return self._pair[1](z, **self.params)
+
+
+def validate_activation(name: str, params: dict, start: str) -> None:
+    """Raise ValueError naming the field and the allowed values for a bad activation setting."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is unknown; allowed values: {sorted(ACTIVATIONS)}")
+    allowed = activation_params(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"activation_kwargs {unknown} are not parameters of activation {name!r}; "
+            f"allowed: {sorted(allowed) or 'none'}"
+        )
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"activation_kwargs.{key}={value!r} must be a number")
+        if key in NON_NEGATIVE_PARAMS and not (value >= 0 and value != float("inf")):
+            raise ValueError(f"activation_kwargs.{key}={value!r} must be finite and >= 0")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"activation_kwargs.{key}={value!r} must be finite")
+    if start not in START_MODES:
+        raise ValueError(f"start={start!r} is unknown; allowed values: {list(START_MODES)}")
