@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -118,17 +118,25 @@ def d_gaussian(x: Tensor) -> Tensor:
     return 0.5 * torch.exp(-x * x) * (1 - 2 * x * x)
 
 
-# name -> (f, f'). Parameters are the keyword arguments of f (and f' takes the same ones).
-ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
-    "sinter": (sinter, d_sinter),
-    "identity": (identity, d_identity),
-    "sigmoid": (sigmoid, d_sigmoid),
-    "tanh": (tanh, d_tanh),
-    "relu": (relu, d_relu),
-    "silu": (silu, d_silu),
-    "swish": (swish, d_swish),
-    "cos": (cos, d_cos),
-    "gaussian": (gaussian, d_gaussian),
+class Spec(NamedTuple):
+    """f, its derivative f' (same keyword parameters), and whether f is linear (then f(BA) = BA factorises)."""
+
+    f: Callable[..., Tensor]
+    df: Callable[..., Tensor]
+    linear: bool = False
+
+
+# name -> Spec. Parameters are the keyword arguments of f.
+ACTIVATIONS: dict[str, Spec] = {
+    "sinter": Spec(sinter, d_sinter),
+    "identity": Spec(identity, d_identity, linear=True),
+    "sigmoid": Spec(sigmoid, d_sigmoid),
+    "tanh": Spec(tanh, d_tanh),
+    "relu": Spec(relu, d_relu),
+    "silu": Spec(silu, d_silu),
+    "swish": Spec(swish, d_swish),
+    "cos": Spec(cos, d_cos),
+    "gaussian": Spec(gaussian, d_gaussian),
 }
 
 # Parameters that must be finite and >= 0 wherever an activation has them.
@@ -137,7 +145,7 @@ NON_NEGATIVE_PARAMS = ("amp", "omega", "beta")
 
 def activation_params(name: str) -> dict[str, float]:
     """The parameters activation `name` takes, with their defaults."""
-    f, _ = ACTIVATIONS[name]
+    f = ACTIVATIONS[name].f
     return {p.name: p.default for p in list(inspect.signature(f).parameters.values())[1:]}
 
 
@@ -153,19 +161,20 @@ class Activation:
         validate_activation(self.name, self.params, self.start)
 
     @property
-    def _pair(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-        return ACTIVATIONS[self.name]
+    def linear(self) -> bool:
+        """True when f(B A) = B A, so the update can be computed as LoRA's (x A^T) B^T."""
+        return ACTIVATIONS[self.name].linear
 
     @property
     def offset(self) -> float:
         """f(0), subtracted in the "base" start mode."""
         if self.start == "official":
             return 0.0
-        return float(self._pair[0](torch.zeros((), dtype=torch.float64), **self.params))
+        return float(ACTIVATIONS[self.name].f(torch.zeros((), dtype=torch.float64), **self.params))
 
     def f(self, z: Tensor) -> Tensor:
         """The activation, element-wise (centred in "base" mode)."""
-        out = self._pair[0](z, **self.params)
+        out = ACTIVATIONS[self.name].f(z, **self.params)
         offset = self.offset
         return out - offset if offset else out
 
@@ -174,7 +183,7 @@ class Activation:
         if self.start == "base":
             # f'(0+) for a kink at 0 (ReLU); for continuous f' this changes nothing.
             z = torch.where(z == 0, torch.full_like(z, torch.finfo(z.dtype).tiny), z)
-        return self._pair[1](z, **self.params)
+        return ACTIVATIONS[self.name].df(z, **self.params)
 
 
 def validate_activation(name: str, params: dict, start: str) -> None:

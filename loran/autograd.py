@@ -1,8 +1,9 @@
 """The LoRAN update ``y = s * x @ f(B A)^T`` and its gradients, in two interchangeable forms.
 
 Shapes: x (..., d_in), A (r, d_in), B (d_out, r), y (..., d_out); f acts element-wise on Z = B A
-(d_out x d_in). Everything is computed in float32, also under bf16/fp16 autocast: at the released Sinter
-settings f(Z) differs from Z by at most 5e-5 relative, which bf16 (eps 8e-3) would round away.
+(d_out x d_in). Everything is computed in float32 (float64 if given float64), also under bf16/fp16
+autocast: at the released Sinter settings f(Z) differs from Z by at most 5e-5 relative, which bf16
+(eps 8e-3) would round away.
 
 - ``loran_update``: the training path. Backward keeps only x, A and B and recomputes f(Z) and f'(Z) in row
   chunks of Z, so no d_out x d_in tensor lives between forward and backward:
@@ -27,23 +28,28 @@ def _no_autocast():
     return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", enabled=False)
 
 
+def _up(t: Tensor) -> Tensor:
+    """t in float32, or float64 if it already is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def delta_weight(A: Tensor, B: Tensor, act: Activation) -> Tensor:
     """f(B A) in float32, shape (d_out, d_in)."""
     with _no_autocast():
-        return act.f(B.float() @ A.float())
+        return act.f(_up(B) @ _up(A))
 
 
 def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation) -> Tensor:
     """s * x @ f(B A)^T through plain autograd (the official code's memory profile)."""
     with _no_autocast():
-        return (x.float() @ delta_weight(A, B, act).T) * scaling
+        return (_up(x) @ delta_weight(A, B, act).T) * scaling
 
 
 class _LoranUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, chunk_rows: int) -> Tensor:
         with _no_autocast():
-            y = (x.float() @ delta_weight(A, B, act).T) * scaling
+            y = (_up(x) @ delta_weight(A, B, act).T) * scaling
         ctx.save_for_backward(x, A, B)
         ctx.scaling, ctx.act, ctx.chunk_rows = scaling, act, chunk_rows
         return y
@@ -54,9 +60,9 @@ class _LoranUpdate(torch.autograd.Function):
         s, act, rows = ctx.scaling, ctx.act, ctx.chunk_rows
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         with _no_autocast():
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            g2 = grad_y.reshape(-1, grad_y.shape[-1]).float()
-            A32, B32 = A.float(), B.float()
+            x2 = _up(x.reshape(-1, x.shape[-1]))
+            g2 = _up(grad_y.reshape(-1, grad_y.shape[-1]))
+            A32, B32 = _up(A), _up(B)
             grad_x = torch.zeros_like(x2) if need_x else None
             grad_A = torch.zeros_like(A32) if need_A else None
             grad_B = torch.empty_like(B32) if need_B else None

@@ -60,10 +60,14 @@ class LoranVariant(LoraVariant):
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs) -> Tensor:
-        A, B = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        update_fn = loran_update if module.loran_memory_efficient[active_adapter] else reference_update
+        act, scaling = module.loran_activation[active_adapter], module.scaling[active_adapter]
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x)
-        update = update_fn(x, A, B, module.scaling[active_adapter], module.loran_activation[active_adapter])
+        if act.linear:  # f(BA) = BA: compute it as LoRA does, (x A^T) B^T, which is exactly PEFT's LoRA
+            update = lora_B(lora_A(x)) * scaling
+        else:
+            update_fn = loran_update if module.loran_memory_efficient[active_adapter] else reference_update
+            update = update_fn(x, lora_A.weight, lora_B.weight, scaling, act)
         return result + update.to(result.dtype)
 
 
