@@ -65,7 +65,7 @@ def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.fl
     for name, layer in loran_layers(peft_model):
         base = layer.get_base_layer()
         if layer.merged:
-            layer.unmerge()
+            raise ValueError(f"{name} is already merged; merge_to_full_precision needs the unmerged model")
         weight = _dense_weight(base)
         if getattr(layer, "fan_in_fan_out", False):
             weight = weight.T
