@@ -1,0 +1,91 @@
+"""ROUGE against hand-computed overlaps and rouge-score itself; label parsing and classification metrics."""
+import pytest
+from rouge_score import rouge_scorer
+
+from loran.metrics import classification, parse_label, rouge
+
+BBC = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    """F-measure from an overlap count and the two lengths."""
+    p, r = overlap / n_pred, overlap / n_ref
+    return 2 * p * r / (p + r) if overlap else 0.0
+
+
+def test_rouge_matches_hand_counts():
+    # "the cat sat on the mat" vs "the cat lay on the mat": 5/6 unigrams (the x2, cat, on, mat), 3/5 bigrams
+    # (the cat, on the, the mat), LCS "the cat on the mat" = 5. "cats running" vs "cat runs": Porter stems
+    # (cats->cat, running/runs->run) make them identical. "dogs bark" vs "a cat": nothing in common.
+    preds = ["the cat sat on the mat", "cats running", "dogs bark"]
+    refs = ["the cat lay on the mat", "cat runs", "a cat"]
+    got = rouge(preds, refs)
+    assert got["rouge1"] == pytest.approx((f1(5, 6, 6) + 1 + 0) / 3)
+    assert got["rouge2"] == pytest.approx((f1(3, 5, 5) + 1 + 0) / 3)
+    assert got["rougeL"] == pytest.approx((f1(5, 6, 6) + 1 + 0) / 3)
+    assert set(got) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert all(0.0 <= v <= 1.0 for v in got.values())
+
+
+def test_rouge_matches_rouge_score_scorer():
+    preds = ["Police killed the gunman.\nThe gunman was shot.", "Stocks fell sharply on Monday", "an unrelated text"]
+    refs = ["The gunman was killed by police.\nHe was shot.", "Shares dropped on Monday", "Markets rallied"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    got = rouge(preds, refs)
+    for key in got:
+        assert got[key] == pytest.approx(sum(s[key].fmeasure for s in scores) / len(scores))
+
+
+def test_rouge_lsum_splits_on_newlines():
+    # Sentences swapped: one LCS over the whole text finds 2 of 4 tokens; per-sentence (union) LCS finds all 4.
+    got = rouge(["alpha beta\ngamma delta"], ["gamma delta\nalpha beta"])
+    assert got["rougeL"] == pytest.approx(0.5)
+    assert got["rougeLsum"] == pytest.approx(1.0)
+
+
+def test_rouge_multi_reference_takes_best():
+    got = rouge(["the cat sat"], [["a dog ran", "the cat sat"]])
+    assert got["rouge1"] == pytest.approx(1.0)
+
+
+def test_rouge_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="equally many"):
+        rouge(["a"], ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Sports", "sports"),  # case-insensitive
+        ("This is about POLITICS and business.", "politics"),  # first mentioned wins
+        ("business, not politics", "business"),
+        ("category: tech.", "tech"),  # punctuation is a boundary
+        ("sport", None),  # "sport" is not the label "sports"
+        ("technology news", None),  # nor is "technology" the label "tech"
+        ("biotechnology and sports", "sports"),  # a label inside a longer word does not count
+        ("", None),
+        ("I cannot tell.", None),
+    ],
+)
+def test_parse_label(text, expected):
+    assert parse_label(text, BBC) == expected
+
+
+def test_parse_label_word_boundaries_both_ways():
+    labels = ["sport", "sports"]
+    assert parse_label("sports news", labels) == "sports"  # longest label at the same position
+    assert parse_label("a sport story", labels) == "sport"
+    assert parse_label("about c++ code", ["c", "c++"]) == "c++"  # labels ending in punctuation
+
+
+def test_classification_metrics():
+    preds = ["Sports", "politics then tech", "tech", "no idea", "Entertainment!"]
+    refs = ["sports", "tech", "tech", "business", "entertainment"]
+    got = classification(preds, refs, BBC)
+    assert got == {"accuracy": pytest.approx(3 / 5), "no_class_rate": pytest.approx(1 / 5)}
+
+
+def test_classification_rejects_unknown_reference():
+    with pytest.raises(ValueError, match="not in labels"):
+        classification(["sports"], ["sport"], BBC)
