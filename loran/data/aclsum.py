@@ -5,9 +5,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
+from nltk.tokenize.treebank import TreebankWordDetokenizer
 
 ASPECTS = ("challenge", "approach", "outcome")
 SPLITS = {"train": "train", "validation": "val", "test": "test"}
+_DETOKENIZER = TreebankWordDetokenizer()
 
 
 def aclsum_dir() -> Path:
@@ -22,8 +24,7 @@ def paper_row(paper: dict, sections: Sequence[str], detokenize: bool) -> dict[st
     """One paper: id, title, text (chosen sections), one column per aspect, summary (the three joined)."""
     sentences = [s for section in sections for s in paper["sentences"][section]]
     if detokenize:  # the sentences are PTB-tokenized ("( QA ) ,"); the summaries are plain text
-        from nltk.tokenize.treebank import TreebankWordDetokenizer
-        sentences = [TreebankWordDetokenizer().detokenize(s.split()) for s in sentences]
+        sentences = [_DETOKENIZER.detokenize(s.split()) for s in sentences]
     aspects = {a: paper["summary"][a].strip() for a in ASPECTS}
     return {"id": paper["id"], "title": paper["title"], "text": " ".join(sentences), **aspects,
             "summary": " ".join(aspects[a] for a in ASPECTS)}

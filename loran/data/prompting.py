@@ -8,10 +8,11 @@ Layout of one training example (right-padded by CausalLMCollator):
     labels    = [-100] * len(prompt ids) + the target ids + [eos]
 
 A prompt is template.format(input=..., labels=", ".join(labels)) and has at most max_source_tokens
-tokens: an input that does not fit is cut at a token boundary, so the template's text after {input}
+tokens: an input that does not fit is cut at the end of a word, so the template's text after {input}
 (the cue, e.g. "Headline:") always survives. The ids of a prompt are tokenizer(prompt).input_ids, so
 generation code that tokenizes the same prompt string gets the same ids as training.
 """
+import numbers
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 _INPUT = "\x00INPUT\x00"  # placeholder that no template or tokenizer merge can produce
+_CHARS_PER_TOKEN = 6  # characters of head tokenized per token of budget; English BPE averages about 4.5
 
 
 @dataclass
@@ -55,13 +57,22 @@ def template_parts(spec: PromptSpec) -> tuple[str, str]:
 
 def target_text(value: Any, spec: PromptSpec) -> str:
     """The target string: int targets map through spec.labels; class names must be in spec.labels."""
-    if spec.labels is not None and isinstance(value, int) and not isinstance(value, bool):
+    if spec.labels is not None and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if not 0 <= value < len(spec.labels):
             raise ValueError(f"label id {value} out of range for {len(spec.labels)} labels")
         return spec.labels[value]
     if spec.labels is not None and str(value) not in spec.labels:
         raise ValueError(f"label {value!r} not in labels {spec.labels}")
     return str(value)
+
+
+def _is_label(value: Any, spec: PromptSpec) -> bool:
+    """Whether target_text accepts the value."""
+    try:
+        target_text(value, spec)
+    except ValueError:
+        return False
+    return True
 
 
 def to_prompt_target(row: dict[str, Any], spec: PromptSpec) -> dict[str, str]:
@@ -82,43 +93,62 @@ def validate_columns(data: DatasetDict, spec: PromptSpec, splits: Sequence[str] 
         if len(ds) == 0:
             raise ValueError(f"split {split!r} is empty")
         if spec.labels is not None:
-            for value in set(ds[spec.target_field]):
-                try:
-                    target_text(value, spec)
-                except ValueError as err:
-                    raise ValueError(f"split {split!r}, field {spec.target_field!r}: {err}") from None
+            bad = sorted((v for v in ds.unique(spec.target_field) if not _is_label(v, spec)), key=str)
+            if bad:
+                raise ValueError(f"split {split!r}, field {spec.target_field!r}: values {bad} are not labels "
+                                 f"(ids 0..{len(spec.labels) - 1} or names {spec.labels})")
+
+
+def _cut_points(texts: list[str], budget: int, tokenizer: Any) -> list[int]:
+    """Character index after the first `budget` tokens of each text, not inside a word (len(text) if shorter)."""
+    heads = [t[: budget * _CHARS_PER_TOKEN] for t in texts]  # tokenize a bounded head, not a whole paper
+    offsets = tokenizer(heads, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    short = [i for i, (t, h, o) in enumerate(zip(texts, heads, offsets)) if len(o) <= budget and len(h) < len(t)]
+    if short:  # rare: a head of budget * 6 characters with fewer than `budget` tokens; use the whole text
+        full = tokenizer([texts[i] for i in short], add_special_tokens=False, return_offsets_mapping=True)
+        for i, o in zip(short, full.offset_mapping):
+            offsets[i] = o
+    return [_word_boundary(t, o[budget - 1][1]) if len(o) > budget else len(t) for t, o in zip(texts, offsets)]
+
+
+def _word_boundary(text: str, cut: int) -> int:
+    """Move a cut back to the end of the last whole word (words over 40 characters may still be split)."""
+    if not (text[cut - 1].isspace() or text[cut].isspace()):
+        start = max(cut - 40, 0)
+        cut = max(text.rfind(" ", start, cut), text.rfind("\n", start, cut), 0) or cut
+    return len(text[:cut].rstrip())
 
 
 def fit_prompts(inputs: Sequence[str], spec: PromptSpec, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
     """Prompts of at most max_source_tokens tokens and their ids; long inputs are cut, the cue is kept."""
     prefix, suffix = template_parts(spec)
-    prompts = [prefix + str(x) + suffix for x in inputs]
-    ids = tokenizer(prompts).input_ids
-    over = [i for i, x in enumerate(ids) if len(x) > spec.max_source_tokens]
-    if not over:
-        return prompts, ids
-    frame = len(tokenizer(prefix + suffix).input_ids)
+    frame = len(tokenizer(prefix + "a" + suffix).input_ids) - 1  # "a": a word joined to the template, as input is
     if frame >= spec.max_source_tokens:
         raise ValueError(f"the template alone takes {frame} tokens >= max_source_tokens={spec.max_source_tokens}")
-    ends = tokenizer([str(inputs[i]) for i in over], add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-    keep = {i: spec.max_source_tokens - frame for i in over}  # input tokens to keep; shrinks if the joint merge is longer
-    offsets = dict(zip(over, ends))
-    while over:
-        cut = {i: prefix + str(inputs[i])[: offsets[i][keep[i] - 1][1] if keep[i] > 0 else 0] + suffix for i in over}
-        cut_ids = tokenizer([cut[i] for i in over]).input_ids
+    texts = [str(x) for x in inputs]
+    if not texts:
+        return [], []
+    keep = [spec.max_source_tokens - frame] * len(texts)  # input tokens kept; shrinks if the joint merge is longer
+    prompts: list[str] = [""] * len(texts)
+    ids: list[list[int]] = [[]] * len(texts)
+    todo = list(range(len(texts)))
+    while todo:
+        for budget in sorted({keep[i] for i in todo}):
+            group = [i for i in todo if keep[i] == budget]
+            cuts = _cut_points([texts[i] for i in group], budget, tokenizer) if budget > 0 else [0] * len(group)
+            for i, cut in zip(group, cuts):
+                prompts[i] = prefix + texts[i][:cut] + suffix
+        encoded = tokenizer([prompts[i] for i in todo]).input_ids
         still = []
-        for i, x in zip(over, cut_ids):
-            prompts[i], ids[i] = cut[i], x
+        for i, x in zip(todo, encoded):
+            ids[i] = x
             if len(x) > spec.max_source_tokens:
+                if keep[i] <= 0:
+                    raise ValueError(f"the template alone takes {len(x)} tokens > max_source_tokens")
                 keep[i] -= len(x) - spec.max_source_tokens
                 still.append(i)
-        over = still
+        todo = still
     return prompts, ids
-
-
-def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
-    """Columns of a batched map -> list of rows."""
-    return [dict(zip(batch, values)) for values in zip(*batch.values())]
 
 
 def eval_batch(batch: dict[str, list], spec: PromptSpec, tokenizer: Any) -> dict[str, list]:
