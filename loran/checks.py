@@ -11,27 +11,35 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before training, with nothing written to results/."""
 
 
-# field -> (allowed types, description). None in the types means the value may be null.
-TYPED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "seed": ((int,), "an integer"),
-    "dataset.n_train": ((int, type(None)), "an integer or null"),
-    "dataset.n_eval": ((int, type(None)), "an integer or null"),
-    "adapter.peft.r": ((int,), "a positive integer"),
-    "adapter.peft.lora_alpha": ((int, float), "a number"),
-    "adapter.peft.lora_dropout": ((int, float), "a number in [0, 1)"),
-    "trainer.eval_batch_size": ((int,), "a positive integer"),
-    "trainer.args.per_device_train_batch_size": ((int,), "a positive integer"),
-    "trainer.args.learning_rate": ((int, float), "a number"),
+def _positive(value) -> bool:
+    return value is None or value > 0
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+# field -> (allowed types, extra condition, description). Checked before anything is loaded.
+TYPED_FIELDS: dict[str, tuple[tuple, object, str]] = {
+    "seed": ((int,), None, "an integer"),
+    "dataset.n_train": ((int, type(None)), _positive, "a positive integer or null (= the whole split)"),
+    "dataset.n_eval": ((int, type(None)), _positive, "a positive integer or null (= the whole split)"),
+    "adapter.peft.r": ((int,), _positive, "a positive integer"),
+    "adapter.peft.lora_alpha": ((int, float), _positive, "a positive number"),
+    "adapter.peft.lora_dropout": ((int, float), _fraction, "a number in [0, 1)"),
+    "trainer.eval_batch_size": ((int,), _positive, "a positive integer"),
+    "trainer.args.per_device_train_batch_size": ((int,), _positive, "a positive integer"),
+    "trainer.args.learning_rate": ((int, float), _positive, "a positive number"),
 }
 
 
 def check_types(cfg: DictConfig) -> None:
-    """Each field of TYPED_FIELDS that is present has the right type."""
-    for key, (types, description) in TYPED_FIELDS.items():
+    """Each field of TYPED_FIELDS that is present has the right type and range."""
+    for key, (types, condition, description) in TYPED_FIELDS.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value == "<absent>":
             continue
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) or not isinstance(value, types) or (condition and not condition(value)):
             raise ConfigError(f"{key}={value!r} ({type(value).__name__}) must be {description}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,12 +61,17 @@ def _overrides() -> list[str]:
         return []
 
 
+def cause(err: Exception) -> str:
+    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
+    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
+
+
 def build_peft_config(cfg: DictConfig):
     """The adapter's PEFT config (LoraConfig or LoranConfig); a bad value becomes a ConfigError."""
     try:
         return instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {err}") from err
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
 
 
 def load_data(cfg: DictConfig, tokenizer):
@@ -74,8 +80,8 @@ def load_data(cfg: DictConfig, tokenizer):
         spec = instantiate(cfg.dataset.prompt, _convert_="all")
         raw = instantiate(cfg.dataset.loader, _convert_="all")
         validate_columns(raw, spec)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"dataset={cfg.dataset.name}: {err}") from err
+    except (ValueError, TypeError, KeyError, InstantiationException) as err:
+        raise ConfigError(f"dataset={cfg.dataset.name}: {cause(err)}") from err
     train = train_dataset(subset(raw["train"], cfg.dataset.n_train, cfg.seed), spec, tokenizer)
     test = eval_dataset(subset(raw["test"], cfg.dataset.n_eval, 0), spec, tokenizer)  # same eval set for all seeds
     return spec, train, test

@@ -14,7 +14,12 @@ def load_hub_dataset(path: str, name: str | None = None, split_map: dict[str, st
                      **load_kwargs: Any) -> DatasetDict:
     """datasets.load_dataset(path, name, **load_kwargs) with splits renamed by split_map (ours -> theirs);
     a missing validation split is carved from train with a seeded shuffle, stratified by `stratify_by`."""
-    raw = datasets.load_dataset(path, name, **load_kwargs)
+    try:
+        raw = datasets.load_dataset(path, name, **load_kwargs)
+    except ValueError as err:  # datasets' words for a split file with no rows
+        if "corresponds to no data" in str(err):
+            raise ValueError(f"{path}: a split is empty ({err}); every split needs at least one example") from err
+        raise
     source = {split: (split_map or {}).get(split, split) for split in SPLITS}
     out = {split: raw[src] for split, src in source.items() if src in raw}
     missing = [split for split in ("train", "test") if split not in out]

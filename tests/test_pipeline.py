@@ -1,0 +1,159 @@
+"""The experiment pipeline: every config composes, train.py runs a cell end to end, bad input stops early."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+
+from loran.checks import ConfigError
+from loran.run import run_cell
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+MODELS, DATASETS = options("model"), options("dataset")
+ACTIVATIONS = [a for a in options("activation") if not a.endswith("_default")]
+# Shrinks a cell to seconds: tiny model, a few examples, two optimizer steps.
+SMALL = ["model=tiny", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
+         "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
+         "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
+
+
+def cfg_of(overrides=(), results_dir=None):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        extra = [f"results_dir={results_dir}"] if results_dir else []
+        return compose("train", overrides=[*overrides, *extra])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_combination_composes_and_builds(model, dataset):
+    """model x dataset x adapter x activation: the PEFT config, prompt spec and metric all instantiate."""
+    cells = [("qlora", None)] + [("loran", a) for a in ACTIVATIONS]
+    for adapter, activation in cells:
+        overrides = [f"model={model}", f"dataset={dataset}", f"adapter={adapter}"]
+        overrides += [f"activation={activation}"] if activation else []
+        cfg = cfg_of(overrides)
+        peft_config = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+        assert type(peft_config).__name__ == {"qlora": "LoraConfig", "loran": "LoranConfig"}[adapter]
+        assert peft_config.r == 8 and peft_config.lora_alpha == 16
+        if adapter == "loran":
+            assert peft_config.activation == (activation or "sinter")
+        spec = instantiate(cfg.dataset.prompt, _convert_="all")
+        assert callable(instantiate(cfg.dataset.metric, _convert_="all"))
+        assert spec.input_field and spec.target_field
+        assert cfg.cell == f"{dataset}.{model}.{adapter}-{activation or ('none' if adapter == 'qlora' else 'sinter')}.seed0"
+
+
+def test_defaults_are_the_embedded_loran_sinter_cell():
+    cfg = cfg_of()
+    assert (cfg.model.name, cfg.dataset.name, cfg.adapter.name, cfg.activation.name) == \
+        ("smollm2_135m", "bbc_news", "loran", "sinter")
+    assert cfg.model.load.quantization == "nf4" and cfg.activation.params == {"amp": 5e-5, "omega": 1e4}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs/ (checkpoints) lands here
+    return tmp_path
+
+
+def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
+    results = workdir / "results"
+    base = [*SMALL, "dataset=bbc_headlines", "experiment_name=e2e"]
+    first = run_cell(cfg_of(base, results))
+    assert first["status"] == "ok"
+    record = json.loads((results / "runs/e2e" / first["cell"] / "record.json").read_text())
+    for key in ("choices", "overrides", "config", "git", "versions", "machine", "metrics", "trainable_params",
+                "wall_time_s", "peak_memory_mb", "loss_history", "seed" if False else "n_train"):
+        assert key in record, key
+    assert set(record["metrics"]) >= {"rouge1", "rouge2", "rougeL"}
+    assert record["trainable_params"] == 2 * 2 * 8 * 64 + 2 * 8 * (64 + 32)  # q: 64->64, v: 64->32, r=8
+    rows = list(csv.DictReader(open(results / "e2e.csv")))
+    assert len(rows) == 1 and rows[0]["cell"] == first["cell"] and float(rows[0]["rouge1"]) == round(
+        first["metrics"]["rouge1"], 6)
+
+    # Same seed, fresh folders: the same losses and metrics.
+    again = run_cell(cfg_of([*base, "skip_existing=false", "experiment_name=e2e_again"], workdir / "results2"))
+    assert again["metrics"] == first["metrics"]
+    assert again["loss_history"] == first["loss_history"]
+
+    # Running the finished cell again is skipped: no second row.
+    run_cell(cfg_of(base, results))
+    assert len(list(csv.DictReader(open(results / "e2e.csv")))) == 1
+
+
+def test_train_py_writes_an_offline_wandb_run(workdir):
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    args = [a for a in SMALL if a != "logger=none"] + ["logger=wandb", "experiment_name=wb",
+                                                      f"results_dir={workdir / 'results'}"]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy=" in proc.stdout
+    runs = list((workdir / "outputs/wb").glob("*/wandb/offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert len(list(csv.DictReader(open(workdir / "results/wb.csv")))) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["seed=abc"], r"seed='abc' \(str\) must be an integer"),
+        (["dataset.n_train=0"], r"dataset.n_train=0 \(int\) must be a positive integer or null"),
+        (["adapter.peft.lora_dropout=1.5"], r"adapter.peft.lora_dropout=1.5 \(float\) must be a number in \[0, 1\)"),
+        (["adapter=qlora", "activation=relu"], r"adapter=qlora takes no activation, but activation=relu"),
+        (["activation.name=softplus"], r"activation='softplus' is unknown; allowed values: \['cos', 'gaussian'"),
+        (["activation.params.amp=-1"], r"activation_kwargs.amp=-1 must be finite and >= 0"),
+        (["model.target_modules=[q_proj,qkv]"], r"\['qkv'\] not found in model tiny; its linear layers are "),
+        (["dataset.prompt.input_field=body"], r"dataset=bbc_news: .*'body'.*available"),
+    ],
+)
+def test_bad_input_stops_before_training_and_leaves_results_clean(workdir, overrides, message):
+    results = workdir / "results"
+    with pytest.raises(ConfigError, match=message):
+        run_cell(cfg_of([*SMALL, *overrides], results))
+    assert not results.exists() or not any(results.rglob("*"))
+    assert not (workdir / "outputs").exists() or not any((workdir / "outputs").rglob("checkpoint-*"))
+
+
+def test_empty_split_is_refused(workdir):
+    """A hub-format dataset (SAMSum columns, local files) whose test split is empty."""
+    data = workdir / "samsum"
+    data.mkdir()
+    row = json.dumps({"id": "1", "dialogue": "A: hi\nB: hello", "summary": "They greet."})
+    (data / "train.jsonl").write_text(row + "\n")
+    (data / "validation.jsonl").write_text(row + "\n")
+    (data / "test.jsonl").write_text("")
+    files = f"{{train:{data}/train.jsonl,validation:{data}/validation.jsonl,test:{data}/test.jsonl}}"
+    overrides = [*SMALL, "dataset=samsum", "dataset.loader.path=json", f"+dataset.loader.data_files={files}"]
+    with pytest.raises(ConfigError, match=r"dataset=samsum: json: a split is empty \(Instruction .test. corresponds to no data"):
+        run_cell(cfg_of(overrides, workdir / "results"))
+    assert not (workdir / "results").exists()
+
+
+def test_unknown_group_option_names_the_allowed_ones():
+    with pytest.raises(MissingConfigException) as err:
+        cfg_of(["adapter=lora"])
+    assert "Could not find 'adapter/lora'" in str(err.value)
+    assert {"loran", "qlora"} <= set(err.value.options)
+
+
+def test_train_py_reports_a_config_error_with_exit_code_2(workdir):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *SMALL, "adapter=qlora", "activation=tanh",
+                           f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "configuration error: adapter=qlora takes no activation" in proc.stderr
+    assert not (workdir / "results").exists()
