@@ -5,8 +5,8 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -76,6 +76,14 @@ def load_smollm2_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+def _share_like_umask(folder: Path) -> None:
+    """Give the saved files the umask's usual modes (safetensors writes 0600), so a shared cache is readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~mask)
+
+
 def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
     """Folder of the converted SmolLM2-135M-Instruct checkpoint (<cache_dir>/smollm2-135m-instruct), built once."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -89,10 +97,12 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
         start = time.perf_counter()
         print(f"loran: converting {SMOLLM2_GGUF} to a float32 checkpoint in {dest} (once, ~15-30 s)", flush=True)
         model, tokenizer = load_smollm2_gguf()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-", dir=root))
+        tmp = root / f".{SMOLLM2_DIRNAME}-{uuid.uuid4().hex[:8]}"
         try:
+            tmp.mkdir()
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            _share_like_umask(tmp)
             os.rename(tmp, dest)  # atomic on one file system: dest is complete or absent
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,11 +165,23 @@ def load_causal_lm(
         attn_implementation=attn_implementation,
     )
     pad = ensure_pad_token(tokenizer, model)
+    keep_4bit_weights_packed(model)
     log.info("loaded %s (quantization=%s, dtype=%s, pad=%r)", name_or_path, quantization, dtype, pad)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base and no input grads (LoRA, QLoRA).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def keep_4bit_weights_packed(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights to bf16 at the first no-grad eval forward on AVX512-BF16 CPUs.
+
+    The repack happens in place (the layer then computes differently from training) and, measured here, makes
+    evaluation of SmolLM2 about 2x slower (46 s vs 21 s for 16 x 200 tokens).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def tiny_causal_lm(
