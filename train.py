@@ -8,6 +8,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from loran.checks import ConfigError
@@ -22,6 +24,8 @@ def main(cfg: DictConfig) -> None:
         record = run_cell(cfg)
     except ConfigError as err:
         log.error("configuration error: %s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper runs the other cells, then reports this one as failed
         print(f"\nconfiguration error: {err}", file=sys.stderr)
         sys.exit(2)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())

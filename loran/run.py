@@ -3,7 +3,7 @@
 ``run_cell(cfg)`` is what ``python train.py`` calls with the Hydra config. Every object is built from the
 config with ``hydra.utils.instantiate``; this file only orders the steps and writes the outputs:
   - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed run records its error)
-  - <results_dir>/<experiment>.csv                      (one row per successful run, never for a failure)
+  - <results_dir>/runs/<experiment>.csv                 (one row per successful run, never for a failure)
   - a W&B run (group = experiment), offline when no API key is set
 Training state lives under the cell's output folder (outputs/<experiment>/<cell>/), so running the same
 command again resumes from the last checkpoint, and a cell whose record exists is skipped.
@@ -44,7 +44,7 @@ def cell_paths(cfg: DictConfig) -> dict[str, Path]:
     except ValueError:  # called outside a Hydra app (tests composing configs)
         out_dir = Path("outputs") / cfg.experiment_name / cfg.cell
     return {"record": results / "runs" / cfg.experiment_name / cfg.cell / "record.json",
-            "table": results / f"{cfg.experiment_name}.csv",
+            "table": results / "runs" / f"{cfg.experiment_name}.csv",
             "out_dir": out_dir}
 
 

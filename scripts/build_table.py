@@ -1,0 +1,27 @@
+"""Build Table 2 (CSV + Markdown) from the run records of one experiment; prints the Markdown.
+
+    python scripts/build_table.py table2_mini        # -> results/table2_mini.csv, results/table2_mini.md
+"""
+import argparse
+from pathlib import Path
+
+from loran.tables import build, load_records, read_paper, to_markdown, write_csv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="experiment_name of the grid (records in results/runs/<experiment>/)")
+    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--paper", default=None, help="the paper's values (default: <results>/paper/table2.csv)")
+    args = parser.parse_args()
+    results = Path(args.results)
+    records = load_records(results / "runs" / args.experiment)
+    table = build(records, read_paper(args.paper or results / "paper" / "table2.csv"))
+    write_csv(table, results / f"{args.experiment}.csv")
+    markdown = to_markdown(table, f"Table 2 ({args.experiment}): {len(records)} successful runs")
+    (results / f"{args.experiment}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

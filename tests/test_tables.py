@@ -1,0 +1,84 @@
+"""Table 2 from records: means, paired intervals checked against numpy, missing and failed cells as dashes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loran.tables import build, load_records, paired_difference, read_paper, to_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))
+
+
+def write_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict, status="ok"):
+    cell = f"{dataset}.tiny.{adapter}-{activation}.seed{seed}"
+    folder = runs / cell
+    folder.mkdir(parents=True)
+    record = {"status": status, "cell": cell, "metrics": metrics if status == "ok" else None,
+              "choices": {"dataset": dataset, "model": "tiny", "adapter": adapter, "activation": activation,
+                          "seed": seed}}
+    (folder / "record.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    runs = tmp_path / "results/runs/grid"
+    acc = {"qlora-none": [0.80, 0.82, 0.81], "loran-sinter": [0.85, 0.86, 0.87], "loran-tanh": [0.79, 0.84, 0.80]}
+    for row, values in acc.items():
+        adapter, activation = row.split("-")
+        for seed, value in enumerate(values):
+            write_record(runs, adapter, activation, "bbc_news", seed, {"accuracy": value, "no_class_rate": 0.0})
+            write_record(runs, adapter, activation, "bbc_headlines", seed,
+                         {"rouge1": 0.3 + value / 10, "rouge2": 0.1, "rougeL": 0.25, "rougeLsum": 0.25})
+    write_record(runs, "loran", "relu", "bbc_news", 0, {}, status="failed")
+    return runs
+
+
+def cell(table, row, metric):
+    return next(e for e in table if e["row"] == row and e["metric"] == metric)
+
+
+def test_means_and_paired_interval_match_numpy(runs):
+    table = build(load_records(runs))
+    e = cell(table, "loran-sinter", "accuracy")
+    assert e["mean"] == pytest.approx(0.86) and e["std"] == pytest.approx(0.01) and e["n"] == 3
+    d = np.array([0.85, 0.86, 0.87]) - np.array([0.80, 0.82, 0.81])
+    half = T975_2 * d.std(ddof=1) / np.sqrt(3)
+    assert (e["delta"], e["ci_low"], e["ci_high"]) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half),
+                                                                     abs=1e-3)
+    assert e["significant"] is True
+    assert cell(table, "loran-tanh", "accuracy")["significant"] is False  # interval straddles 0
+
+
+def test_missing_and_failed_cells_are_dashes_not_zero(runs):
+    table = build(load_records(runs))
+    assert cell(table, "loran-relu", "accuracy")["mean"] is None  # only a failed run
+    assert cell(table, "loran-sigmoid", "rouge1")["mean"] is None  # no run at all
+    md = to_markdown(table, "t")
+    relu = next(line for line in md.splitlines() if line.startswith("| LoRAN (ReLU)"))
+    assert relu.count("| -") >= 4 and "0.00" not in relu
+
+
+def test_paired_difference_needs_two_shared_seeds():
+    assert paired_difference({0: 1.0}, {0: 0.5}) is None
+    assert paired_difference({0: 1.0, 1: 2.0}, {1: 0.5, 2: 0.5}) is None
+
+
+def test_script_writes_csv_and_markdown_with_empty_paper_column(runs, tmp_path):
+    (tmp_path / "results/paper").mkdir(parents=True)
+    (tmp_path / "results/paper/table2.csv").write_text((REPO / "results/paper/table2.csv").read_text())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/build_table.py"), "grid", "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    csv_text = (tmp_path / "results/grid.csv").read_text()
+    assert "loran-sinter,LoRAN (Sinter),accuracy,0.86" in csv_text
+    assert (tmp_path / "results/grid.md").read_text() == proc.stdout.rstrip("\n") + "\n"
+
+
+def test_committed_paper_file_has_every_row_and_no_invented_number():
+    paper = read_paper(REPO / "results/paper/table2.csv")
+    assert len(paper) == 6 * 4 and set(paper.values()) == {""}
+    assert "NOT YET TRANSCRIBED" in (REPO / "results/paper/table2.csv").read_text()
