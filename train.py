@@ -2,7 +2,11 @@
 
     python train.py                                  # embedded default: SmolLM2-135M on BBC News, LoRAN-Sinter
     python train.py adapter=qlora
-    python train.py -m adapter=loran activation=sigmoid,relu,tanh,sinter seed=0,1,2
+    python train.py -m row=qlora,loran_sinter dataset=bbc_news,bbc_headlines seed=0,1,2
+    torchrun --nproc_per_node 2 train.py ...          # data parallel; rank 0 evaluates and writes the results
+
+Exit codes: 0 done (or already done), 2 configuration error, 143 stopped on SIGTERM/SIGUSR1 after saving a
+checkpoint (run the same command again to resume).
 """
 import logging
 import sys
@@ -13,21 +17,26 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from loran.checks import ConfigError
+from loran.preemption import Preempted
 from loran.run import run_cell
 
 log = logging.getLogger("train")
+EXIT_CODES = {ConfigError: 2, Preempted: 143}
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         record = run_cell(cfg)
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
+    except (ConfigError, Preempted) as err:
+        log.error("%s: %s", type(err).__name__, err)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper runs the other cells, then reports this one as failed
-        print(f"\nconfiguration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        label = "configuration error" if isinstance(err, ConfigError) else "preempted"
+        print(f"\n{label}: {err}", file=sys.stderr)
+        sys.exit(EXIT_CODES[type(err)])
+    if "metrics" not in record:  # a non-zero rank under torchrun
+        return
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
     zero = ", ".join(f"{k}={v:.4f}" for k, v in (record.get("zero_shot") or {}).items())
     print(f"\n{record['cell']}: {metrics}" + (f"  (zero-shot: {zero})" if zero else ""))

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from loran.checks import ConfigError, check_activation_choice, check_target_modules, check_types, to_plain
 from loran.data import subset, train_dataset, eval_dataset, validate_columns
 from loran.evaluation import evaluate
+from loran.preemption import Preempted, PreemptionCallback
 from loran.records import append_row, environment, git_revision, read_record, write_record
 from loran.training import build_trainer, last_checkpoint
 
@@ -94,6 +95,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that evaluates and writes results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run one cell and return its record (or the existing record when the cell is already done)."""
     paths = cell_paths(cfg)
@@ -107,48 +113,62 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     peft_config = build_peft_config(cfg)
     torch.manual_seed(cfg.seed)
     started = time.time()
-    model, tokenizer = instantiate(cfg.model.load, _convert_="all")
-    check_target_modules(model, peft_config.target_modules, cfg.model.name)
-    spec, train, test = load_data(cfg, tokenizer)
-    metric = instantiate(cfg.dataset.metric, _convert_="all")
-    eval_kwargs = {"max_new_tokens": spec.max_target_tokens, "batch_size": cfg.trainer.eval_batch_size}
-
+    main = is_main_process()
     record: dict[str, Any] = {
         "status": "running", "experiment": cfg.experiment_name, "cell": cfg.cell, "choices": choices(cfg),
         "overrides": _overrides(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": to_plain(cfg), "git": git_revision(), **environment(),
-        "n_train": len(train), "n_eval": len(test),
     }
-    wandb_run = start_wandb(cfg, paths["out_dir"], record)
+    wandb_run = None
+    preemption = PreemptionCallback().install()
     try:
-        if cfg.zero_shot:
+        model, tokenizer = instantiate(cfg.model.load, _convert_="all")
+        check_target_modules(model, peft_config.target_modules, cfg.model.name)
+        spec, train, test = load_data(cfg, tokenizer)
+        metric = instantiate(cfg.dataset.metric, _convert_="all")
+        eval_kwargs = {"max_new_tokens": spec.max_target_tokens, "batch_size": cfg.trainer.eval_batch_size}
+        record.update(n_train=len(train), n_eval=len(test))
+        wandb_run = start_wandb(cfg, paths["out_dir"], record) if main else None
+        if cfg.zero_shot and main:
             record["zero_shot"] = evaluate(model, tokenizer, test, metric, **eval_kwargs)["metrics"]
             log.info("zero-shot %s", record["zero_shot"])
         trainer = build_trainer(cfg, model, peft_config, tokenizer, train, paths["out_dir"])
+        trainer.add_callback(preemption)
         record["trainable_params"], record["total_params"] = trainer.model.get_nb_trainable_parameters()
+        record["world_size"] = trainer.args.world_size
+        if torch.distributed.is_initialized():
+            record["distributed_backend"] = torch.distributed.get_backend()
         resume = last_checkpoint(paths["out_dir"]) if cfg.trainer.resume else None
         if resume:
-            log.info("resuming %s from %s", cfg.cell, resume)
+            log.info("resuming %s from checkpoint %s", cfg.cell, resume)
         t_train = time.time()
         trainer.train(resume_from_checkpoint=resume)
-        record["train_time_s"] = time.time() - t_train
-        record["resumed_from"] = resume
-        record["loss_history"] = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history
-                                  if "loss" in e]
+        if preemption.signum is not None:
+            preemption.handover(last_checkpoint(paths["out_dir"]))
+        record.update(train_time_s=time.time() - t_train, resumed_from=resume,
+                      loss_history=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history
+                                    if "loss" in e])
+        if not main:
+            return record  # rank 0 evaluates and writes the results
         t_eval = time.time()
         result = evaluate(trainer.model, tokenizer, test, metric, **eval_kwargs)
-        record["eval_time_s"] = time.time() - t_eval
-        record["metrics"] = result["metrics"]
-        record["examples"] = result["examples"][:5]
-        record.update(status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
-                      finished_at=datetime.now(timezone.utc).isoformat())
+        record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"][:5],
+                      status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
+                      finished_at=datetime.now(timezone.utc).isoformat(), record_path=str(paths["record"]))
+    except Preempted:
+        finish_wandb(wandb_run, {**record, "status": "preempted"})
+        raise
+    except ConfigError:
+        raise  # bad input: stopped before training, nothing written
     except Exception as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
                       wall_time_s=time.time() - started)
-        write_record(paths["record"], record)
-        finish_wandb(wandb_run, record)
+        if main:
+            write_record(paths["record"], record)
+            finish_wandb(wandb_run, record)
         raise
-    record["record_path"] = str(paths["record"])
+    finally:
+        preemption.restore()
     write_record(paths["record"], record)
     append_row(paths["table"], table_row(record))
     finish_wandb(wandb_run, record)

@@ -1,0 +1,64 @@
+"""Save and stop on SIGTERM, SIGUSR1 or SIGUSR2 (SLURM sends SIGTERM before preempting; submitit 1.5 asks SLURM
+for SIGUSR2 before the time limit, older setups use SIGUSR1), then hand over.
+
+``PreemptionCallback.install()`` replaces the signal handlers with one that only sets a flag; at the end of
+the current optimizer step the Trainer saves a checkpoint and stops. ``run_cell`` then calls
+``handover()``: under submitit the previous handler is submitit's, which requeues the job (the requeued
+job runs the same command and resumes from that checkpoint); anywhere else it raises ``Preempted``, and
+running the same command again resumes.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; run the same command to resume."""
+
+
+class PreemptionCallback(TrainerCallback):
+    """Turns a termination signal into "save a checkpoint and stop" at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> "PreemptionCallback":
+        for sig in SIGNALS:
+            self.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
+                    signal.Signals(signum).name)
+        self.signum = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def handover(self, checkpoint: str | None) -> None:
+        """After training stopped on a signal: let submitit requeue, else raise Preempted."""
+        signum, previous = self.signum, self.previous.get(self.signum)
+        self.restore()
+        if callable(previous):  # submitit's handler: checkpoint() -> requeue with the same arguments
+            log.warning("handing %s over to the launcher (checkpoint %s)", signal.Signals(signum).name, checkpoint)
+            previous(signum, None)
+        raise Preempted(f"stopped on {signal.Signals(signum).name} after saving {checkpoint}; "
+                        "run the same command again to resume")
