@@ -31,6 +31,7 @@ from loran.checks import ConfigError, check_activation_choice, check_target_modu
 from loran.data import subset, train_dataset, eval_dataset, validate_columns
 from loran.evaluation import evaluate
 from loran.preemption import Preempted, PreemptionCallback
+from loran.spectrum import update_spectrum
 from loran.records import append_row, environment, git_revision, read_record, write_record
 from loran.training import build_trainer, last_checkpoint
 
@@ -152,6 +153,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             return record  # rank 0 evaluates and writes the results
         t_eval = time.time()
         result = evaluate(trainer.model, tokenizer, test, metric, **eval_kwargs)
+        record["update_spectrum"] = update_spectrum(trainer.model)
         record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"][:5],
                       status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
                       finished_at=datetime.now(timezone.utc).isoformat(), record_path=str(paths["record"]))

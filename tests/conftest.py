@@ -11,3 +11,26 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict,
+                       status: str = "ok", **extra) -> dict:
+    """A run record as run_cell writes it (only the fields the tables and the notebook read)."""
+    cell = f"{dataset}.tiny.{adapter}-{activation}.seed{seed}"
+    record = {"status": status, "cell": cell, "metrics": metrics if status == "ok" else None,
+              "choices": {"dataset": dataset, "model": "tiny", "adapter": adapter, "activation": activation,
+                          "seed": seed}, **extra}
+    (runs / cell).mkdir(parents=True)
+    (runs / cell / "record.json").write_text(json.dumps(record))
+    return record
+
+
+@pytest.fixture
+def write_fake_record():
+    """Write a fake run record: write_fake_record(runs_dir, adapter, activation, dataset, seed, metrics, ...)."""
+    return _write_fake_record

@@ -1,5 +1,4 @@
 """Table 2 from records: means, paired intervals checked against numpy, missing and failed cells as dashes."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))
 
 
-def write_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict, status="ok"):
-    cell = f"{dataset}.tiny.{adapter}-{activation}.seed{seed}"
-    folder = runs / cell
-    folder.mkdir(parents=True)
-    record = {"status": status, "cell": cell, "metrics": metrics if status == "ok" else None,
-              "choices": {"dataset": dataset, "model": "tiny", "adapter": adapter, "activation": activation,
-                          "seed": seed}}
-    (folder / "record.json").write_text(json.dumps(record))
-
-
 @pytest.fixture
-def runs(tmp_path):
+def runs(tmp_path, write_fake_record):
+    write_record = write_fake_record
     runs = tmp_path / "results/runs/grid"
     acc = {"qlora-none": [0.80, 0.82, 0.81], "loran-sinter": [0.85, 0.86, 0.87], "loran-tanh": [0.79, 0.84, 0.80]}
     for row, values in acc.items():
