@@ -143,6 +143,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
     return tokenizer.pad_token
 
 
+def default_device_map() -> dict[str, int] | None:
+    """On GPUs, the whole model on this process's GPU (LOCAL_RANK under torchrun: one 4-bit copy per rank)."""
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else None
+
+
 def load_causal_lm(
     name_or_path: str,
     quantization: str = "none",
@@ -161,7 +166,7 @@ def load_causal_lm(
         path,
         dtype=torch_dtype,
         quantization_config=quant_config,
-        device_map=device_map,
+        device_map=device_map if device_map is not None else default_device_map(),
         attn_implementation=attn_implementation,
     )
     pad = ensure_pad_token(tokenizer, model)
