@@ -151,3 +151,13 @@ def test_batched_generation_equals_one_by_one(smollm2_dir):
     assert model.training  # the caller's mode is restored
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     assert generate(model, tokenizer, ids, max_new_tokens=8, batch_size=2, progress=False) == batched
+
+
+def test_default_device_map_puts_each_rank_on_its_own_gpu(monkeypatch):
+    from loran import models
+
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    assert models.default_device_map() is None
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert models.default_device_map() == {"": 3}
