@@ -1,27 +1,84 @@
-"""The LoRAN update ``y = s * x @ f(B A)^T`` and its gradients, in two interchangeable forms.
+"""The LoRAN layer ``y = x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b`` and its gradients, without keeping f(B A).
 
-Shapes: x (..., d_in), A (r, d_in), B (d_out, r), y (..., d_out); f acts element-wise on Z = B A
-(d_out x d_in). Everything is computed in float32 (float64 if given float64), also under bf16/fp16
-autocast: at the released Sinter settings f(Z) differs from Z by at most 5e-5 relative, which bf16
-(eps 8e-3) would round away.
+Shapes: x (..., d_in), A (r, d_in), B (d_out, r), W0 (d_out, d_in), y (..., d_out); f acts element-wise on
+Z = B A (d_out x d_in). Everything is computed in float32 (float64 if given float64), also under bf16/fp16
+autocast: at the released Sinter settings f(Z) differs from Z by at most 5e-5 relative, which bf16 (eps 8e-3)
+would round away.
 
-- ``loran_update``: the training path. Backward keeps only x, A and B and recomputes f(Z) and f'(Z) in row
-  chunks of Z, so no d_out x d_in tensor lives between forward and backward:
-      G      = s * g^T x                     (rows of d_out x d_in, one chunk at a time)
-      dL/dZ  = G * f'(Z)
-      dL/dB  = dL/dZ A^T,   dL/dA = B^T dL/dZ,   dL/dx = s * g f(Z)
+Two interchangeable forms:
+
+- ``loran_linear`` / ``loran_update``: the training path (``_LoranLinear``). It keeps only x, A and B for
+  backward (plus a reference to the frozen base weight, a parameter that lives anyway) and recomputes Z, so no
+  d_out x d_in tensor lives between forward and backward. Cost in multiply-adds, N tokens:
+
+      forward   Z = B A (d_out d_in r),  W = W0 + s f(Z),  y = x W^T        (N d_out d_in)
+      backward  Z again (d_out d_in r),  W again,  dL/dx = g W              (N d_out d_in)
+                G = g^T x (N d_out d_in),  dL/dZ = s G * f'(Z)
+                dL/dB = dL/dZ A^T,  dL/dA = B^T dL/dZ                       (2 d_out d_in r)
+
+  that is 3 N d_out d_in + 4 d_out d_in r against LoRA's 2 N d_out d_in + 3 N (d_in + d_out) r: about 1.5x a
+  frozen layer, against 2.5x for plain autograd through f(B A) (``reference_update``). With W0 given, the
+  update is folded into the weight, one matmul per pass for base and update together ("fold"); this is exact
+  only when base and update see the same input, i.e. with no active dropout. With dropout the update is
+  ``loran_update`` (W0 = None, added onto the base layer's result): the base and the update then need their
+  own matmuls, 5 N d_out d_in in all, as plain autograd, but without its d_out x d_in tensors.
+
+  Rows of W (and of G) are processed in blocks of ``BLOCK_ELEMENTS``, which bounds the transient memory. The
+  element-wise work (f(Z), f'(Z) and the sums with W0 and G) is as expensive as the matmuls when done with eager
+  ops on whole matrices (memory-bound, one pass per op): it is one fused kernel per block from ``torch.compile``
+  where that is available and worth it (``COMPILE``), else eager ops on cache-sized chunks (``CHUNK_ELEMENTS``).
+
 - ``reference_update``: plain autograd through f(B A), as the official code does (keeps about four
   d_out x d_in tensors per module). Kept as the reference the tests compare against.
 """
 from __future__ import annotations
 
+import logging
+import os
+from typing import Callable, NamedTuple, Sequence
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from loran.activations import Activation
+from loran.activations import ACTIVATIONS, Activation
 
-# Rows of Z recomputed at once in backward: 2**22 elements (16 MiB in fp32) bounds the transient memory.
-CHUNK_ELEMENTS = 2**22
+log = logging.getLogger(__name__)
+
+# Rows are processed in blocks of about BLOCK_ELEMENTS elements of W (2**22: 16 MiB in fp32), which bounds the
+# transient memory (a W block and a G block at a time) while keeping the matmuls large: fewer, larger ops also
+# keep the threads in step (small ops are slow when a thread is descheduled on a busy machine). Inside a block,
+# eager element-wise ops run on chunks of CHUNK_ELEMENTS (2**16: 256 KiB), so that f, f' and their temporaries
+# stay in a 1-2 MiB L2 cache; a fused (compiled) kernel has no temporaries and takes the whole block, which
+# amortises its call overhead (~60 us). results/bench.md has the measurements behind these defaults.
+BLOCK_ELEMENTS = 2**22
+CHUNK_ELEMENTS = 2**16
+COMPILED_CHUNK_ELEMENTS = 2**22
+# Fused element-wise kernels from torch.compile: "auto" uses them for layers with at least COMPILE_MIN_ELEMENTS
+# weights (compiling costs seconds once per activation and process, then is cached on disk), "always", "never".
+# Set by the environment variable LORAN_COMPILE; a failed compile falls back to eager ops with a warning.
+COMPILE = os.environ.get("LORAN_COMPILE", "auto")
+COMPILE_MIN_ELEMENTS = 2**16
+
+
+class DenseWeight(NamedTuple):
+    """A dense base weight in the compute dtype, (d_out, d_in); `fresh`: a copy (dequantised) that may be
+    overwritten, rather than the parameter itself."""
+
+    weight: Tensor
+    fresh: bool
+
+
+WeightFn = Callable[[torch.dtype], DenseWeight]
+
+
+class Adapter(NamedTuple):
+    """One LoRAN adapter: A (r, d_in), B (d_out, r), scaling s and activation f."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    act: Activation
 
 
 def _no_autocast():
@@ -31,6 +88,15 @@ def _no_autocast():
 def _up(t: Tensor) -> Tensor:
     """t in float32, or float64 if it already is."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def chunk_rows_for(d_in: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows of a d_in-wide matrix in about `elements` elements, at least one."""
+    return max(1, elements // max(1, d_in))
 
 
 def delta_weight(A: Tensor, B: Tensor, act: Activation) -> Tensor:
@@ -45,51 +111,287 @@ def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activ
         return (_up(x) @ delta_weight(A, B, act).T) * scaling
 
 
-class _LoranUpdate(torch.autograd.Function):
+# ----------------------------------------------------------------------------------------------------------------
+# Element-wise kernels of one chunk. `act.f` recomputes f(0) on every call, which also stops torch.compile's
+# tracing, so f and f' are rebuilt here from the registry with f(0) evaluated once; test_fast_path checks that
+# they equal Activation.f and Activation.df for every activation and start mode.
+
+
+class Pointwise(NamedTuple):
+    f: Callable[[Tensor], Tensor]
+    df: Callable[[Tensor], Tensor]
+
+
+_POINTWISE: dict[tuple, Pointwise] = {}
+
+
+def pointwise(act: Activation) -> Pointwise:
+    """(f, f') of `act` as plain functions of a tensor, equal to ``act.f`` and ``act.df``."""
+    key = (act.name, tuple(sorted(act.params.items())), act.start)
+    if key not in _POINTWISE:
+        spec, params, offset, base_mode = ACTIVATIONS[act.name], dict(act.params), act.offset, act.start == "base"
+
+        def f(z: Tensor) -> Tensor:
+            out = spec.f(z, **params)
+            return out - offset if offset else out
+
+        # In "base" mode f'(0) is the right derivative f'(tiny), as in Activation.df; fixed here per compute dtype
+        # (a dict filled on first use would change under torch.compile's guards and force recompiles).
+        right = {dt: float(spec.df(torch.full((), torch.finfo(dt).tiny, dtype=dt), **params))
+                 for dt in (torch.float32, torch.float64)}
+
+        def df(z: Tensor) -> Tensor:
+            if not base_mode:
+                return spec.df(z, **params)
+            # = f'(z with exact zeros replaced by tiny), but f' sees z itself, so that f and f' share their
+            # intermediates (sin(omega z) in Sinter) when torch.compile fuses them.
+            at_zero = right[z.dtype] if z.dtype in right else spec.df(torch.full_like(z, torch.finfo(z.dtype).tiny),
+                                                                        **params)
+            return torch.where(z == 0, at_zero, spec.df(z, **params))
+
+        _POINTWISE[key] = Pointwise(f, df)
+    return _POINTWISE[key]
+
+
+def _weight_kernel(out: Tensor, B: Tensor, A: Tensor, base: Tensor | None, s: float, f: Callable,
+                   accumulate: bool) -> None:
+    """out = base + s f(B A) (base None: 0; accumulate: out += s f(B A))."""
+    fz = f(B @ A)
+    if accumulate:
+        out.add_(fz, alpha=s)
+    elif base is None:
+        torch.mul(fz, s, out=out)
+    else:
+        torch.add(base, fz, alpha=s, out=out)
+
+
+def _grad_kernel(out: Tensor | None, grad_z: Tensor | None, G: Tensor, B: Tensor, A: Tensor, base: Tensor | None,
+                 s: float, f: Callable, df: Callable, accumulate: bool) -> None:
+    """out = base + s f(Z) as in _weight_kernel (skipped if out is None) and grad_z = s G f'(Z) (None: into G),
+    Z = B A computed once."""
+    z = B @ A
+    if out is not None:
+        fz = f(z)
+        if accumulate:
+            out.add_(fz, alpha=s)
+        elif base is None:
+            torch.mul(fz, s, out=out)
+        else:
+            torch.add(base, fz, alpha=s, out=out)
+        del fz
+    torch.mul(G, df(z), out=G if grad_z is None else grad_z).mul_(s)
+
+
+# The same two kernels for torch.compile: one fused loop over the block for the element-wise work, after the
+# matmul B A (which inductor leaves to the BLAS library).
+def _fused_weight_kernel(out, B, A, base, s: float, f, accumulate: bool) -> None:
+    value = s * f(B @ A)
+    if accumulate:
+        out.add_(value)
+    elif base is None:
+        out.copy_(value)
+    else:
+        out.copy_(base + value)
+
+
+def _fused_grad_kernel(out, grad_z, G, B, A, base, s: float, f, df, accumulate: bool) -> None:
+    z = B @ A
+    if out is not None:
+        value = s * f(z)
+        if accumulate:
+            out.add_(value)
+        elif base is None:
+            out.copy_(value)
+        else:
+            out.copy_(base + value)
+    if grad_z is None:  # never pass G twice: aliased inputs of a compiled function are not handled here
+        G.mul_(s * df(z))
+    else:
+        grad_z.copy_(G * (s * df(z)))
+
+
+class _Kernels:
+    """The eager kernels, or torch.compile'd ones (compiled lazily; a failed compile falls back to eager ops)."""
+
+    # Each activation and each combination of the flags is a graph of its own: allow more than dynamo's default 8.
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self):
+        self.compiled = None
+        self.failed = False
+
+    def use_compiled(self, numel: int) -> bool:
+        mode = COMPILE.lower()
+        # Under a Python dispatch mode (memory tracking, FakeTensor, ...) dynamo does not compile: run eagerly.
+        if self.failed or mode in ("never", "0", "false", "off") or _get_current_dispatch_mode() is not None:
+            return False
+        return mode in ("always", "1", "true", "on") or numel >= COMPILE_MIN_ELEMENTS
+
+    def _get(self):
+        if self.compiled is None:
+            opts = dict(dynamic=True, fullgraph=True)
+            self.compiled = (torch.compile(_fused_weight_kernel, **opts), torch.compile(_fused_grad_kernel, **opts))
+        return self.compiled
+
+    def _call(self, which: int, eager: Callable, args: tuple) -> None:
+        if self.failed:
+            eager(*args)
+            return
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                self._get()[which](*args)
+        except Exception as err:  # no C++ compiler, unsupported platform, too many graphs: eager from now on
+            self.failed = True
+            log.warning("LoRAN: torch.compile of the element-wise work failed (%s: %s); using eager ops",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            eager(*args)
+
+    def weight(self, compiled: bool, *args) -> None:
+        (self._call(0, _weight_kernel, args) if compiled else _weight_kernel(*args))
+
+    def grad(self, compiled: bool, *args) -> None:
+        (self._call(1, _grad_kernel, args) if compiled else _grad_kernel(*args))
+
+
+KERNELS = _Kernels()
+
+
+def _blocks(n: int, rows: int) -> list[slice]:
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _sizes(sizes: tuple[int | None, int | None], d_in: int, compiled: bool) -> tuple[int, int]:
+    """(rows per element-wise chunk, rows per matmul block), from the caller's choice or the defaults."""
+    chunk_rows, block_rows = sizes
+    chunk_rows = chunk_rows or chunk_rows_for(d_in, COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS)
+    return chunk_rows, max(chunk_rows, block_rows or chunk_rows_for(d_in, BLOCK_ELEMENTS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LoranLinear(torch.autograd.Function):
+    """y = [result +] x @ (W0 + sum_a s_a f_a(B_a A_a))^T [+ bias]; see the module docstring for the cost."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, chunk_rows: int) -> Tensor:
+    def forward(ctx, x: Tensor, result: Tensor | None, bias: Tensor | None, weight_fn: WeightFn | None,
+                meta: tuple[tuple[float, Activation], ...], sizes: tuple[int, int], *ab: Tensor) -> Tensor:
+        dt = _compute_dtype(x)
         with _no_autocast():
-            y = (_up(x) @ delta_weight(A, B, act).T) * scaling
-        ctx.save_for_backward(x, A, B)
-        ctx.scaling, ctx.act, ctx.chunk_rows = scaling, act, chunk_rows
-        return y
+            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, pointwise(act)) for i, (s, act) in enumerate(meta)]
+            d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
+            compiled = KERNELS.use_compiled(d_out * d_in)
+            rows, block_rows = _sizes(sizes, d_in, compiled)
+            base = weight_fn(dt) if weight_fn is not None else None
+            x2 = x.reshape(-1, d_in).to(dt)
+            acc = None  # what the matmul adds onto: result and/or bias
+            if result is not None and result.dtype == dt:
+                acc = result.reshape(-1, d_out)
+            if bias is not None:
+                acc = bias.to(dt) if acc is None else acc + bias.to(dt)
+            blocks = _blocks(d_out, block_rows)
+            y = None if len(blocks) == 1 else torch.empty(x2.shape[0], d_out, dtype=dt, device=x.device)
+            for blk in blocks:
+                fresh = base is not None and base.fresh
+                weight = base.weight[blk] if fresh else torch.empty(blk.stop - blk.start, d_in, dtype=dt,
+                                                                    device=x.device)
+                for sl in _blocks(weight.shape[0], rows):
+                    rz = slice(blk.start + sl.start, blk.start + sl.stop)
+                    for i, (A, B, s, pw) in enumerate(adapters):
+                        base_rows = None if (base is None or fresh or i > 0) else base.weight[rz]
+                        KERNELS.weight(compiled, weight[sl], B[rz], A, base_rows, s, pw.f, fresh or i > 0)
+                a = None if acc is None else (acc[blk] if acc.dim() == 1 else acc[:, blk])
+                if y is None:
+                    y = x2 @ weight.T if a is None else torch.addmm(a, x2, weight.T)
+                elif a is None:
+                    torch.mm(x2, weight.T, out=y[:, blk])
+                else:
+                    torch.addmm(a, x2, weight.T, out=y[:, blk])
+                del weight
+            if result is not None and result.dtype != dt:
+                y = result.reshape(-1, d_out) + y.to(result.dtype)
+            del base
+        ctx.save_for_backward(x, *ab)
+        ctx.weight_fn, ctx.meta, ctx.sizes = weight_fn, meta, sizes
+        ctx.has_bias, ctx.has_result = bias is not None, result is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, A, B = ctx.saved_tensors
-        s, act, rows = ctx.scaling, ctx.act, ctx.chunk_rows
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        x, *ab = ctx.saved_tensors
+        meta = ctx.meta
+        need_x, need_result, need_bias = ctx.needs_input_grad[:3]
+        need_ab = ctx.needs_input_grad[6:]
+        dt = _compute_dtype(x)
         with _no_autocast():
-            x2 = _up(x.reshape(-1, x.shape[-1]))
-            g2 = _up(grad_y.reshape(-1, grad_y.shape[-1]))
-            A32, B32 = _up(A), _up(B)
-            grad_x = torch.zeros_like(x2) if need_x else None
-            grad_A = torch.zeros_like(A32) if need_A else None
-            grad_B = torch.empty_like(B32) if need_B else None
-            for start in range(0, B32.shape[0], rows):
-                sl = slice(start, start + rows)
-                z = B32[sl] @ A32  # (rows, d_in)
-                g = g2[:, sl]  # (N, rows)
+            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, pointwise(act)) for i, (s, act) in enumerate(meta)]
+            d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
+            compiled = KERNELS.use_compiled(d_out * d_in)
+            rows, block_rows = _sizes(ctx.sizes, d_in, compiled)
+            x2 = x.reshape(-1, d_in).to(dt)
+            g2 = grad_y.reshape(-1, d_out).to(dt)
+            base = ctx.weight_fn(dt) if (need_x and ctx.weight_fn is not None) else None
+            fresh = base is not None and base.fresh
+            train = [need_ab[2 * i] or need_ab[2 * i + 1] for i in range(len(adapters))]
+            last = max((i for i, t in enumerate(train) if t), default=-1)
+            grads_A = [torch.zeros_like(A) if t else None for t, (A, _, _, _) in zip(train, adapters)]
+            grads_B = [torch.empty_like(B) if t else None for t, (_, B, _, _) in zip(train, adapters)]
+            grad_x = None
+            for blk in _blocks(d_out, block_rows):
+                n_rows = blk.stop - blk.start
+                weight = None
                 if need_x:
-                    grad_x.addmm_(g, act.f(z), alpha=s)
-                if need_A or need_B:
-                    grad_z = (g.T @ x2).mul_(act.df(z)).mul_(s)  # (rows, d_in)
-                    if need_B:
-                        grad_B[sl] = grad_z @ A32.T
-                    if need_A:
-                        grad_A.addmm_(B32[sl].T, grad_z)
-        return (
-            grad_x.reshape(x.shape).to(x.dtype) if need_x else None,
-            grad_A.to(A.dtype) if need_A else None,
-            grad_B.to(B.dtype) if need_B else None,
-            None,
-            None,
-            None,
-        )
+                    weight = base.weight[blk] if fresh else torch.empty(n_rows, d_in, dtype=dt, device=x.device)
+                # G = g^T x for this block; dL/dZ_a = s_a G * f_a'(Z_a), in place in G for the last adapter.
+                G = g2[:, blk].T @ x2 if last >= 0 else None
+                grad_z = [G if i == last else (torch.empty_like(G) if t else None) for i, t in enumerate(train)]
+                for sl in _blocks(n_rows, rows):
+                    rz = slice(blk.start + sl.start, blk.start + sl.stop)
+                    for i, (A, B, s, pw) in enumerate(adapters):
+                        out = None if weight is None else weight[sl]
+                        base_rows = None if (base is None or fresh or i > 0) else base.weight[rz]
+                        if train[i]:
+                            KERNELS.grad(compiled, out, None if i == last else grad_z[i][sl], G[sl], B[rz], A,
+                                         base_rows, s, pw.f, pw.df, fresh or i > 0)
+                        elif out is not None:
+                            KERNELS.weight(compiled, out, B[rz], A, base_rows, s, pw.f, fresh or i > 0)
+                if need_x:
+                    grad_x = g2[:, blk] @ weight if grad_x is None else grad_x.addmm_(g2[:, blk], weight)
+                for i, (A, B, _, _) in enumerate(adapters):
+                    if train[i]:
+                        torch.mm(grad_z[i], A.T, out=grads_B[i][blk])
+                        grads_A[i].addmm_(B[blk].T, grad_z[i])
+                del weight, G, grad_z
+            del base
+            grad_x = grad_x.reshape(x.shape).to(x.dtype) if need_x else None
+            grad_bias = g2.sum(0).to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None
+        grad_result = grad_y if (need_result and ctx.has_result) else None
+        grads_ab = []
+        for i, (a, b) in enumerate(zip(ab[0::2], ab[1::2])):
+            grads_ab.append(grads_A[i].to(a.dtype) if need_ab[2 * i] else None)
+            grads_ab.append(grads_B[i].to(b.dtype) if need_ab[2 * i + 1] else None)
+        return (grad_x, grad_result, grad_bias, None, None, None, *grads_ab)
 
 
-def loran_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, chunk_rows: int | None = None) -> Tensor:
-    """s * x @ f(B A)^T in float32; backward recomputes f(B A) from A and B in row chunks."""
-    if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // A.shape[1])
-    return _LoranUpdate.apply(x, A, B, scaling, act, chunk_rows)
+def loran_linear(x: Tensor, weight_fn: WeightFn | None, bias: Tensor | None, adapters: Sequence[Adapter],
+                 result: Tensor | None = None, chunk_rows: int | None = None, block_rows: int | None = None) -> Tensor:
+    """[result +] x @ (W0 + sum_a s_a f_a(B_a A_a))^T [+ bias], computed in float32; keeps no d_out x d_in tensor.
+
+    `weight_fn(dtype)` gives the frozen base weight W0 as a (d_out, d_in) ``DenseWeight`` (None: W0 = 0); it is
+    called again in backward when dL/dx is needed. The output has x's dtype when W0 is given, result's when
+    `result` is given, else the compute dtype (float32; float64 for float64 input).
+    """
+    if not adapters:
+        raise ValueError("loran_linear needs at least one adapter")
+    meta = tuple((float(a.scaling), a.act) for a in adapters)
+    ab = [t for a in adapters for t in (a.A, a.B)]
+    y = _LoranLinear.apply(x, result, bias, weight_fn, meta, (chunk_rows, block_rows), *ab)
+    return y.to(x.dtype) if (weight_fn is not None and result is None) else y
+
+
+def loran_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, chunk_rows: int | None = None,
+                 result: Tensor | None = None, block_rows: int | None = None) -> Tensor:
+    """[result +] s * x @ f(B A)^T in float32; backward recomputes f(B A) from A and B in row chunks."""
+    return loran_linear(x, None, None, [Adapter(A, B, scaling, act)], result=result, chunk_rows=chunk_rows,
+                        block_rows=block_rows)

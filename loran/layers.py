@@ -11,9 +11,11 @@ Per adapter, the layer holds ``loran_activation[name]`` (an ``Activation``) and
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import bitsandbytes as bnb
+import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
@@ -22,7 +24,7 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from loran.autograd import delta_weight, loran_update, reference_update
+from loran.autograd import Adapter, DenseWeight, WeightFn, delta_weight, loran_linear, loran_update, reference_update
 from loran.config import LoranConfig
 
 
@@ -60,15 +62,72 @@ class LoranVariant(LoraVariant):
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs) -> Tensor:
+        """result + s * dropout(x) @ f(B A)^T: the path when the update cannot be folded into W0 (see
+        ``LoranLayerMixin.forward``), e.g. with dropout active. One matmul for the update, added onto `result`."""
         act, scaling = module.loran_activation[active_adapter], module.scaling[active_adapter]
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x)
         if act.linear:  # f(BA) = BA: compute it as LoRA does, (x A^T) B^T, which is exactly PEFT's LoRA
-            update = lora_B(lora_A(x)) * scaling
-        else:
-            update_fn = loran_update if module.loran_memory_efficient[active_adapter] else reference_update
-            update = update_fn(x, lora_A.weight, lora_B.weight, scaling, act)
+            return result + (lora_B(lora_A(x)) * scaling).to(result.dtype)
+        if module.loran_memory_efficient[active_adapter]:
+            return loran_update(x, lora_A.weight, lora_B.weight, scaling, act, result=result)
+        update = reference_update(x, lora_A.weight, lora_B.weight, scaling, act)
         return result + update.to(result.dtype)
+
+
+def _dropout_inactive(dropout: nn.Module) -> bool:
+    """True when the adapter's dropout is the identity (p = 0, or eval mode)."""
+    if isinstance(dropout, nn.Identity):
+        return True
+    return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """`module` runs `cls.forward` unchanged: no hooks, no patched forward (e.g. accelerate's offloading)."""
+    return (type(module).forward is cls.forward and "forward" not in vars(module)
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def _base_weight_fn(base: nn.Module, x: Tensor) -> tuple[WeightFn, Tensor | None] | None:
+    """(W0 as (d_out, d_in) in x's dtype, bias) for a base layer whose output x @ W0^T + b can be folded with the
+    update; None where folding would change the base layer's numerics (int8, bf16/fp16 compute, CPU bf16 repack)."""
+    if isinstance(base, bnb.nn.Linear4bit):
+        if not _plain(base, bnb.nn.Linear4bit):
+            return None
+        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
+        state = base.weight.quant_state
+        # bnb repacks the weight for a bf16 CPU kernel on the first eval-mode forward without grad: leave that to it.
+        repacks = (x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False)
+                   and not base.training and not x.requires_grad)
+        if state is None or getattr(state, "packing_format_for_cpu", False) or repacks:
+            return None
+        if not base.compute_type_is_set:  # as Linear4bit.forward does on its first call
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        if base.compute_dtype not in (None, x.dtype):
+            return None
+        weight = base.weight
+
+        def dequantised(dtype: torch.dtype) -> DenseWeight:
+            # Straight to the compute dtype, as bnb's own matmul does (not via the dtype the weight was stored in).
+            state = copy.copy(weight.quant_state)
+            state.dtype = dtype
+            return DenseWeight(bnb.functional.dequantize_4bit(weight.data, state), True)
+
+        return dequantised, None if base.bias is None else base.bias.to(x.dtype)
+    if isinstance(base, bnb.nn.Linear8bitLt):  # LLM.int8() also quantises x: not a dense matmul
+        return None
+    if isinstance(base, Conv1D) and _plain(base, Conv1D):
+        weight_t = base.weight  # stored (d_in, d_out)
+        if weight_t.dtype != x.dtype:
+            return None
+        return (lambda dtype: DenseWeight(weight_t.T, False)), base.bias
+    if isinstance(base, nn.Linear) and _plain(base, nn.Linear):
+        weight = base.weight
+        if weight.dtype != x.dtype:
+            return None
+        return (lambda dtype: DenseWeight(weight, False)), base.bias
+    return None
 
 
 class LoranLayerMixin:
@@ -85,6 +144,39 @@ class LoranLayerMixin:
         if isinstance(config, LoranConfig):
             return LoranVariant()
         return super().resolve_lora_variant(config=config, **kwargs)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b in one matmul where that is exact; else PEFT's own forward."""
+        plan = self._loran_fold_plan(x, args, kwargs)
+        if plan is None:
+            return super().forward(x, *args, **kwargs)
+        weight_fn, bias, adapters = plan
+        return loran_linear(x, weight_fn, bias, adapters)
+
+    def _loran_fold_plan(self, x: Tensor, args: tuple, kwargs: dict):
+        """(weight_fn, bias, adapters) when every active adapter is a memory-efficient LoRAN adapter whose input is
+        the base layer's own (no active dropout), computing in float32/float64 without autocast; else None."""
+        if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
+            return None
+        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return None
+        adapters = []
+        for name in active:
+            if not isinstance(self.lora_variant.get(name), LoranVariant) or not self.loran_memory_efficient[name]:
+                return None
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if not _dropout_inactive(self.lora_dropout[name]) or A.dtype != x.dtype or B.dtype != x.dtype:
+                return None
+            adapters.append(Adapter(A, B, self.scaling[name], self.loran_activation[name]))
+        if all(a.act.linear for a in adapters):  # plain LoRA: (x A^T) B^T is cheaper than folding
+            return None
+        base = _base_weight_fn(self.get_base_layer(), x)
+        if base is None:
+            return None
+        return base[0], base[1], adapters
 
 
 class LoranLinear(LoranLayerMixin, LoraLinear):
