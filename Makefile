@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini table2-mini-table clean-venv
+.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini bench clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ reproduce-table2: $(STAMP)
 reproduce-table2-mini: $(STAMP)
 	$(PY) train.py -m experiment=table2_mini; status=$$?; \
 	$(PY) scripts/build_table.py table2_mini; exit $$status
+
+## LoRAN against LoRA: one adapted layer, then a SmolLM2 training step and merged generation (results/bench.md).
+bench: $(STAMP)
+	$(PY) scripts/bench_adapter.py
+	$(PY) scripts/bench_train.py
 
 clean-venv:
 	rm -rf $(VENV)

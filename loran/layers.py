@@ -182,6 +182,12 @@ class LoranLayerMixin:
 class LoranLinear(LoranLayerMixin, LoraLinear):
     """LoRAN on nn.Linear (any d_out x d_in)."""
 
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, **kwargs) -> None:
+        if config.fan_in_fan_out:  # as PEFT's own dispatch: nn.Linear stores (d_out, d_in)
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
+            config.fan_in_fan_out = False
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
 
 class LoranConv1D(LoranLayerMixin, LoraLinear):
     """LoRAN on transformers' Conv1D (GPT-2 style), whose weight is stored (d_in, d_out)."""

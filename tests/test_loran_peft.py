@@ -237,3 +237,13 @@ def test_only_adapter_weights_train_and_are_saved(tmp_path):
 
     keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert sorted(keys) == sorted(n.replace(".default", "") for n in trainable)
+
+
+def test_fan_in_fan_out_on_nn_linear_is_reset_so_merging_is_not_transposed():
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True but the target is nn.Linear"):
+        model = get_loran_model(make_toy(), LoranConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                        fan_in_fan_out=True, **SINTER))
+    randomise_B(model)
+    y = model(X).detach()
+    model.merge_adapter()
+    torch.testing.assert_close(model(X), y, rtol=1e-5, atol=1e-5)
