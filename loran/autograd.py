@@ -156,7 +156,11 @@ def pointwise(act: Activation) -> Pointwise:
 def _weight_kernel(out: Tensor, B: Tensor, A: Tensor, base: Tensor | None, s: float, f: Callable,
                    accumulate: bool) -> None:
     """out = base + s f(B A) (base None: 0; accumulate: out += s f(B A))."""
-    fz = f(B @ A)
+    _write_weight(out, f(B @ A), base, s, accumulate)
+
+
+def _write_weight(out: Tensor, fz: Tensor, base: Tensor | None, s: float, accumulate: bool) -> None:
+    """out = base + s fz (base None: s fz; accumulate: out += s fz)."""
     if accumulate:
         out.add_(fz, alpha=s)
     elif base is None:
@@ -171,14 +175,7 @@ def _grad_kernel(out: Tensor | None, grad_z: Tensor | None, G: Tensor, B: Tensor
     Z = B A computed once."""
     z = B @ A
     if out is not None:
-        fz = f(z)
-        if accumulate:
-            out.add_(fz, alpha=s)
-        elif base is None:
-            torch.mul(fz, s, out=out)
-        else:
-            torch.add(base, fz, alpha=s, out=out)
-        del fz
+        _write_weight(out, f(z), base, s, accumulate)
     torch.mul(G, df(z), out=G if grad_z is None else grad_z).mul_(s)
 
 
