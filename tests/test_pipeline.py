@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from loran.checks import ConfigError
 from loran.run import run_cell
@@ -61,6 +62,20 @@ def test_defaults_are_the_embedded_loran_sinter_cell():
     assert (cfg.model.name, cfg.dataset.name, cfg.adapter.name, cfg.activation.name) == \
         ("smollm2_135m", "bbc_news", "loran", "sinter")
     assert cfg.model.load.quantization == "nf4" and cfg.activation.params == {"amp": 5e-5, "omega": 1e4}
+
+
+@pytest.mark.parametrize("experiment,expected", [
+    ("table2_mini", {"experiment_name": "table2_mini", "zero_shot": False, "model.name": "smollm2_135m",
+                     "dataset.n_eval": 100, "trainer.args.max_steps": 60, "adapter.peft.r": 8}),
+    ("table2", {"experiment_name": "table2", "zero_shot": False, "model.name": "llama2_7b",
+                "adapter.peft.r": 64, "adapter.peft.lora_dropout": 0.2}),
+])
+def test_an_experiment_overrides_the_primary_config(experiment, expected):
+    """An experiment's own top-level keys must beat train.yaml's (they did not while _self_ came last)."""
+    cfg = cfg_of([f"experiment={experiment}", "row=loran_relu", "dataset=bbc_headlines"])
+    assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
+    assert (cfg.adapter.name, cfg.activation.name) == ("loran", "relu")
+    assert cfg.cell.startswith("bbc_headlines.") and cfg.cell.endswith(".loran-relu.seed0")
 
 
 @pytest.fixture
