@@ -13,6 +13,7 @@ Start-up behaviour (``Activation.build(start=...)``):
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -149,6 +150,41 @@ def activation_params(name: str) -> dict[str, float]:
     return {p.name: p.default for p in list(inspect.signature(f).parameters.values())[1:]}
 
 
+class Pointwise(NamedTuple):
+    """An activation's f and f' with parameters, start mode and f(0) bound: plain functions of one tensor."""
+
+    f: Callable[[Tensor], Tensor]
+    df: Callable[[Tensor], Tensor]
+    offset: float
+
+
+@functools.cache
+def _pointwise(name: str, params: tuple[tuple[str, float], ...], start: str) -> Pointwise:
+    """Built once per (name, params, start): f(0) and f'(0+) are evaluated here, so a call does no host sync and
+    torch.compile can trace it, and equal activations share the same function objects (no recompiles)."""
+    spec, kwargs, base_mode = ACTIVATIONS[name], dict(params), start == "base"
+    offset = float(spec.f(torch.zeros((), dtype=torch.float64), **kwargs)) if base_mode else 0.0
+
+    def f(z: Tensor) -> Tensor:
+        out = spec.f(z, **kwargs)
+        return out - offset if offset else out
+
+    # f'(0+) per compute dtype, fixed now (a dict filled on first use would trip torch.compile's guards).
+    right = {dt: float(spec.df(torch.full((), torch.finfo(dt).tiny, dtype=dt), **kwargs))
+             for dt in (torch.float32, torch.float64)}
+
+    def df(z: Tensor) -> Tensor:
+        if not base_mode:
+            return spec.df(z, **kwargs)
+        # f' evaluated at z itself (not at z with zeros replaced), so that f and f' share their intermediates
+        # (sin(omega z) in Sinter) when torch.compile fuses them.
+        at_zero = right[z.dtype] if z.dtype in right else spec.df(torch.full_like(z, torch.finfo(z.dtype).tiny),
+                                                                    **kwargs)
+        return torch.where(z == 0, at_zero, spec.df(z, **kwargs))
+
+    return Pointwise(f, df, offset)
+
+
 @dataclass(frozen=True)
 class Activation:
     """An activation with its parameters bound: ``f(z)`` and ``df(z)`` on float32 tensors."""
@@ -166,24 +202,22 @@ class Activation:
         return ACTIVATIONS[self.name].linear
 
     @property
+    def pointwise(self) -> Pointwise:
+        """(f, f', f(0)) as plain functions, shared by every equal activation (what the fused kernels call)."""
+        return _pointwise(self.name, tuple(sorted(self.params.items())), self.start)
+
+    @property
     def offset(self) -> float:
-        """f(0), subtracted in the "base" start mode."""
-        if self.start == "official":
-            return 0.0
-        return float(ACTIVATIONS[self.name].f(torch.zeros((), dtype=torch.float64), **self.params))
+        """f(0), subtracted in the "base" start mode (0 in "official" mode)."""
+        return self.pointwise.offset
 
     def f(self, z: Tensor) -> Tensor:
         """The activation, element-wise (centred in "base" mode)."""
-        out = ACTIVATIONS[self.name].f(z, **self.params)
-        offset = self.offset
-        return out - offset if offset else out
+        return self.pointwise.f(z)
 
     def df(self, z: Tensor) -> Tensor:
-        """The derivative, element-wise; in "base" mode the right derivative at exactly 0."""
-        if self.start == "base":
-            # f'(0+) for a kink at 0 (ReLU); for continuous f' this changes nothing.
-            z = torch.where(z == 0, torch.full_like(z, torch.finfo(z.dtype).tiny), z)
-        return ACTIVATIONS[self.name].df(z, **self.params)
+        """The derivative, element-wise; in "base" mode the right derivative at exactly 0 (ReLU's is 1)."""
+        return self.pointwise.df(z)
 
 
 def validate_activation(name: str, params: dict, start: str) -> None:

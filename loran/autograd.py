@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from loran.activations import ACTIVATIONS, Activation
+from loran.activations import Activation
 
 log = logging.getLogger(__name__)
 
@@ -111,48 +111,6 @@ def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activ
         return (_up(x) @ delta_weight(A, B, act).T) * scaling
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Element-wise kernels of one chunk. `act.f` recomputes f(0) on every call, which also stops torch.compile's
-# tracing, so f and f' are rebuilt here from the registry with f(0) evaluated once; test_fast_path checks that
-# they equal Activation.f and Activation.df for every activation and start mode.
-
-
-class Pointwise(NamedTuple):
-    f: Callable[[Tensor], Tensor]
-    df: Callable[[Tensor], Tensor]
-
-
-_POINTWISE: dict[tuple, Pointwise] = {}
-
-
-def pointwise(act: Activation) -> Pointwise:
-    """(f, f') of `act` as plain functions of a tensor, equal to ``act.f`` and ``act.df``."""
-    key = (act.name, tuple(sorted(act.params.items())), act.start)
-    if key not in _POINTWISE:
-        spec, params, offset, base_mode = ACTIVATIONS[act.name], dict(act.params), act.offset, act.start == "base"
-
-        def f(z: Tensor) -> Tensor:
-            out = spec.f(z, **params)
-            return out - offset if offset else out
-
-        # In "base" mode f'(0) is the right derivative f'(tiny), as in Activation.df; fixed here per compute dtype
-        # (a dict filled on first use would change under torch.compile's guards and force recompiles).
-        right = {dt: float(spec.df(torch.full((), torch.finfo(dt).tiny, dtype=dt), **params))
-                 for dt in (torch.float32, torch.float64)}
-
-        def df(z: Tensor) -> Tensor:
-            if not base_mode:
-                return spec.df(z, **params)
-            # = f'(z with exact zeros replaced by tiny), but f' sees z itself, so that f and f' share their
-            # intermediates (sin(omega z) in Sinter) when torch.compile fuses them.
-            at_zero = right[z.dtype] if z.dtype in right else spec.df(torch.full_like(z, torch.finfo(z.dtype).tiny),
-                                                                        **params)
-            return torch.where(z == 0, at_zero, spec.df(z, **params))
-
-        _POINTWISE[key] = Pointwise(f, df)
-    return _POINTWISE[key]
-
-
 def _weight_kernel(out: Tensor, B: Tensor, A: Tensor, base: Tensor | None, s: float, f: Callable,
                    accumulate: bool) -> None:
     """out = base + s f(B A) (base None: 0; accumulate: out += s f(B A))."""
@@ -180,9 +138,8 @@ def _grad_kernel(out: Tensor | None, grad_z: Tensor | None, G: Tensor, B: Tensor
 
 
 # The same two kernels for torch.compile: one fused loop over the block for the element-wise work, after the
-# matmul B A (which inductor leaves to the BLAS library).
-def _fused_weight_kernel(out, B, A, base, s: float, f, accumulate: bool) -> None:
-    value = s * f(B @ A)
+# matmul B A (which inductor leaves to the BLAS library). Written as expressions (no out= ops) for inductor.
+def _fused_write(out, value, base, accumulate: bool) -> None:
     if accumulate:
         out.add_(value)
     elif base is None:
@@ -191,16 +148,14 @@ def _fused_weight_kernel(out, B, A, base, s: float, f, accumulate: bool) -> None
         out.copy_(base + value)
 
 
+def _fused_weight_kernel(out, B, A, base, s: float, f, accumulate: bool) -> None:
+    _fused_write(out, s * f(B @ A), base, accumulate)
+
+
 def _fused_grad_kernel(out, grad_z, G, B, A, base, s: float, f, df, accumulate: bool) -> None:
     z = B @ A
     if out is not None:
-        value = s * f(z)
-        if accumulate:
-            out.add_(value)
-        elif base is None:
-            out.copy_(value)
-        else:
-            out.copy_(base + value)
+        _fused_write(out, s * f(z), base, accumulate)
     if grad_z is None:  # never pass G twice: aliased inputs of a compiled function are not handled here
         G.mul_(s * df(z))
     else:
@@ -275,7 +230,7 @@ class _LoranLinear(torch.autograd.Function):
                 meta: tuple[tuple[float, Activation], ...], sizes: tuple[int, int], *ab: Tensor) -> Tensor:
         dt = _compute_dtype(x)
         with _no_autocast():
-            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, pointwise(act)) for i, (s, act) in enumerate(meta)]
+            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, act.pointwise) for i, (s, act) in enumerate(meta)]
             d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
             compiled = KERNELS.use_compiled(d_out * d_in)
             rows, block_rows = _sizes(sizes, d_in, compiled)
@@ -322,7 +277,7 @@ class _LoranLinear(torch.autograd.Function):
         need_ab = ctx.needs_input_grad[6:]
         dt = _compute_dtype(x)
         with _no_autocast():
-            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, pointwise(act)) for i, (s, act) in enumerate(meta)]
+            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, act.pointwise) for i, (s, act) in enumerate(meta)]
             d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
             compiled = KERNELS.use_compiled(d_out * d_in)
             rows, block_rows = _sizes(ctx.sizes, d_in, compiled)

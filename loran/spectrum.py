@@ -8,16 +8,12 @@ from peft.tuners.lora import LoraLayer
 
 
 def update_matrix(layer: LoraLayer, adapter: str = "default") -> torch.Tensor:
-    """The layer's update in float64, shape (d_out, d_in): s f(BA) for LoRAN, s BA for LoRA."""
-    from loran.layers import LoranVariant
-
-    if adapter in layer.lora_variant and isinstance(layer.lora_variant[adapter], LoranVariant):
-        delta = LoranVariant.delta(layer, adapter)
-        delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-    else:
-        A, B = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.double()
-        delta = (B @ A) * layer.scaling[adapter]
-    return delta.detach().double()
+    """The layer's update s f(BA) (LoRAN) or s BA (LoRA), shape (d_out, d_in), computed in float64 from A and B:
+    in float32, roundoff alone puts about 1e-15 of the energy beyond rank r, even for the identity."""
+    A, B = layer.lora_A[adapter].weight.detach().double(), layer.lora_B[adapter].weight.detach().double()
+    z = B @ A
+    act = getattr(layer, "loran_activation", {}).get(adapter)
+    return (z if act is None else act.f(z)) * layer.scaling[adapter]
 
 
 def middle_layer(model: torch.nn.Module) -> tuple[str, LoraLayer]:

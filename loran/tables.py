@@ -63,9 +63,9 @@ def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
 
 
 def summarize(values: dict[int, float]) -> dict[str, Any]:
-    """mean, std (sample; 0 for one value) and n."""
+    """mean, std (sample; None for one value: a single seed says nothing about spread) and n."""
     xs = list(values.values())
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
@@ -129,7 +129,8 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
         cells, deltas = [], []
         for metric in METRICS:
             e = by_row[row][metric]
-            cells.append("-" if e["mean"] is None else f'{_fmt(e["mean"])} +- {_fmt(e["std"])} ({e["n"]})')
+            spread = "" if e["std"] is None else f' +- {_fmt(e["std"])}'
+            cells.append("-" if e["mean"] is None else f'{_fmt(e["mean"])}{spread} ({e["n"]})')
             if e["delta"] is None:
                 deltas.append("")
             else:

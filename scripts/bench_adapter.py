@@ -194,6 +194,14 @@ def machine() -> dict:
             "peft": peft.__version__, "python": platform.python_version(), "load_1min": round(load, 2)}
 
 
+def header(script: str, argv, clock: str) -> dict:
+    """Print the command line and the machine (the first lines of every benchmark's output) and return the latter."""
+    info = {**machine(), "clock": clock, "compile": os.environ.get("LORAN_COMPILE", "auto")}
+    print(f"# {script} {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    return info
+
+
 def table(rows: list[Row]) -> str:
     """Markdown table with ratios to LoRA and to naive LoRAN in the same cell (medians; min: best of the repeats)."""
     out = ["| d | r | N | dropout | method | fwd+bwd ms (median) | min ms | spread | /LoRA | /LoRA (min) | /naive "
@@ -246,9 +254,7 @@ def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = {**machine(), "clock": args.clock, "compile": os.environ.get("LORAN_COMPILE", "auto")}
-    print(f"# bench_adapter {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    info = header("bench_adapter", argv, args.clock)
     rows = []
     for d in args.sizes:
         for r in args.ranks:

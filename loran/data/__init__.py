@@ -9,7 +9,6 @@ from loran.data.hub import load_hub_dataset
 from loran.data.prompting import (
     CausalLMCollator,
     PromptSpec,
-    ensure_pad_token,
     eval_dataset,
     fit_prompts,
     prompt_ids,
@@ -21,7 +20,7 @@ from loran.data.prompting import (
 from loran.data.splits import split_indices, subset
 
 __all__ = [
-    "CausalLMCollator", "PromptSpec", "ensure_pad_token", "eval_dataset", "fit_prompts", "load_aclsum",
+    "CausalLMCollator", "PromptSpec", "eval_dataset", "fit_prompts", "load_aclsum",
     "load_bbc_news", "load_hub_dataset", "prompt_ids", "split_indices", "subset", "to_prompt_target",
     "tokenize_example", "train_dataset", "validate_columns",
 ]

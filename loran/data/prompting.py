@@ -190,13 +190,6 @@ def eval_dataset(ds: Dataset, spec: PromptSpec, tokenizer: Any, batch_size: int 
                   fn_kwargs={"spec": spec, "tokenizer": tokenizer}, load_from_cache_file=False, desc="prompts")
 
 
-def ensure_pad_token(tokenizer: Any) -> Any:
-    """Set pad = eos when the tokenizer has none (SmolLM2's GGUF tokenizer already has pad = eos = <|im_end|>)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 @dataclass
 class CausalLMCollator:
     """Right-pads input_ids (pad id), labels (-100) and builds attention_mask; padding found by length, not id."""
