@@ -341,6 +341,16 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
     assert "| merged model | tokens/s (median) |" in capsys.readouterr().out
 
 
+def test_bench_dropout_sparse_runs_and_its_identity_holds(capsys):
+    """The exact rewrite of the dropout layer that results/bench.md times holds to float64 roundoff, and the sparse
+    kernels it times agree with the dense products."""
+    sparse = _script("bench_dropout_sparse")
+    rows = sparse.main(["--sizes", "40", "--tokens", "24", "--dropouts", "0.2", "--repeats", "1"])
+    assert "| 40 | 24 | 0.2 |" in capsys.readouterr().out
+    assert rows[0]["identity_rel_err"] < 1e-12 and rows[0]["max_err"] < 1e-4
+    assert 0.05 < rows[0]["nnz_share"] < 0.4
+
+
 def test_nf4_fold_dequantises_like_bitsandbytes(eager):
     """A 4-bit weight quantised from bf16, computing in fp32: with B = 0 the folded layer is the base layer."""
     import bitsandbytes as bnb
