@@ -12,7 +12,8 @@ Time: median over `--steps` steps after `--warmup`; the arms of one (base, dropo
 that load from other processes hits them alike. Memory: the parameters, buffers and optimizer state that exist
 before the step, plus the peak of the tensors allocated during one step (followed op by op, as
 scripts/bench_adapter.py does); the ratio LoRAN / LoRA of that total is the analogue of CUDA's
-max_memory_allocated.
+max_memory_allocated. Floor: the step's matmul multiply-adds counted from the model's shapes (`multiply_adds`), and
+their ratio, where the time ratio would sit if time were proportional to them.
 
 Generation: the adapters (B drawn at a trained-like scale) merged into the fp32 base with PEFT's merge_and_unload,
 greedy decoding of `--new-tokens` tokens for a batch of `--gen-batch` prompts; tokens per second for LoRA, LoRAN
@@ -99,6 +100,7 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
     for method in ("lora", "loran"):  # one base model per arm, re-used across dropouts (an NF4 load takes ~20 s)
         bases[method], tokenizer = load(quantization, args.model)
     inputs = batch(len(tokenizer), args.batch, args.seq)
+    tokens = args.batch * args.seq
     now = CLOCKS[args.clock]
     rows = []
     for dropout in dropouts:
@@ -115,6 +117,7 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
                 if i >= args.warmup:
                     times[method].append(now() - start)
         cell = []
+        macs = multiply_adds(bases["lora"], tokens, args.seq, args.r, dropout)
         for method, (model, optimizer) in arms.items():
             resident = resident_bytes(model, optimizer)
             with PeakMemory() as tracker:
@@ -123,7 +126,8 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
             cell.append({"base": quantization, "dropout": dropout, "method": name,
                          "step_s": statistics.median(times[method]), "min_s": min(times[method]),
                          "spread": _spread(times[method]), "resident_mib": resident / 2**20,
-                         "step_peak_mib": tracker.peak / 2**20, "total_mib": (resident + tracker.peak) / 2**20})
+                         "step_peak_mib": tracker.peak / 2**20, "total_mib": (resident + tracker.peak) / 2**20,
+                         "gmacs": macs[method] / 1e9})
             bases[method] = model.unload()  # the bare base again, for the next dropout
         print(f"# base={quantization} dropout={dropout:g}: "
               + ", ".join(f"{r['method']} {r['step_s']:.3f} s {r['total_mib']:.0f} MiB" for r in cell), flush=True)
@@ -131,6 +135,31 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
         del arms
         gc.collect()
     return rows
+
+
+def multiply_adds(model, tokens: int, seq: int, r: int, dropout: float) -> dict[str, float]:
+    """Matmul multiply-adds of one training step on a frozen base, from the model's shapes: the floor the time
+    ratio would sit at if time were proportional to them.
+
+    base:  every linear layer (4-bit ones included) forward and dL/dx, 2 N d_in d_out, plus attention (Q K^T and
+           A V forward, about twice that backward: 6 N seq d_model per layer, causal masking not discounted);
+    LoRA:  3 N r (d_in + d_out) per adapted layer (x A^T, (x A^T) B^T; dL/dx through A and B; dL/dA, dL/dB);
+    LoRAN: (N + 4 r) d_in d_out without dropout (folded forward; G = g^T x; B A twice, dL/dA, dL/dB) and
+           (3 N + 4 r) d_in d_out with it (x W0^T and dropout(x) f(B A)^T, g W0 and g f(B A) cannot be shared).
+    """
+    base = adapted = lora = 0
+    for name, module in model.named_modules():
+        d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if not isinstance(d_in, int) or not isinstance(d_out, int) or "lora_" in name or "base_layer" in name:
+            continue
+        base += 2 * tokens * d_in * d_out
+        if name.split(".")[-1] in TARGETS:
+            adapted += d_in * d_out
+            lora += 3 * tokens * r * (d_in + d_out)
+    config = model.config
+    base += 6 * tokens * seq * config.hidden_size * config.num_hidden_layers
+    loran = (4 * r + (3 * tokens if dropout > 0 else tokens)) * adapted
+    return {"base": base, "lora": base + lora, "loran": base + loran}
 
 
 def _spread(values: list[float]) -> float:
@@ -167,8 +196,9 @@ def generation(args) -> list[dict]:
 
 
 def report(train_rows: list[dict], gen_rows: list[dict]) -> str:
-    out = ["| base | dropout | method | step s (median) | min s | spread | /LoRA time | /LoRA (min) | resident MiB "
-           "| step peak MiB | total MiB | /LoRA memory |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| base | dropout | method | step s (median) | min s | spread | /LoRA time | /LoRA (min) "
+           "| matmul GMAC | /LoRA GMAC (floor) | resident MiB | step peak MiB | total MiB | /LoRA memory |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells = {}
     for row in train_rows:
         cells.setdefault((row["base"], row["dropout"]), []).append(row)
@@ -177,7 +207,7 @@ def report(train_rows: list[dict], gen_rows: list[dict]) -> str:
         for row in rows:
             out.append(f"| {base} | {dropout:g} | {row['method']} | {row['step_s']:.3f} | {row['min_s']:.3f} "
                        f"| {row['spread']:.0%} | {row['step_s'] / ref['step_s']:.3f} "
-                       f"| {row['min_s'] / ref['min_s']:.3f} "
+                       f"| {row['min_s'] / ref['min_s']:.3f} | {row['gmacs']:.1f} | {row['gmacs'] / ref['gmacs']:.3f} "
                        f"| {row['resident_mib']:.1f} "
                        f"| {row['step_peak_mib']:.1f} | {row['total_mib']:.1f} "
                        f"| {row['total_mib'] / ref['total_mib']:.3f} |")

@@ -339,6 +339,20 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
     assert all(r["step_s"] > 0 and r["total_mib"] > r["resident_mib"] > 0 for r in rows)
     assert [g["method"] for g in gen] == ["base", "lora", "loran"]
     assert "| merged model | tokens/s (median) |" in capsys.readouterr().out
+    # The multiply-add floor: the adapted model counts each linear layer once (not also its base_layer or A, B),
+    # LoRAN's extra is (N + 4 r) d_in d_out per adapted layer without dropout and (3 N + 4 r) d_in d_out with it.
+    bare, _ = train.load("none", "tiny")
+    tokens, seq, r = 2 * 8, 8, 8
+    adapted = sum(m.in_features * m.out_features for n, m in bare.named_modules() if n.split(".")[-1] in train.TARGETS)
+    plain = train.multiply_adds(bare, tokens, seq, r, 0.0)
+    for p in (0.0, 0.1):
+        wrapped = train.adapt(bare, "loran", r, 16, p)
+        macs = train.multiply_adds(wrapped, tokens, seq, r, p)
+        assert macs["base"] == plain["base"] > 0
+        assert macs["loran"] - macs["base"] == ((3 if p else 1) * tokens + 4 * r) * adapted
+        bare = wrapped.unload()
+    by = {(row["dropout"], row["method"]): row["gmacs"] for row in rows}
+    assert by[(0.1, "LoRAN")] > by[(0.0, "LoRAN")] > by[(0.0, "LoRA")] == by[(0.1, "LoRA")]
 
 
 def test_bench_dropout_sparse_runs_and_its_identity_holds(capsys):
