@@ -14,6 +14,8 @@ Methods (all on the same frozen nn.Linear(d, d, bias=False), fp32, x requires gr
 Time: median over `--repeats` rounds after `--warmup` rounds; each round runs every method once, in turn, so that
 load from other processes hits all methods alike; the spread column is the interquartile range / median, and the
 min column the best round (on a busy machine the better estimate of the unloaded time).
+Floor: the ratio of matmul multiply-adds to LoRA's (`multiply_adds`), where the time ratio would sit if time were
+proportional to them (element-wise work, dropout masks and memory traffic are not counted).
 Memory, measured in a separate untimed pass:
 - peak: the largest total size of the tensors allocated during forward + backward and alive at the same time
   (a TorchDispatchMode follows every storage an op creates until it is freed);
@@ -156,6 +158,19 @@ class Row:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def multiply_adds(method: str, d: int, r: int, tokens: int, dropout: float) -> int:
+    """Matmul multiply-adds of one forward + backward of a d x d layer (x requires grad, W0 frozen).
+
+    lora:        x W0^T, g W0 (2 N d^2) and the update's 6 N d r (x A^T, then B; dL/dx through both; dL/dA, dL/dB);
+    loran_naive: x W0^T, dropout(x) F^T, g W0, g F, dL/dF = g^T dropout(x) (5 N d^2); B A, dL/dA, dL/dB (3 d^2 r);
+    loran:       without dropout folded: x W^T, g W, G = g^T x (3 N d^2); B A twice, dL/dA, dL/dB (4 d^2 r);
+                 with dropout the naive form's 5 N d^2, B A recomputed in backward (4 d^2 r).
+    """
+    nd2, d2r = tokens * d * d, d * d * r
+    return {"lora": 2 * nd2 + 6 * tokens * d * r, "loran_naive": 5 * nd2 + 3 * d2r,
+            "loran": (5 if dropout > 0 else 3) * nd2 + 4 * d2r}[method]
+
+
 def bench(d: int, r: int, tokens: int, dropout: float, warmup: int, repeats: int, methods=METHODS,
           clock: str = "wall") -> list[Row]:
     """Time and memory of every method for one (d, r, N, dropout) cell."""
@@ -205,8 +220,8 @@ def header(script: str, argv, clock: str) -> dict:
 def table(rows: list[Row]) -> str:
     """Markdown table with ratios to LoRA and to naive LoRAN in the same cell (medians; min: best of the repeats)."""
     out = ["| d | r | N | dropout | method | fwd+bwd ms (median) | min ms | spread | /LoRA | /LoRA (min) | /naive "
-           "| peak MiB | peak /LoRA | saved MiB | largest saved | keeps d_out x d_in |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| /LoRA MAC (floor) | peak MiB | peak /LoRA | saved MiB | largest saved | keeps d_out x d_in |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         cells.setdefault((row.d, row.r, row.tokens, row.dropout), {})[row.method] = row
@@ -220,6 +235,7 @@ def table(rows: list[Row]) -> str:
             out.append(
                 f"| {d} | {r} | {n} | {p:g} | {m} | {row.ms:.1f} | {row.min_ms:.1f} | {row.spread:.0%} "
                 f"| {ratio(row.ms, lora, 'ms')} | {ratio(row.min_ms, lora, 'min_ms')} | {ratio(row.ms, naive, 'ms')} "
+                f"| {multiply_adds(m, d, r, n, p) / multiply_adds('lora', d, r, n, p):.2f} "
                 f"| {row.peak_mib:.1f} | {ratio(row.peak_mib, lora, 'peak_mib')} "
                 f"| {row.saved_mib:.2f} | {row.saved_max_numel} | {'yes' if row.saved_max_numel >= d * d else 'no'} |")
     return "\n".join(out)

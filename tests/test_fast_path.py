@@ -325,6 +325,16 @@ def test_bench_adapter_runs(eager, capsys):
         assert all(by[(p, m)].ms > 0 and by[(p, m)].peak_mib > 0 for m in bench.METHODS)
 
 
+def test_bench_adapter_multiply_add_floor():
+    """The issue's cost model at d = 2048, r = 64, N = 512: (3 N + 4 r) / (2 N + 6 N r / d) = 1792 / 1120 folded,
+    (5 N + 4 r) / 1120 with dropout, (5 N + 3 r) / 1120 for the official-style materialisation."""
+    macs = _script("bench_adapter").multiply_adds
+    ratio = lambda m, p: macs(m, 2048, 64, 512, p) / macs("lora", 2048, 64, 512, p)  # noqa: E731
+    assert ratio("loran", 0.0) == pytest.approx(1792 / 1120)
+    assert ratio("loran", 0.05) == pytest.approx(2816 / 1120)
+    assert ratio("loran_naive", 0.0) == ratio("loran_naive", 0.05) == pytest.approx(2752 / 1120)
+
+
 def test_bench_adapter_quick_flag_parses():
     args = _script("bench_adapter").parse_args(["--quick"])
     assert args.sizes == [256] and args.repeats == 2
