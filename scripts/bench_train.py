@@ -238,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--gen-repeats", type=int, default=7, help="timed generate() calls per model, interleaved")
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--json", help="also write the rows and the machine to this file")
