@@ -40,10 +40,12 @@ reproduce-table2-mini: $(STAMP)
 	$(PY) train.py -m experiment=table2_mini; status=$$?; \
 	$(PY) scripts/build_table.py table2_mini; exit $$status
 
-## LoRAN against LoRA: one adapted layer, then a SmolLM2 training step and merged generation (results/bench.md).
+## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
+## rewrite that was not built; ~10 min on 2 cores (results/bench.md).
 bench: $(STAMP)
 	$(PY) scripts/bench_adapter.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_dropout_sparse.py
 
 clean-venv:
 	rm -rf $(VENV)
