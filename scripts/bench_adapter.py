@@ -14,8 +14,9 @@ Methods (all on the same frozen nn.Linear(d, d, bias=False), fp32, x requires gr
 Time: median over `--repeats` rounds after `--warmup` rounds; each round runs every method once, in turn, so that
 load from other processes hits all methods alike; the spread column is the interquartile range / median, and the
 min column the best round (on a busy machine the better estimate of the unloaded time).
-Floor: the ratio of matmul multiply-adds to LoRA's (`multiply_adds`), where the time ratio would sit if time were
-proportional to them (element-wise work, dropout masks and memory traffic are not counted).
+MAC ratio: matmul multiply-adds relative to LoRA's (`multiply_adds`), where the time ratio would sit if time were
+proportional to them; work that is not a matmul moves it either way (LoRAN's element-wise f and f', memory-bound
+thin products; LoRA's dropout mask, which is slow on CPUs).
 Memory, measured in a separate untimed pass:
 - peak: the largest total size of the tensors allocated during forward + backward and alive at the same time
   (a TorchDispatchMode follows every storage an op creates until it is freed);
@@ -220,7 +221,7 @@ def header(script: str, argv, clock: str) -> dict:
 def table(rows: list[Row]) -> str:
     """Markdown table with ratios to LoRA and to naive LoRAN in the same cell (medians; min: best of the repeats)."""
     out = ["| d | r | N | dropout | method | fwd+bwd ms (median) | min ms | spread | /LoRA | /LoRA (min) | /naive "
-           "| /LoRA MAC (floor) | peak MiB | peak /LoRA | saved MiB | largest saved | keeps d_out x d_in |",
+           "| /LoRA MAC | peak MiB | peak /LoRA | saved MiB | largest saved | keeps d_out x d_in |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict[str, Row]] = {}
     for row in rows:

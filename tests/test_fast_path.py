@@ -325,7 +325,7 @@ def test_bench_adapter_runs(eager, capsys):
         assert all(by[(p, m)].ms > 0 and by[(p, m)].peak_mib > 0 for m in bench.METHODS)
 
 
-def test_bench_adapter_multiply_add_floor():
+def test_bench_adapter_multiply_adds():
     """The issue's cost model at d = 2048, r = 64, N = 512: (3 N + 4 r) / (2 N + 6 N r / d) = 1792 / 1120 folded,
     (5 N + 4 r) / 1120 with dropout, (5 N + 3 r) / 1120 for the official-style materialisation."""
     macs = _script("bench_adapter").multiply_adds
@@ -349,7 +349,7 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
     assert all(r["step_s"] > 0 and r["total_mib"] > r["resident_mib"] > 0 for r in rows)
     assert [g["method"] for g in gen] == ["base", "lora", "loran"]
     assert "| merged model | tokens/s (median) |" in capsys.readouterr().out
-    # The multiply-add floor: the adapted model counts each linear layer once (not also its base_layer or A, B),
+    # The multiply-add count: the adapted model counts each linear layer once (not also its base_layer or A, B),
     # LoRAN's extra is (N + 4 r) d_in d_out per adapted layer without dropout and (3 N + 4 r) d_in d_out with it.
     bare, _ = train.load("none", "tiny")
     tokens, seq, r = 2 * 8, 8, 8
