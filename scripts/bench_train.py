@@ -180,6 +180,11 @@ def generation(args) -> list[dict]:
         if method != "base":
             model = adapt(model, method, args.r, args.alpha, 0.0).merge_and_unload()
         models[method] = model.eval()
+    layouts = {m: _layout(model) for m, model in models.items()}
+    if len(set(layouts.values())) != 1:  # then a throughput difference would have a cause other than noise
+        raise RuntimeError(f"the merged models differ in modules or parameter layout: {sorted(layouts)}")
+    print("# merged models: the same module types and parameter names, shapes, dtypes and strides as the base",
+          flush=True)
     prompts = batch(len(tokenizer), args.gen_batch, args.prompt_len, seed=1)
     inputs = {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"]}
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -197,10 +202,19 @@ def generation(args) -> list[dict]:
              "spread": _spread(t)} for m, t in times.items()]
 
 
+def _layout(model) -> tuple:
+    """What decides a forward's speed apart from the values: module types, parameter names, shapes, dtypes, strides."""
+    modules = tuple(type(m).__name__ for m in model.modules())
+    params = tuple((n, tuple(p.shape), p.dtype, p.stride()) for n, p in model.named_parameters())
+    return modules, params
+
+
 def report(train_rows: list[dict], gen_rows: list[dict]) -> str:
-    out = ["| base | dropout | method | step s (median) | min s | spread | /LoRA time | /LoRA (min) "
-           "| matmul GMAC | /LoRA GMAC | resident MiB | step peak MiB | total MiB | /LoRA memory |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
+    if train_rows:
+        out += ["| base | dropout | method | step s (median) | min s | spread | /LoRA time | /LoRA (min) "
+                "| matmul GMAC | /LoRA GMAC | resident MiB | step peak MiB | total MiB | /LoRA memory |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells = {}
     for row in train_rows:
         cells.setdefault((row["base"], row["dropout"]), []).append(row)
@@ -241,8 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--gen-repeats", type=int, default=7, help="timed generate() calls per model, interleaved")
+    p.add_argument("--gen-repeats", type=int, default=12, help="timed generate() calls per model, interleaved")
     p.add_argument("--no-generation", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="generation only")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--json", help="also write the rows and the machine to this file")
     p.add_argument("--quick", action="store_true", help="smoke run: nf4 only, dropout 0, 1 step, 4 new tokens")
@@ -260,7 +275,7 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
         torch.set_num_threads(args.threads)
     info = header("bench_train", argv, args.clock)
     train_rows = []
-    for quantization in args.bases.split(","):
+    for quantization in [] if args.no_train else args.bases.split(","):
         train_rows += train_cells(quantization, [float(v) for v in args.dropouts.split(",")], args)
     gen_rows = [] if args.no_generation else generation(args)
     print(report(train_rows, gen_rows))

@@ -348,7 +348,8 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
     assert [(r["dropout"], r["method"]) for r in rows] == [(p, m) for p in (0.0, 0.1) for m in ("LoRA", "LoRAN")]
     assert all(r["step_s"] > 0 and r["total_mib"] > r["resident_mib"] > 0 for r in rows)
     assert [g["method"] for g in gen] == ["base", "lora", "loran"]
-    assert "| merged model | tokens/s (median) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| merged model | tokens/s (median) |" in out and "# merged models: the same module types" in out
     # The multiply-add count: the adapted model counts each linear layer once (not also its base_layer or A, B),
     # LoRAN's extra is (N + 4 r) d_in d_out per adapted layer without dropout and (3 N + 4 r) d_in d_out with it.
     bare, _ = train.load("none", "tiny")
@@ -361,6 +362,9 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
         assert macs["base"] == plain["base"] > 0
         assert macs["loran"] - macs["base"] == ((3 if p else 1) * tokens + 4 * r) * adapted
         bare = wrapped.unload()
+    layout = train._layout(bare)
+    bare.lm_head.weight.data = bare.lm_head.weight.data.T.contiguous().T  # same values, other strides
+    assert train._layout(bare) != layout
     by = {(row["dropout"], row["method"]): row["gmacs"] for row in rows}
     assert by[(0.1, "LoRAN")] > by[(0.0, "LoRAN")] > by[(0.0, "LoRA")] == by[(0.1, "LoRA")]
 
