@@ -41,7 +41,7 @@ reproduce-table2-mini: $(STAMP)
 	$(PY) scripts/build_table.py table2_mini; exit $$status
 
 ## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
-## rewrite that was not built; ~10 min on 2 cores (results/bench.md).
+## rewrite that was not built; ~12 min on 2 cores (results/bench.md).
 bench: $(STAMP)
 	$(PY) scripts/bench_adapter.py
 	$(PY) scripts/bench_train.py
