@@ -159,17 +159,31 @@ class Row:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def multiply_adds(method: str, d: int, r: int, tokens: int, dropout: float) -> int:
-    """Matmul multiply-adds of one forward + backward of a d x d layer (x requires grad, W0 frozen).
+def multiply_adds(method: str, d: int, r: int, tokens: int, dropout: float, d_out: int | None = None) -> int:
+    """Matmul multiply-adds of one forward + backward of a d_out x d layer (d_out = d if None; x requires grad,
+    W0 frozen); the one cost model both benchmarks use.
 
-    lora:        x W0^T, g W0 (2 N d^2) and the update's 6 N d r (x A^T, then B; dL/dx through both; dL/dA, dL/dB);
-    loran_naive: x W0^T, dropout(x) F^T, g W0, g F, dL/dF = g^T dropout(x) (5 N d^2); B A, dL/dA, dL/dB (3 d^2 r);
-    loran:       without dropout folded: x W^T, g W, G = g^T x (3 N d^2); B A twice, dL/dA, dL/dB (4 d^2 r);
-                 with dropout the naive form's 5 N d^2, B A recomputed in backward (4 d^2 r).
+    lora:        x W0^T, g W0 (2 N d_out d) and the update's 3 N r (d + d_out) (x A^T, then B; dL/dx through both;
+                 dL/dA, dL/dB);
+    loran_naive: x W0^T, dropout(x) F^T, g W0, g F, dL/dF = g^T dropout(x) (5 N d_out d); B A, dL/dA, dL/dB
+                 (3 d_out d r);
+    loran:       without dropout folded: x W^T, g W, G = g^T x (3 N d_out d); B A twice, dL/dA, dL/dB (4 d_out d r);
+                 with dropout the naive form's 5 N d_out d, B A recomputed in backward (4 d_out d r).
     """
-    nd2, d2r = tokens * d * d, d * d * r
-    return {"lora": 2 * nd2 + 6 * tokens * d * r, "loran_naive": 5 * nd2 + 3 * d2r,
+    d_out = d if d_out is None else d_out
+    nd2, d2r = tokens * d * d_out, d * d_out * r
+    return {"lora": 2 * nd2 + 3 * tokens * r * (d + d_out), "loran_naive": 5 * nd2 + 3 * d2r,
             "loran": (5 if dropout > 0 else 3) * nd2 + 4 * d2r}[method]
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: "1024,2048" -> [1024, 2048]."""
+    return [int(v) for v in text.split(",")]
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: "0,0.05" -> [0.0, 0.05]."""
+    return [float(v) for v in text.split(",")]
 
 
 def bench(d: int, r: int, tokens: int, dropout: float, warmup: int, repeats: int, methods=METHODS,
@@ -243,13 +257,11 @@ def table(rows: list[Row]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=ints, default=[1024, 2048, 4096], help="d (square d x d layer), comma-separated")
-    p.add_argument("--ranks", type=ints, default=[8, 64])
+    p.add_argument("--sizes", type=int_list, default=[1024, 2048, 4096], help="d (square d x d layer), comma-separated")
+    p.add_argument("--ranks", type=int_list, default=[8, 64])
     p.add_argument("--tokens", type=int, default=512, help="N = batch x sequence")
-    p.add_argument("--dropouts", type=floats, default=[0.0, 0.05],
+    p.add_argument("--dropouts", type=float_list, default=[0.0, 0.05],
                    help="0: the update folds into W0; 0.05 is configs/adapter's training default")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_adapter import header  # noqa: E402
+from bench_adapter import float_list, header, int_list  # noqa: E402
 
 
 def _ms(fn, repeats: int) -> float:
@@ -98,12 +98,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=ints, default=[576, 2048], help="d (square layer), comma-separated")
+    p.add_argument("--sizes", type=int_list, default=[576, 2048], help="d (square layer), comma-separated")
     p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--dropouts", type=floats, default=[0.05, 0.2], help="0.05: configs/adapter; 0.2: the paper")
+    p.add_argument("--dropouts", type=float_list, default=[0.05, 0.2], help="0.05: configs/adapter; 0.2: the paper")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args(argv)

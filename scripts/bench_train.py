@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_adapter import CLOCKS, PeakMemory, header  # noqa: E402
+from bench_adapter import multiply_adds as layer_multiply_adds  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from loran import LoranConfig, get_loran_model  # noqa: E402
@@ -145,23 +146,22 @@ def multiply_adds(model, tokens: int, seq: int, r: int, dropout: float) -> dict[
 
     base:  every linear layer (4-bit ones included) forward and dL/dx, 2 N d_in d_out, plus attention (Q K^T and
            A V forward, about twice that backward: 6 N seq d_model per layer, causal masking not discounted);
-    LoRA:  3 N r (d_in + d_out) per adapted layer (x A^T, (x A^T) B^T; dL/dx through A and B; dL/dA, dL/dB);
-    LoRAN: (N + 4 r) d_in d_out without dropout (folded forward; G = g^T x; B A twice, dL/dA, dL/dB) and
-           (3 N + 4 r) d_in d_out with it (x W0^T and dropout(x) f(B A)^T, g W0 and g f(B A) cannot be shared).
+    lora, loran: base plus, per adapted layer, what the method adds to a frozen layer in bench_adapter's cost model
+           (LoRAN with dropout: x W0^T and dropout(x) f(B A)^T, g W0 and g f(B A) cannot be shared).
     """
-    base = adapted = lora = 0
+    base, extra = 0, {"lora": 0, "loran": 0}
     for name, module in model.named_modules():
         d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
         if not isinstance(d_in, int) or not isinstance(d_out, int) or "lora_" in name or "base_layer" in name:
             continue
-        base += 2 * tokens * d_in * d_out
+        frozen = 2 * tokens * d_in * d_out
+        base += frozen
         if name.split(".")[-1] in TARGETS:
-            adapted += d_in * d_out
-            lora += 3 * tokens * r * (d_in + d_out)
+            for method in extra:
+                extra[method] += layer_multiply_adds(method, d_in, r, tokens, dropout, d_out) - frozen
     config = model.config
     base += 6 * tokens * seq * config.hidden_size * config.num_hidden_layers
-    loran = (4 * r + (3 * tokens if dropout > 0 else tokens)) * adapted
-    return {"base": base, "lora": base + lora, "loran": base + loran}
+    return {"base": base, **{method: base + macs for method, macs in extra.items()}}
 
 
 def _spread(values: list[float]) -> float:
