@@ -5,8 +5,10 @@
     python train.py -m row=qlora,loran_sinter dataset=bbc_news,bbc_headlines seed=0,1,2
     torchrun --nproc_per_node 2 train.py ...          # data parallel; rank 0 evaluates and writes the results
 
-Exit codes: 0 done (or already done), 2 configuration error, 143 stopped on SIGTERM/SIGUSR1 after saving a
-checkpoint (run the same command again to resume).
+Exit codes: 0 done (or already done); 1 the run failed (its record says why); 2 configuration error
+(nothing was loaded or written); 3 training diverged (record written, no table row); 4 another process is
+running this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same
+command again to resume).
 """
 import logging
 import sys
@@ -18,23 +20,25 @@ from omegaconf import DictConfig
 
 from loran.checks import ConfigError
 from loran.preemption import Preempted
-from loran.run import run_cell
+from loran.records import CellBusy
+from loran.run import Diverged, run_cell
 
 log = logging.getLogger("train")
-EXIT_CODES = {ConfigError: 2, Preempted: 143}
+STOPS = {ConfigError: (2, "configuration error"), Diverged: (3, "diverged"), CellBusy: (4, "busy"),
+         Preempted: (None, "preempted")}
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         record = run_cell(cfg)
-    except (ConfigError, Preempted) as err:
+    except tuple(STOPS) as err:
         log.error("%s: %s", type(err).__name__, err)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper runs the other cells, then reports this one as failed
-        label = "configuration error" if isinstance(err, ConfigError) else "preempted"
+        code, label = STOPS[type(err)]
         print(f"\n{label}: {err}", file=sys.stderr)
-        sys.exit(EXIT_CODES[type(err)])
+        sys.exit(code if code is not None else err.exit_code)
     if "metrics" not in record:  # a non-zero rank under torchrun
         return
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())

@@ -1,5 +1,6 @@
-"""Save and stop on SIGTERM, SIGUSR1 or SIGUSR2 (SLURM sends SIGTERM before preempting; submitit 1.5 asks SLURM
-for SIGUSR2 before the time limit, older setups use SIGUSR1), then hand over.
+"""Save and stop on SIGTERM, SIGINT (Ctrl-C), SIGUSR1 or SIGUSR2 (SLURM sends SIGTERM before preempting;
+submitit 1.5 asks SLURM for SIGUSR2 before the time limit, older setups use SIGUSR1), then hand over.
+A second Ctrl-C stops at once, without a checkpoint.
 
 ``PreemptionCallback.install()`` replaces the signal handlers with one that only sets a flag; at the end of
 the current optimizer step the Trainer saves a checkpoint and stops. ``run_cell`` then calls
@@ -17,11 +18,15 @@ from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(RuntimeError):
     """Training stopped on a signal after saving a checkpoint; run the same command to resume."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
 class PreemptionCallback(TrainerCallback):
@@ -43,6 +48,8 @@ class PreemptionCallback(TrainerCallback):
         self.previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the checkpoint
         log.warning("received %s: saving a checkpoint at the end of this step, then stopping",
                     signal.Signals(signum).name)
         self.signum = signum
@@ -57,8 +64,9 @@ class PreemptionCallback(TrainerCallback):
         """After training stopped on a signal: let submitit requeue, else raise Preempted."""
         signum, previous = self.signum, self.previous.get(self.signum)
         self.restore()
-        if callable(previous):  # submitit's handler: checkpoint() -> requeue with the same arguments
+        # submitit's handler: checkpoint() -> requeue with the same arguments (Ctrl-C is never handed over)
+        if callable(previous) and previous is not signal.default_int_handler:
             log.warning("handing %s over to the launcher (checkpoint %s)", signal.Signals(signum).name, checkpoint)
             previous(signum, None)
         raise Preempted(f"stopped on {signal.Signals(signum).name} after saving {checkpoint}; "
-                        "run the same command again to resume")
+                        "run the same command again to resume", signum)

@@ -1,23 +1,28 @@
-"""Run records: one self-describing JSON per cell, and CSV tables that gain exactly one whole row per run.
+"""Run records: one self-describing JSON per cell; the run table is rebuilt from the records.
 
 Both writes are atomic (a temporary file in the same folder, then ``os.replace``), so an interrupted run
-or a crash never leaves half a record or half a table; CSV appends take a file lock, so any number of
-cells finishing at once add one row each.
+or a crash never leaves half a record or half a table. The run table <results>/runs/<experiment>.csv is
+a function of the successful records (one row each, rebuilt under a file lock whenever a cell finishes or
+is found finished), so a process that dies between its record and its row loses no row. A cell's lock
+(``cell_lock``) lets one process at a time run it.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+log = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "hydra-core", "wandb", "rouge-score")
 
 
@@ -41,30 +46,96 @@ def write_record(path: str | Path, record: dict[str, Any]) -> None:
     _atomic_write(Path(path), json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class CorruptRecord(ValueError):
+    """A record file that is not a JSON object (hand-edited, or written by something else)."""
+
+
+class CellBusy(RuntimeError):
+    """Another process holds this cell's lock (it is running the same configuration)."""
+
+
 def read_record(path: str | Path) -> dict[str, Any] | None:
-    """The record at `path`, or None when there is none."""
+    """The record at `path`, or None when there is none; CorruptRecord (naming the file) when it cannot be read."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptRecord(f"{path} is not a valid record ({err}). Move it away (or restore it with git) "
+                            "and run the same command again to redo this cell.") from err
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"{path} holds a {type(record).__name__}, not a record. Move it away (or restore "
+                            "it with git) and run the same command again to redo this cell.")
+    return record
 
 
-def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Add `row` to the CSV table at `path` under a lock; new columns extend the header of every row."""
+def choices(cfg) -> dict[str, Any]:
+    """A record's coordinates: the config groups chosen, and the seed."""
+    return {"dataset": cfg.dataset.name, "model": cfg.model.name, "adapter": cfg.adapter.name,
+            "activation": cfg.activation.name, "seed": cfg.seed}
+
+
+def table_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The run-table row of a finished record: coordinates, hash, metrics, cost."""
+    return {**record["choices"], "experiment": record["experiment"], "cell": record["cell"],
+            "config_hash": record.get("config_hash"),
+            **{k: round(v, 6) for k, v in record["metrics"].items()},
+            **{f"zero_shot_{k}": round(v, 6) for k, v in (record.get("zero_shot") or {}).items()},
+            "trainable_params": record["trainable_params"], "train_time_s": round(record["train_time_s"], 1),
+            "wall_time_s": round(record["wall_time_s"], 1), "peak_memory_mb": round(record["peak_memory_mb"], 1),
+            "git_commit": (record["git"] or {}).get("commit"), "finished_at": record["finished_at"]}
+
+
+def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
+    """Write the run table from every successful record under runs_dir (oldest first); return its row count.
+
+    An unreadable record is left out with a warning here (it must not fail another cell's run); the Table 2
+    builder refuses it instead.
+    """
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/record.json")):
+        try:
+            record = read_record(path)
+        except CorruptRecord as err:
+            log.warning("run table: %s", err)
+            continue
+        if record.get("status") == "ok":
+            rows.append(table_row(record))
+    rows.sort(key=lambda r: (str(r["finished_at"]), r["cell"]))
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    table = Path(table)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(table) + ".lock"), tempfile.TemporaryFile("w+", newline="") as buf:
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        buf.seek(0)
+        _atomic_write(table, buf.read())
+    return len(rows)
+
+
+@contextmanager
+def cell_lock(path: str | Path) -> Iterator[None]:
+    """Hold the cell's lock for the block; CellBusy (naming the lock file) when another process holds it.
+
+    The lock is an flock on `path`: the kernel releases it when its process dies, so no stale lock survives
+    a crash or a kill -9.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        rows, columns = [], []
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                columns, rows = list(reader.fieldnames or []), list(reader)
-        columns += [k for k in row if k not in columns]
-        rows.append({k: _cell(v) for k, v in row.items()})
-        with tempfile.TemporaryFile("w+", newline="") as buf:
-            writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-            buf.seek(0)
-            _atomic_write(path, buf.read())
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as err:
+        raise CellBusy(f"another process is running this cell (it holds {path}); wait for it to finish, "
+                       "then run the same command again (the finished cell is then skipped)") from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _cell(value: Any) -> Any:

@@ -1,12 +1,13 @@
 """One cell of the grid, end to end: check, load, (zero-shot) evaluate, train, evaluate, record.
 
 ``run_cell(cfg)`` is what ``python train.py`` calls with the Hydra config. Every object is built from the
-config with ``hydra.utils.instantiate``; this file only orders the steps and writes the outputs:
-  - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed run records its error)
-  - <results_dir>/runs/<experiment>.csv                 (one row per successful run, never for a failure)
+config with ``hydra.utils.instantiate``; this file orders the steps and writes the outputs:
+  - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed or diverged run records why)
+  - <results_dir>/runs/<experiment>.csv                 (rebuilt from the successful records: one row each)
   - a W&B run (group = experiment), offline when no API key is set
-Training state lives under the cell's output folder (outputs/<experiment>/<cell>/), so running the same
-command again resumes from the last checkpoint, and a cell whose record exists is skipped.
+The cell's name carries the hash of its result-relevant config (loran/cells.py). Training state lives in
+the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
+last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import shlex
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,35 +27,38 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from loran.checks import ConfigError, check_activation_choice, check_target_modules, check_types, to_plain
-from loran.data import subset, train_dataset, eval_dataset, validate_columns
+from loran.cells import config_hash, identity
+from loran.checks import ConfigError, check_config, check_target_modules, to_plain
+from loran.data import eval_dataset, subset, train_dataset, validate_columns
 from loran.evaluation import evaluate
 from loran.preemption import Preempted, PreemptionCallback
+from loran.records import (
+    CorruptRecord, cell_lock, choices, environment, git_revision, read_record, rebuild_table, write_record,
+)
 from loran.spectrum import update_spectrum
-from loran.records import append_row, environment, git_revision, read_record, write_record
-from loran.training import build_trainer, last_checkpoint
+from loran.training import build_trainer, claim_out_dir, last_checkpoint, loss_history, training_args
 
 log = logging.getLogger(__name__)
 
 
+class Diverged(RuntimeError):
+    """Training met a non-finite loss or gradient norm; the record says where, and the cell gets no row."""
+
+
 def cell_paths(cfg: DictConfig) -> dict[str, Path]:
-    """Where this cell's record, CSV table and working folder live."""
-    results = Path(cfg.results_dir)
+    """Where this cell's record, lock, run table and working folder live."""
+    runs = Path(cfg.results_dir) / "runs"
     try:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called outside a Hydra app (tests composing configs)
         out_dir = Path("outputs") / cfg.experiment_name / cfg.cell
-    return {"record": results / "runs" / cfg.experiment_name / cfg.cell / "record.json",
-            "table": results / "runs" / f"{cfg.experiment_name}.csv",
+    return {"record": runs / cfg.experiment_name / cfg.cell / "record.json",
+            "lock": runs / cfg.experiment_name / f"{cfg.cell}.lock",
+            "runs": runs / cfg.experiment_name,
+            "table": runs / f"{cfg.experiment_name}.csv",
             "out_dir": out_dir}
-
-
-def choices(cfg: DictConfig) -> dict[str, Any]:
-    """The cell's coordinates."""
-    return {"dataset": cfg.dataset.name, "model": cfg.model.name, "adapter": cfg.adapter.name,
-            "activation": cfg.activation.name, "seed": cfg.seed}
 
 
 def _overrides() -> list[str]:
@@ -71,9 +76,17 @@ def cause(err: Exception) -> str:
 def build_peft_config(cfg: DictConfig):
     """The adapter's PEFT config (LoraConfig or LoranConfig); a bad value becomes a ConfigError."""
     try:
-        return instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
     except (ValueError, TypeError, InstantiationException) as err:
         raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
+
+
+def build_training_args(cfg: DictConfig, out_dir: Path):
+    """TrainingArguments, built before anything is loaded; a bad value becomes a ConfigError."""
+    try:
+        return training_args(cfg, out_dir)
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"trainer.args: {cause(err)}") from err
 
 
 def load_data(cfg: DictConfig, tokenizer):
@@ -101,24 +114,47 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
+    """The cell's successful record when it should be skipped (its row is restored if a crash lost it)."""
+    try:
+        existing = read_record(paths["record"])
+    except CorruptRecord as err:
+        raise ConfigError(str(err)) from err
+    if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
+        return None
+    if is_main_process():
+        rebuild_table(paths["runs"], paths["table"])
+    log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
+    return existing
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run one cell and return its record (or the existing record when the cell is already done)."""
+    check_config(cfg)
     paths = cell_paths(cfg)
-    existing = read_record(paths["record"])
-    if cfg.skip_existing and existing and existing.get("status") == "ok":
-        log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
-        return existing
-
-    check_types(cfg)
-    check_activation_choice(cfg)
     peft_config = build_peft_config(cfg)
+    args = build_training_args(cfg, paths["out_dir"])
+    if done := finished(paths, cfg):
+        return done
+    main = is_main_process()
+    with cell_lock(paths["lock"]) if main else nullcontext():
+        if done := finished(paths, cfg):  # another process finished it while this one waited to start
+            return done
+        try:
+            claim_out_dir(paths["out_dir"], cfg.cell, config_hash(cfg))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return _train_and_record(cfg, paths, peft_config, args, main)
+
+
+def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args, main: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     started = time.time()
-    main = is_main_process()
     record: dict[str, Any] = {
-        "status": "running", "experiment": cfg.experiment_name, "cell": cfg.cell, "choices": choices(cfg),
-        "overrides": _overrides(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": to_plain(cfg), "git": git_revision(), **environment(),
+        "status": "running", "experiment": cfg.experiment_name, "cell": cfg.cell, "config_hash": config_hash(cfg),
+        "choices": choices(cfg), "overrides": _overrides(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "identity": identity(cfg), "config": to_plain(cfg), "git": git_revision(), **environment(),
     }
     wandb_run = None
     preemption = PreemptionCallback().install()
@@ -133,7 +169,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         if cfg.zero_shot and main:
             record["zero_shot"] = evaluate(model, tokenizer, test, metric, **eval_kwargs)["metrics"]
             log.info("zero-shot %s", record["zero_shot"])
-        trainer = build_trainer(cfg, model, peft_config, tokenizer, train, paths["out_dir"])
+        trainer = build_trainer(args, model, peft_config, tokenizer, train)
         trainer.add_callback(preemption)
         record["trainable_params"], record["total_params"] = trainer.model.get_nb_trainable_parameters()
         record["world_size"] = trainer.args.world_size
@@ -147,8 +183,11 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         if preemption.signum is not None:
             preemption.handover(last_checkpoint(paths["out_dir"]))
         record.update(train_time_s=time.time() - t_train, resumed_from=resume,
-                      loss_history=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history
-                                    if "loss" in e])
+                      loss_history=loss_history(trainer.state.log_history))
+        if trainer.divergence.found:
+            record.update(divergence=trainer.divergence.found)
+            raise Diverged(f"training diverged at step {trainer.divergence.found['step']}: "
+                           f"{trainer.divergence.found}; lower trainer.args.learning_rate or check the data")
         if not main:
             return record  # rank 0 evaluates and writes the results
         t_eval = time.time()
@@ -163,7 +202,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     except ConfigError:
         raise  # bad input: stopped before training, nothing written
     except Exception as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
+        status = "diverged" if isinstance(err, Diverged) else "failed"
+        record.update(status=status, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
                       wall_time_s=time.time() - started)
         if main:
             write_record(paths["record"], record)
@@ -172,20 +212,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     finally:
         preemption.restore()
     write_record(paths["record"], record)
-    append_row(paths["table"], table_row(record))
+    rebuild_table(paths["runs"], paths["table"])
     finish_wandb(wandb_run, record)
     log.info("%s: %s", cfg.cell, record["metrics"])
     return record
-
-
-def table_row(record: dict[str, Any]) -> dict[str, Any]:
-    """The CSV row of a finished record: coordinates, metrics, cost."""
-    return {**record["choices"], "experiment": record["experiment"], "cell": record["cell"],
-            **{k: round(v, 6) for k, v in record["metrics"].items()},
-            **{f"zero_shot_{k}": round(v, 6) for k, v in (record.get("zero_shot") or {}).items()},
-            "trainable_params": record["trainable_params"], "train_time_s": round(record["train_time_s"], 1),
-            "wall_time_s": round(record["wall_time_s"], 1), "peak_memory_mb": round(record["peak_memory_mb"], 1),
-            "git_commit": (record["git"] or {}).get("commit"), "finished_at": record["finished_at"]}
 
 
 def start_wandb(cfg: DictConfig, out_dir: Path, record: dict[str, Any]):

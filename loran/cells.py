@@ -1,0 +1,81 @@
+"""A cell is its configuration: a readable name plus a short hash of every value that can change the result.
+
+    cell = <dataset>.<model>.<adapter>-<activation>.seed<seed>.<hash>       (configs/train.yaml)
+
+``identity(cfg)`` is the resolved config without the keys in NOT_RESULT (where to write and log, resume/skip
+switches, checkpoint cadence, progress bars) and with the seed left symbolic, so that the identities of a
+grid's seeds are equal. ``config_hash(cfg)`` hashes (identity, seed). Two commands that differ in any
+result-relevant value therefore never share a record, a CSV row, a checkpoint folder or a W&B run, and
+identical ones always do. The hash is registered as the OmegaConf resolver ``${loran.config_hash:}``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+# Keys that cannot change a result (dotted paths from the root of the task config).
+NOT_RESULT = (
+    "hydra",                          # launcher and output folders
+    "cell",                           # derived from the identity itself
+    "experiment_name",                # where the record, the CSV and the W&B group go
+    "results_dir",                    # where records go
+    "skip_existing",                  # whether a finished cell is run again
+    "logger",                         # W&B on/off, project, group, tags
+    "trainer.resume",                 # whether a checkpoint is resumed (resuming reproduces the result: tested)
+    "trainer.args.output_dir",
+    "trainer.args.run_name",
+    "trainer.args.report_to",
+    "trainer.args.logging_steps",     # how often the loss is logged
+    "trainer.args.save_strategy",     # checkpoint cadence: checkpoints exist to resume, which is exact
+    "trainer.args.save_steps",
+    "trainer.args.save_total_limit",
+    "trainer.args.disable_tqdm",      # progress bars
+)
+SEED_PLACEHOLDER = "<seed>"
+HASH_CHARS = 8                        # 32 bits: a collision in a 10,000-cell study has odds of about 1e-2 %
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The result-relevant resolved config, with the seed (and every value interpolated from it) as "<seed>"."""
+    node = copy.deepcopy(cfg)
+    with read_write(node), open_dict(node):
+        for key in NOT_RESULT:
+            parent, _, leaf = key.rpartition(".")
+            container = OmegaConf.select(node, parent) if parent else node
+            if isinstance(container, DictConfig) and leaf in container.keys():  # `in container` would resolve it
+                del container[leaf]
+        if "seed" in node:
+            node.seed = SEED_PLACEHOLDER
+        return OmegaConf.to_container(node, resolve=True)
+
+
+def hash_of(ident: dict[str, Any], seed: Any) -> str:
+    """The short stable hash of an identity and a seed."""
+    text = json.dumps({"identity": ident, "seed": seed}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """The hash of cfg's identity and seed (see the module docstring)."""
+    return hash_of(identity(cfg), OmegaConf.select(cfg, "seed"))
+
+
+def check_name(field: str, value: Any) -> None:
+    """A folder name made from the config must be one plain path component: no '..', separators or blanks."""
+    if not isinstance(value, str) or not NAME.match(value) or value in {".", ".."}:
+        raise ValueError(f"{field}={value!r} must be a plain folder name: letters, digits and . _ + = - only, "
+                         "starting with a letter or digit (no '/', '..', spaces or absolute paths)")
+
+
+def _resolver(*, _root_: DictConfig) -> str:
+    return config_hash(_root_)
+
+
+if not OmegaConf.has_resolver("loran.config_hash"):
+    OmegaConf.register_new_resolver("loran.config_hash", _resolver)
