@@ -5,6 +5,10 @@ that reports it (ROUGE from the summarization dataset, accuracy from the classif
 with no successful record shows as "-" (never as 0). The difference to QLoRA uses only seeds that both
 rows have: d_s = row_s - qlora_s, mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n), marked "*" when the 95%
 interval excludes zero.
+
+A table cell never pools configurations: the records that feed one cell must have the same result-relevant
+config (the record's "identity", see loran/cells.py) and differ only in the seed; otherwise ``build`` stops
+with MixedConfigs naming the keys that differ.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from loran.records import read_record
 
 # (row key, label) in the paper's order; the row key is "<adapter>-<activation>" as in a record's cell name.
 ROWS = [
@@ -40,26 +46,63 @@ def t975(df: int) -> float:
     return T975[max(k for k in T975 if k <= df)]
 
 
+class MixedConfigs(ValueError):
+    """Records that would be pooled into one table cell differ in more than the seed."""
+
+
 def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """Every successful record under runs_dir (failed or unfinished runs are left out)."""
+    """Every successful record under runs_dir (failed, diverged or unfinished runs are left out)."""
     records = []
     for path in sorted(Path(runs_dir).glob("*/record.json")):
-        record = json.loads(path.read_text())
+        record = read_record(path)  # a corrupt record stops the table, naming its file
         if record.get("status") == "ok":
             records.append(record)
     return records
 
 
+def row_key(record: dict[str, Any]) -> str:
+    """A record's Table 2 row: "<adapter>-<activation>"."""
+    return f'{record["choices"]["adapter"]}-{record["choices"]["activation"]}'
+
+
 def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
-    """(row key, metric) -> {seed: value}."""
-    out: dict[tuple[str, str], dict[int, float]] = {}
+    """(row key, metric) -> {seed: value}, after checking that each cell's records differ only in the seed."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
-        c = record["choices"]
-        row = f'{c["adapter"]}-{c["activation"]}'
-        for metric, value in record["metrics"].items():
+        for metric in record["metrics"]:
             if metric in METRICS:
-                out.setdefault((row, metric), {})[int(c["seed"])] = float(value)
-    return out
+                groups.setdefault((row_key(record), metric), []).append(record)
+    for (row, metric), group in groups.items():
+        check_one_config(group, f"{row} / {metric}")
+    return {key: {int(r["choices"]["seed"]): float(r["metrics"][key[1]]) for r in group}
+            for key, group in groups.items()}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def check_one_config(records: list[dict[str, Any]], where: str) -> None:
+    """MixedConfigs unless every record has the same identity (the same config up to the seed)."""
+    missing = [r["cell"] for r in records if "identity" not in r]
+    if missing:
+        raise MixedConfigs(f"{where}: records {missing} carry no config identity (written before cells were "
+                           "hashed), so they cannot be shown to share a config; run scripts/migrate_records.py")
+    flats = [_flat(r["identity"]) for r in records]
+    keys = sorted(set().union(*flats))
+    differ = {k: sorted({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flats}) for k in keys}
+    differ = {k: v for k, v in differ.items() if len(v) > 1}
+    if differ:
+        detail = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in differ.items())
+        cells = ", ".join(sorted(r["cell"] for r in records))
+        raise MixedConfigs(f"{where} would pool records whose configs differ in more than the seed ({detail}); "
+                           f"records: {cells}. Give each configuration its own experiment_name, or move the "
+                           "extra records out of the folder.")
 
 
 def summarize(values: dict[int, float]) -> dict[str, Any]:
