@@ -90,41 +90,45 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
 def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
     """Write the run table from every successful record under runs_dir (oldest first); return its row count.
 
-    An unreadable record is left out with a warning here (it must not fail another cell's run); the Table 2
-    builder refuses it instead.
+    Records are read under the table's lock, so of several cells finishing at once the last writer sees them
+    all. An unreadable record is left out with a warning here (it must not fail another cell's run); the
+    Table 2 builder refuses it instead.
     """
-    rows = []
-    for path in sorted(Path(runs_dir).glob("*/record.json")):
-        try:
-            record = read_record(path)
-        except CorruptRecord as err:
-            log.warning("run table: %s", err)
-            continue
-        if record.get("status") == "ok":
-            rows.append(table_row(record))
-    rows.sort(key=lambda r: (str(r["finished_at"]), r["cell"]))
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
     table = Path(table)
     table.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(table) + ".lock"), tempfile.TemporaryFile("w+", newline="") as buf:
-        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-        buf.seek(0)
-        _atomic_write(table, buf.read())
+    with FileLock(str(table) + ".lock"):
+        rows = []
+        for path in sorted(Path(runs_dir).glob("*/record.json")):
+            try:
+                record = read_record(path)
+            except CorruptRecord as err:
+                log.warning("run table: %s", err)
+                continue
+            if record.get("status") == "ok":
+                rows.append(table_row(record))
+        rows.sort(key=lambda r: (str(r["finished_at"]), r["cell"]))
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        with tempfile.TemporaryFile("w+", newline="") as buf:
+            writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+            buf.seek(0)
+            _atomic_write(table, buf.read())
     return len(rows)
 
 
 @contextmanager
-def cell_lock(path: str | Path) -> Iterator[None]:
+def cell_lock(path: str | Path, discard_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Hold the cell's lock for the block; CellBusy (naming the lock file) when another process holds it.
 
     The lock is an flock on `path`: the kernel releases it when its process dies, so no stale lock survives
-    a crash or a kill -9.
+    a crash or a kill -9. When the block raises one of `discard_on` (a configuration error found after
+    loading), the lock file and the folders made for it are removed again, so such a run leaves no trace.
     """
     path = Path(path)
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=0)
     try:
@@ -134,6 +138,12 @@ def cell_lock(path: str | Path) -> Iterator[None]:
                        "then run the same command again (the finished cell is then skipped)") from err
     try:
         yield
+    except discard_on:
+        path.unlink(missing_ok=True)
+        for folder in made:  # innermost first
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     finally:
         lock.release()
 

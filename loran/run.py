@@ -137,7 +137,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     if done := finished(paths, cfg):
         return done
     main = is_main_process()
-    with cell_lock(paths["lock"]) if main else nullcontext():
+    with cell_lock(paths["lock"], discard_on=(ConfigError,)) if main else nullcontext():
         if done := finished(paths, cfg):  # another process finished it while this one waited to start
             return done
         try:

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_every_combination_composes_and_builds(model, dataset):
         spec = instantiate(cfg.dataset.prompt, _convert_="all")
         assert callable(instantiate(cfg.dataset.metric, _convert_="all"))
         assert spec.input_field and spec.target_field
-        assert cfg.cell == f"{dataset}.{model}.{adapter}-{activation or ('none' if adapter == 'qlora' else 'sinter')}.seed0"
+        name = f"{dataset}.{model}.{adapter}-{activation or ('none' if adapter == 'qlora' else 'sinter')}.seed0"
+        assert re.fullmatch(re.escape(name) + r"\.[0-9a-f]{8}", cfg.cell), cfg.cell
 
 
 def test_defaults_are_the_embedded_loran_sinter_cell():
@@ -75,7 +77,7 @@ def test_an_experiment_overrides_the_primary_config(experiment, expected):
     cfg = cfg_of([f"experiment={experiment}", "row=loran_relu", "dataset=bbc_headlines"])
     assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
     assert (cfg.adapter.name, cfg.activation.name) == ("loran", "relu")
-    assert cfg.cell.startswith("bbc_headlines.") and cfg.cell.endswith(".loran-relu.seed0")
+    assert re.fullmatch(rf"bbc_headlines\.{expected['model.name']}\.loran-relu\.seed0\.[0-9a-f]{{8}}", cfg.cell)
 
 
 @pytest.fixture

@@ -1,39 +1,66 @@
-"""Records and CSV tables: atomic writes, and concurrent appends that each add exactly one whole row."""
+"""Records and run tables: atomic writes, a table rebuilt from the records under a lock, one process per cell."""
 import csv
-import json
 import multiprocessing as mp
 
 import pytest
 
-from loran.records import append_row, read_record, write_record
+from loran.records import CellBusy, CorruptRecord, cell_lock, read_record, rebuild_table, write_record
 
 
-def _append(path, barrier, i):
-    barrier.wait()  # all processes append at the same moment
-    append_row(path, {"cell": f"cell{i}", "accuracy": i / 10, "notes": "x" * 2000, "tags": ["a", i]})
+def ok_record(cell, **metrics):
+    return {"status": "ok", "experiment": "e", "cell": cell, "config_hash": cell[-4:],
+            "choices": {"dataset": "d", "model": "m", "adapter": "loran", "activation": "sinter", "seed": 0},
+            "metrics": metrics, "trainable_params": 10, "train_time_s": 1.0, "wall_time_s": 2.0,
+            "peak_memory_mb": 3.0, "git": {"commit": "abc"}, "finished_at": f"2026-01-01T00:00:0{cell[-1]}"}
 
 
-def test_eight_processes_appending_at_once_leave_eight_intact_rows(tmp_path):
-    path = tmp_path / "table.csv"
+def _finish(runs, barrier, i):
+    barrier.wait()  # all processes finish at the same moment
+    write_record(runs / f"cell{i}" / "record.json", {**ok_record(f"cell{i}", accuracy=i / 10), "notes": "x" * 2000})
+    rebuild_table(runs, runs.parent / "e.csv")
+
+
+def test_eight_cells_finishing_at_once_leave_eight_intact_rows(tmp_path):
+    runs = tmp_path / "runs/e"
     ctx = mp.get_context("fork")  # children inherit the imports: the race, not start-up, is tested
     barrier = ctx.Barrier(8)
-    procs = [ctx.Process(target=_append, args=(path, barrier, i)) for i in range(8)]
+    procs = [ctx.Process(target=_finish, args=(runs, barrier, i)) for i in range(8)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs)
-    rows = list(csv.DictReader(open(path, newline="")))
-    assert sorted(r["cell"] for r in rows) == [f"cell{i}" for i in range(8)]
-    assert all(len(r["notes"]) == 2000 and json.loads(r["tags"])[0] == "a" for r in rows)
+    rows = list(csv.DictReader(open(tmp_path / "runs/e.csv", newline="")))
+    assert [r["cell"] for r in rows] == [f"cell{i}" for i in range(8)]  # ordered by finished_at
+    assert [float(r["accuracy"]) for r in rows] == [i / 10 for i in range(8)]
 
 
-def test_new_columns_extend_the_header_and_old_rows_get_blanks(tmp_path):
-    path = tmp_path / "t.csv"
-    append_row(path, {"cell": "a", "accuracy": 0.5})
-    append_row(path, {"cell": "b", "rouge1": 0.25})
-    rows = list(csv.DictReader(open(path, newline="")))
-    assert rows == [{"cell": "a", "accuracy": "0.5", "rouge1": ""}, {"cell": "b", "accuracy": "", "rouge1": "0.25"}]
+def test_the_table_holds_exactly_the_successful_records_whatever_was_there_before(tmp_path):
+    """A process that died between its record and its row: the next rebuild restores the row; stale rows go."""
+    runs = tmp_path / "runs/e"
+    write_record(runs / "a1/record.json", ok_record("a1", accuracy=0.5))
+    write_record(runs / "b2/record.json", ok_record("b2", rouge1=0.25))
+    write_record(runs / "c3/record.json", {**ok_record("c3"), "status": "diverged", "metrics": None})
+    table = tmp_path / "runs/e.csv"
+    table.write_text("cell,accuracy\nghost,0.99\nghost,0.99\n")
+    assert rebuild_table(runs, table) == 2
+    rows = list(csv.DictReader(open(table, newline="")))
+    assert [(r["cell"], r["accuracy"], r["rouge1"], r["config_hash"]) for r in rows] == [
+        ("a1", "0.5", "", "a1"), ("b2", "", "0.25", "b2")]
+
+
+def test_a_corrupt_record_is_named_and_left_out_of_the_run_table(tmp_path):
+    runs = tmp_path / "runs/e"
+    write_record(runs / "a1/record.json", ok_record("a1", accuracy=0.5))
+    (runs / "bad").mkdir()
+    (runs / "bad/record.json").write_text('{"status": "ok", "metr')
+    with pytest.raises(CorruptRecord, match=r"bad/record.json is not a valid record .* Move it away"):
+        read_record(runs / "bad/record.json")
+    (runs / "list").mkdir()
+    (runs / "list/record.json").write_text("[1, 2]")
+    with pytest.raises(CorruptRecord, match=r"list/record.json holds a list, not a record"):
+        read_record(runs / "list/record.json")
+    assert rebuild_table(runs, tmp_path / "runs/e.csv") == 1
 
 
 def test_a_failed_record_write_keeps_the_previous_record_whole(tmp_path):
@@ -48,3 +75,31 @@ def test_a_failed_record_write_keeps_the_previous_record_whole(tmp_path):
         write_record(path, {"status": "ok", "bad": Unserialisable()})
     assert read_record(path) == {"status": "ok", "metrics": {"accuracy": 0.9}}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temporary file left behind
+
+
+def test_non_finite_values_stay_non_finite_in_a_record(tmp_path):
+    write_record(tmp_path / "r.json", {"loss_history": [{"step": 1, "loss": float("nan"), "grad_norm": float("inf")}]})
+    (entry,) = read_record(tmp_path / "r.json")["loss_history"]
+    assert entry["loss"] != entry["loss"] and entry["grad_norm"] == float("inf")
+
+
+def _hold(path, held, release):
+    with cell_lock(path):
+        held.set()
+        release.wait(30)
+
+
+def test_a_cell_lock_admits_one_process_and_frees_itself_when_that_process_dies(tmp_path):
+    path = tmp_path / "runs/e/cell.lock"
+    ctx = mp.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(path, held, release))
+    holder.start()
+    assert held.wait(30)
+    with pytest.raises(CellBusy, match=r"another process is running this cell \(it holds .*cell.lock\)"):
+        with cell_lock(path):
+            pass
+    holder.kill()  # no clean release: the kernel drops the flock with the process
+    holder.join(30)
+    with cell_lock(path):
+        pass

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loran.tables import build, load_records, paired_difference, read_paper, to_markdown
+from loran.records import CorruptRecord
+from loran.tables import MixedConfigs, build, load_records, paired_difference, read_paper, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))
@@ -81,3 +82,36 @@ def test_committed_paper_file_has_every_row_and_no_invented_number():
     paper = read_paper(REPO / "results/paper/table2.csv")
     assert len(paper) == 6 * 4 and set(paper.values()) == {""}
     assert "NOT YET TRANSCRIBED" in (REPO / "results/paper/table2.csv").read_text()
+
+
+def test_a_table_cell_never_pools_two_configurations(tmp_path, write_fake_record):
+    """Two learning rates of one row in one experiment: the table stops and names the key that differs."""
+    runs = tmp_path / "runs"
+    write_fake_record(runs, "loran", "sinter", "bbc_news", 0, {"accuracy": 0.8})
+    other = {"dataset": {"name": "bbc_news"}, "adapter": {"name": "loran"}, "activation": {"name": "sinter"},
+             "seed": "<seed>", "trainer": {"args": {"learning_rate": 1e-2}}}
+    record = write_fake_record(runs, "loran", "sinter", "bbc_news", 1, {"accuracy": 0.9}, identity=other)
+    with pytest.raises(MixedConfigs, match=r"loran-sinter / accuracy would pool records whose configs differ in more "
+                                           r"than the seed \(trainer.args.learning_rate: 0.001 vs 0.01\)"):
+        build(load_records(runs))
+    record_path = runs / record["cell"] / "record.json"
+    record_path.write_text(record_path.read_text().replace('"identity"', '"no_identity"'))
+    with pytest.raises(MixedConfigs, match=r"carry no config identity .* run scripts/migrate_records.py"):
+        build(load_records(runs))
+
+
+def test_two_datasets_reporting_one_metric_are_not_pooled(tmp_path, write_fake_record):
+    runs = tmp_path / "runs"
+    write_fake_record(runs, "qlora", "none", "bbc_news", 0, {"accuracy": 0.8})
+    write_fake_record(runs, "qlora", "none", "newsgroups20", 0, {"accuracy": 0.6})
+    with pytest.raises(MixedConfigs, match=r"dataset.name: \"bbc_news\" vs \"newsgroups20\""):
+        build(load_records(runs))
+
+
+def test_a_corrupt_record_stops_the_table_naming_its_file(tmp_path, write_fake_record):
+    runs = tmp_path / "runs"
+    write_fake_record(runs, "qlora", "none", "bbc_news", 0, {"accuracy": 0.8})
+    (runs / "broken").mkdir()
+    (runs / "broken/record.json").write_text("{")
+    with pytest.raises(CorruptRecord, match=r"broken/record.json is not a valid record"):
+        load_records(runs)
