@@ -1,0 +1,98 @@
+"""A cell is its configuration: every result-relevant value changes the hash, nothing else does; every option of
+every config group composes, names a valid cell and builds its trainer arguments; committed records keep their cells."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from loran.cells import config_hash, identity
+from loran.checks import check_config
+from loran.run import build_peft_config, build_training_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# The one override a machine without CUDA needs to build trainer=gpu (configs/trainer/gpu.yaml says so).
+NO_CUDA = "trainer.args.use_cpu=true"
+
+
+def cfg_of(*overrides):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+RESULT_RELEVANT = [
+    "trainer.args.learning_rate=1e-2", "adapter.peft.r=4", "adapter.peft.lora_alpha=8",
+    "adapter.peft.lora_dropout=0.0", "activation.params.amp=5e-3", "activation.params.omega=100.0",
+    "activation.start=official", "trainer.args.max_steps=50", "trainer.args.per_device_train_batch_size=2",
+    "trainer.args.warmup_steps=0", "dataset.n_train=100", "dataset.n_eval=50", "dataset.loader.seed=1",
+    "dataset.prompt.max_source_tokens=64", "model.load.quantization=none", "model.target_modules=[q_proj]",
+    "trainer.eval_batch_size=8", "zero_shot=false", "seed=1", "activation=tanh", "adapter=qlora",
+    "dataset=bbc_headlines", "model=tiny", "trainer=gpu",
+]
+NOT_RESULT_RELEVANT = [
+    "logger=none", "results_dir=/elsewhere", "experiment_name=other", "skip_existing=false", "trainer.resume=false",
+    "trainer.args.save_steps=7", "trainer.args.save_total_limit=3", "trainer.args.logging_steps=1",
+    "trainer.args.disable_tqdm=true",
+]
+
+
+def test_every_result_relevant_value_makes_another_cell_and_nothing_else_does():
+    base = cfg_of().cell
+    hashes = {}
+    for override in RESULT_RELEVANT:
+        cell = cfg_of(override).cell
+        assert cell != base, f"{override} did not change the cell"
+        hashes[override] = cell[-8:]
+    assert len(set(hashes.values())) == len(hashes)  # and no two of them share a hash
+    for override in NOT_RESULT_RELEVANT:
+        assert cfg_of(override).cell == base, f"{override} changed the cell"
+
+
+def test_seeds_share_an_identity_and_differ_in_hash():
+    a, b = cfg_of("seed=0"), cfg_of("seed=1")
+    assert identity(a) == identity(b)
+    assert identity(a)["trainer"]["args"]["seed"] == "<seed>"  # the values interpolated from the seed, too
+    assert config_hash(a) != config_hash(b)
+    assert a.cell == cfg_of("seed=0").cell  # stable across compositions
+
+
+def test_the_hash_follows_the_resolved_value_not_how_it_was_written():
+    assert cfg_of("trainer.args.learning_rate=1e-3").cell == cfg_of("trainer.args.learning_rate=0.001").cell
+    assert cfg_of("adapter.peft.r=8").cell == cfg_of().cell  # the default, set explicitly
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "adapter", "activation", "trainer", "logger", "row",
+                                   "experiment"])
+def test_every_option_of_every_group_composes_checks_and_builds(group, tmp_path):
+    """Composed, checked as a run would be, its adapter config and its TrainingArguments built."""
+    for option in options(group):
+        if option.endswith("_default"):
+            continue
+        overrides = [f"{group}={option}", f"results_dir={tmp_path}"]
+        if group == "activation":
+            overrides.append("adapter=loran")
+        if not cfg_of(*overrides).trainer.args.use_cpu:  # a GPU trainer, built here on a CPU
+            overrides.append(NO_CUDA)
+        cfg = cfg_of(*overrides)
+        check_config(cfg)
+        assert re.fullmatch(r"[\w.+=-]+\.seed0\.[0-9a-f]{8}", cfg.cell), cfg.cell
+        build_peft_config(cfg)
+        args = build_training_args(cfg, tmp_path / "out")
+        assert args.run_name == cfg.cell and args.logging_nan_inf_filter is False
+
+
+def test_committed_records_are_found_by_the_command_that_made_them():
+    """The migrated table2_mini records: composing each record's overrides today gives back its cell, so
+    `make reproduce-table2-mini` skips them instead of retraining (and a changed default would show here)."""
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "results/runs/table2_mini").glob("*/record.json"))]
+    assert len(records) == 36
+    for record in records:
+        cfg = cfg_of(*record["overrides"])
+        assert cfg.cell == record["cell"], record["overrides"]
+        assert identity(cfg) == record["identity"]
