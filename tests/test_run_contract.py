@@ -1,0 +1,286 @@
+"""The runner's contract (README, "What a run writes"): distinct cells per configuration, checks before loading,
+no result from a run that is not one, one process per cell, one row per finished cell, and recoverable faults."""
+import csv
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import TrainerCallback
+
+import loran.models
+import loran.run
+from loran.checks import ConfigError
+from loran.records import CellBusy, cell_lock
+from loran.run import Diverged, cell_paths, run_cell
+from loran.training import checkpoint_problem, claim_out_dir, last_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
+         "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
+         "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
+
+
+def cfg_of(*overrides, results=None):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs/ lands here
+    return tmp_path
+
+
+def rows(results, experiment="default"):
+    path = results / "runs" / f"{experiment}.csv"
+    return list(csv.DictReader(open(path))) if path.exists() else []
+
+
+def nothing_under(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.rglob("*"))
+
+
+# --- 1. the cell is the configuration ---------------------------------------------------------------------------
+def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
+    """`train.py -m trainer.args.learning_rate=1e-3,1e-2` once trained the first and reported it for both."""
+    results = workdir / "results"
+    proc = subprocess.run([PY, str(REPO / "train.py"), "-m", *SMALL, "trainer.args.max_steps=4",
+                           "trainer.args.learning_rate=1e-3,1e-2",
+                           f"results_dir={results}", "experiment_name=lr"], cwd=workdir, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already done" not in proc.stdout + proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((results / "runs/lr").glob("*/record.json"))]
+    assert sorted(r["identity"]["trainer"]["args"]["learning_rate"] for r in records) == [1e-3, 1e-2]
+    assert records[0]["cell"] != records[1]["cell"]
+    # (step 1 trains at learning rate 0: the warm-up starts there, so the losses part from step 3 on)
+    assert records[0]["loss_history"][-1]["loss"] != records[1]["loss_history"][-1]["loss"]
+    assert sorted(r["cell"] for r in rows(results, "lr")) == sorted(r["cell"] for r in records)
+    outs = sorted(p.name for p in (workdir / "outputs/lr").iterdir() if p.is_dir() and p.name[0] != ".")
+    assert outs == sorted(r["cell"] for r in records)  # two checkpoint folders, one per configuration
+
+
+def test_a_checkpoint_folder_is_resumed_only_by_the_configuration_that_wrote_it(tmp_path):
+    claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")
+    claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")  # the same configuration: fine
+    with pytest.raises(ValueError, match=r"holds the checkpoints of cell a.seed0.11111111, not of b"):
+        claim_out_dir(tmp_path, "b.seed0.22222222", "22222222")
+
+
+# --- 3. every trainer and experiment config runs ----------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    ["trainer=gpu", "trainer.args.use_cpu=true"],                        # bf16 autocast, paged AdamW (CPU fallback)
+    ["experiment=table2", "trainer.args.use_cpu=true", "row=loran_sinter"],  # r=64, dropout 0.2, trainer=gpu
+    ["experiment=table2_mini", "row=qlora"],
+])
+def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides):
+    # model and dataset after the experiment: its hub model and data are swapped for the tiny ones
+    record = run_cell(cfg_of(*overrides, *SMALL, results=workdir / "results"))
+    assert record["status"] == "ok" and [e["step"] for e in record["loss_history"]] == [1, 2]
+    assert all(isinstance(e["grad_norm"], float) for e in record["loss_history"])
+    if "trainer=gpu" in overrides or "experiment=table2" in overrides:
+        assert record["config"]["trainer"]["args"]["bf16"] is True
+
+
+# --- 4 and 7. checks before anything is loaded ------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["model.target_modules=[]"], r"model.target_modules=\[\] must be a non-empty list of module names"),
+    (["seed=-1"], r"seed=-1 \(int\) must be an integer in \[0, 2\*\*32\)"),
+    (["trainer.args.gradient_accumulation_steps=0"], r"gradient_accumulation_steps=0 \(int\) must be a positive"),
+    (["trainer.args.max_steps=2.5"], r"trainer.args.max_steps=2.5 \(float\) must be a positive integer, or -1"),
+    (["trainer.args.max_steps=0"], r"trainer.args.max_steps=0 \(int\) must be a positive integer, or -1"),
+    (["trainer.args.learning_rate=inf"], r"learning_rate=inf \(float\) must be a positive number"),
+    (["+trainer.args.warmup_ratio=0.1"], r"trainer.args.warmup_ratio: transformers.TrainingArguments takes no "
+                                         r"argument 'warmup_ratio'; did you mean 'warmup_steps'\?"),
+    (["model=smollm2_135m", "model.load.quantization=nf5"], r"model.load.quantization='nf5' is not one of "
+                                                            r"\['int8', 'nf4', 'none'\]"),
+    (["zero_shot=maybe"], r"zero_shot='maybe' \(str\) must be true or false"),
+    (["+anything=1"], r"anything: unknown key \(nothing reads it\); the top level has \["),
+    (["+dataset.n_tarin=5"], r"dataset.n_tarin: unknown key .* did you mean 'n_train'\?"),
+    (["experiment_name=../../x"], r"experiment_name='../../x' must be a plain folder name"),
+    (["experiment_name=/tmp/x"], r"experiment_name='/tmp/x' must be a plain folder name"),
+    (["experiment_name=''"], r"experiment_name='' must be a plain folder name"),
+    (["dataset.name=a/b"], r"dataset.name='a/b' must be a plain folder name"),
+])
+def test_bad_values_stop_before_loading_and_write_nothing(workdir, monkeypatch, overrides, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(loran.models, "tiny_causal_lm", no_loading)
+    monkeypatch.setattr(loran.models, "load_causal_lm", no_loading)
+    with pytest.raises(ConfigError, match=message):
+        run_cell(cfg_of(*SMALL, *overrides, results=workdir / "results"))
+    assert nothing_under(workdir / "results") and nothing_under(workdir / "outputs")
+
+
+def test_an_unwritable_results_dir_is_found_before_loading(workdir):
+    locked = workdir / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root)")
+    with pytest.raises(ConfigError, match=r"results_dir='.*ro/results': .*ro is not a writable folder"):
+        run_cell(cfg_of(*SMALL, results=locked / "results"))
+
+
+def test_a_results_dir_that_cannot_be_a_folder_is_found_before_loading(workdir):
+    (workdir / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"results_dir='.*a_file/results': .*a_file is not a writable folder"):
+        run_cell(cfg_of(*SMALL, results=workdir / "a_file/results"))
+
+
+def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(workdir):
+    proc = subprocess.run([PY, str(REPO / "train.py"), *SMALL, "experiment_name=../escaped",
+                           f"results_dir={workdir / 'results'}"], cwd=workdir / ".", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error: experiment_name='../escaped' must be a plain folder name" in proc.stderr
+    assert not (workdir / "escaped").exists() and not (workdir / "outputs").exists()
+    assert not (workdir / "results").exists()
+
+
+# --- 5. a run that is not a result is not recorded as one ------------------------------------------------------
+class PoisonAtStep(TrainerCallback):
+    """Sets every trainable weight to NaN after step 3, as an exploding update would."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 3:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+def test_a_diverging_run_is_recorded_as_diverged_with_its_step_and_gets_no_row(workdir, monkeypatch):
+    build = loran.run.build_trainer
+
+    def poisoned(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(PoisonAtStep())
+        return trainer
+
+    monkeypatch.setattr(loran.run, "build_trainer", poisoned)
+    results = workdir / "results"
+    cfg = cfg_of(*SMALL, "trainer.args.max_steps=12", "dataset.n_train=24", "trainer.args.save_steps=4",
+                 results=results)
+    with pytest.raises(Diverged, match=r"training diverged at step 4"):
+        run_cell(cfg)
+    record = json.loads(Path(cell_paths(cfg)["record"]).read_text())
+    assert record["status"] == "diverged" and "metrics" not in record
+    assert record["divergence"]["step"] == 4 and math.isnan(record["divergence"]["loss"])
+    history = record["loss_history"]
+    assert [e["step"] for e in history] == [1, 2, 3, 4]  # stopped at the first non-finite value
+    assert all(math.isfinite(e["loss"]) for e in history[:3]) and math.isnan(history[3]["loss"])
+    assert math.isnan(history[3]["grad_norm"])  # NaN stays NaN in the history (transformers would filter it)
+    assert rows(results) == []
+    ckpts = Path(cell_paths(cfg)["out_dir"]) / "checkpoints"
+    assert not (ckpts / "checkpoint-4").exists()  # no checkpoint of NaN weights, though step 4 was a save step
+
+
+# --- 6. one process per cell, one row per finished cell ---------------------------------------------------------
+def _hold(path, held, release):
+    with cell_lock(path):
+        held.set()
+        release.wait(60)
+
+
+def test_a_second_launch_of_a_running_cell_stops_without_touching_its_record(workdir):
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    lock = cell_paths(cfg)["lock"]
+    ctx = mp.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(lock, held, release))
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(CellBusy, match="another process is running this cell"):
+            run_cell(cfg)
+        assert not cell_paths(cfg)["record"].exists()
+    finally:
+        release.set()
+        holder.join(30)
+    assert run_cell(cfg)["status"] == "ok"  # once the other process is gone, the cell runs
+
+
+def test_a_process_dying_between_record_and_row_leaves_the_row_to_the_next_run(workdir, monkeypatch):
+    results = workdir / "results"
+    cfg = cfg_of(*SMALL, results=results)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # killed right after the record was written
+
+    monkeypatch.setattr(loran.run, "rebuild_table", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cfg)
+    assert json.loads(cell_paths(cfg)["record"].read_text())["status"] == "ok" and rows(results) == []
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    again = run_cell(cfg)  # skipped as done, and its row restored
+    assert [r["cell"] for r in rows(results)] == [again["cell"]]
+
+
+# --- 8. faults --------------------------------------------------------------------------------------------------
+def test_a_corrupt_record_names_its_file_before_anything_runs(workdir):
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    record = cell_paths(cfg)["record"]
+    record.parent.mkdir(parents=True)
+    record.write_text('{"status": "ok", "metr')
+    with pytest.raises(ConfigError, match=rf"{record.name} is not a valid record .* Move it away"):
+        run_cell(cfg)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_complete_one(workdir, caplog):
+    cfg = cfg_of(*SMALL, "trainer.args.max_steps=3", "trainer.args.save_total_limit=5", results=workdir / "results")
+    first = run_cell(cfg)
+    ckpts = Path(cell_paths(cfg)["out_dir"]) / "checkpoints"
+    assert checkpoint_problem(ckpts / "checkpoint-3") is None
+    optimizer = ckpts / "checkpoint-3/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # the process died while writing it
+    assert "optimizer.pt cannot be read" in checkpoint_problem(ckpts / "checkpoint-3")
+    weights = next((ckpts / "checkpoint-2").glob("*.safetensors"))
+    broken_weights = weights.read_bytes()
+    weights.write_bytes(broken_weights[: len(broken_weights) // 2])
+    assert "safetensors cannot be read" in checkpoint_problem(ckpts / "checkpoint-2")
+    weights.write_bytes(broken_weights)
+    assert last_checkpoint(cell_paths(cfg)["out_dir"]).endswith("checkpoint-2")
+    assert "checkpoint-3 is not resumable (optimizer.pt cannot be read" in caplog.text
+    assert (ckpts / "checkpoint-3.incomplete").is_dir()
+
+    cell_paths(cfg)["record"].unlink()
+    resumed = run_cell(cfg)
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["loss_history"][-1]["loss"] == pytest.approx(first["loss_history"][-1]["loss"], rel=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(workdir):
+    """SIGINT is handled like SIGTERM: a checkpoint at the step it arrived in (no periodic one), exit 130."""
+    cmd = [PY, str(REPO / "train.py"), *SMALL, "dataset.n_train=40", "trainer.args.max_steps=16",
+           "trainer.args.save_steps=1000", f"results_dir={workdir / 'results'}", "experiment_name=ctrlc"]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, seen = time.time() + 300, ""
+    while "'loss'" not in seen:  # the first logged step: training is under way
+        assert time.time() < deadline and proc.poll() is None, seen[-2000:]
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (seen + out)[-2000:]
+    (folder,) = (workdir / "outputs/ctrlc").glob("bbc_headlines.*")
+    (ckpt,) = (folder / "checkpoints").glob("checkpoint-*")
+    assert 0 < int(ckpt.name.split("-")[1]) < 16 and checkpoint_problem(ckpt) is None
+    assert not list((workdir / "results/runs/ctrlc").glob("*/record.json"))
+
+    resumed = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (record,) = [json.loads(p.read_text()) for p in (workdir / "results/runs/ctrlc").glob("*/record.json")]
+    assert record["resumed_from"] == str(ckpt.absolute()) or record["resumed_from"].endswith(ckpt.name)
+    assert record["loss_history"][-1]["step"] == 16
