@@ -3,9 +3,11 @@
     python scripts/build_table.py table2_mini        # -> results/table2_mini.csv, results/table2_mini.md
 """
 import argparse
+import sys
 from pathlib import Path
 
-from loran.tables import build, load_records, read_paper, to_markdown, write_csv
+from loran.records import CorruptRecord
+from loran.tables import MixedConfigs, build, load_records, read_paper, to_markdown, write_csv
 
 
 def main() -> None:
@@ -15,8 +17,11 @@ def main() -> None:
     parser.add_argument("--paper", default=None, help="the paper's values (default: <results>/paper/table2.csv)")
     args = parser.parse_args()
     results = Path(args.results)
-    records = load_records(results / "runs" / args.experiment)
-    table = build(records, read_paper(args.paper or results / "paper" / "table2.csv"))
+    try:
+        records = load_records(results / "runs" / args.experiment)
+        table = build(records, read_paper(args.paper or results / "paper" / "table2.csv"))
+    except (CorruptRecord, MixedConfigs) as err:
+        sys.exit(f"no table written: {err}")
     write_csv(table, results / f"{args.experiment}.csv")
     markdown = to_markdown(table, f"Table 2 ({args.experiment}): {len(records)} successful runs")
     (results / f"{args.experiment}.md").write_text(markdown)

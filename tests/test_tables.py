@@ -115,3 +115,13 @@ def test_a_corrupt_record_stops_the_table_naming_its_file(tmp_path, write_fake_r
     (runs / "broken/record.json").write_text("{")
     with pytest.raises(CorruptRecord, match=r"broken/record.json is not a valid record"):
         load_records(runs)
+
+
+def test_the_script_writes_no_table_from_mixed_records(tmp_path, write_fake_record):
+    runs = tmp_path / "results/runs/mixed"
+    write_fake_record(runs, "qlora", "none", "bbc_news", 0, {"accuracy": 0.8})
+    write_fake_record(runs, "qlora", "none", "newsgroups20", 0, {"accuracy": 0.6})
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/build_table.py"), "mixed", "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no table written: qlora-none / accuracy would pool" in proc.stderr
+    assert not (tmp_path / "results/mixed.md").exists() and not (tmp_path / "results/mixed.csv").exists()
