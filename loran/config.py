@@ -8,6 +8,7 @@ loads it as LoRAN.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +18,10 @@ from peft import LoraConfig
 from loran.activations import Activation, activation_params, validate_activation
 
 PEFT_TYPE = "LORAN"
+
+# Inits that leave W0 alone and start from B A = 0 (so f(0) - f(0) = 0: the model starts at the base). The others
+# (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) move W0 by -s B A, which only LoRA's linear update cancels; MiCA is a variant.
+INITS_FOR_NON_LINEAR_F = (True, False, "gaussian", "orthogonal", "eva")
 
 
 @dataclass
@@ -39,19 +44,38 @@ class LoranConfig(LoraConfig):
         metadata={"help": "Recompute f(B A) in backward (keeps no d_out x d_in tensor); False = plain autograd."},
     )
 
+    # Declared a LoRA variant (PEFT's own mechanism), so that a PEFT LoRA layer that has no LoRAN forward, e.g. one a
+    # plain LoraConfig built, refuses a LoranConfig ("unsupported variant combination") instead of running plain LoRA.
+    loran: bool = field(default=True, init=False, repr=False, metadata={"is_lora_variant": True})
+
     def __post_init__(self) -> None:
         self._check_lora_fields()
-        super().__post_init__()
         # Fill in the activation's defaults so the saved config states every parameter explicitly.
         validate_activation(self.activation, dict(self.activation_kwargs or {}), self.start)
         self.activation_kwargs = {**activation_params(self.activation), **dict(self.activation_kwargs or {})}
-        for unsupported in ("use_dora", "use_bdlora", "arrow_config", "alora_invocation_tokens", "velora_config",
-                            "monteclora_config", "kasa_config"):
-            if getattr(self, unsupported, None):
-                raise ValueError(f"{unsupported} cannot be combined with LoRAN; leave it unset")
+        self._check_peft_options()  # before LoraConfig's own checks, which need e.g. scipy for LoftQ
+        super().__post_init__()
         from loran.layers import CUSTOM_MODULES  # late import: layers imports this module
 
         self._register_custom_module(CUSTOM_MODULES)
+
+    def _check_peft_options(self) -> None:
+        """Refuse the PEFT options whose effect LoRAN would silently drop or change."""
+        for f in dataclasses.fields(LoraConfig):  # every other LoRA variant (DoRA, aLoRA, ...), read from PEFT itself
+            if f.metadata.get("is_lora_variant") and getattr(self, f.name, None):
+                raise ValueError(f"{f.name} cannot be combined with LoRAN (it is another LoRA variant); leave it unset")
+        init = self.init_lora_weights
+        init_variants = tuple(LoraConfig.__dataclass_fields__["init_lora_weights"].metadata.get("lora_variants", ()))
+        linear = self.build_activation().linear
+        if init in init_variants or (not linear and init not in INITS_FOR_NON_LINEAR_F):
+            allowed = "any but " + repr(list(init_variants)) if linear else repr(list(INITS_FOR_NON_LINEAR_F))
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported with activation={self.activation!r}: it assumes LoRA's "
+                f"linear update (it moves W0 by -s B A, or is a variant of its own); allowed: {allowed}")
+        if self.target_parameters:
+            raise ValueError(f"target_parameters={self.target_parameters!r}: LoRAN adapts modules only (nn.Linear, "
+                             "Conv1D, bitsandbytes Linear4bit/Linear8bitLt); PEFT would wrap the parameters in plain "
+                             "LoRA. Use target_modules")
 
     def _check_lora_fields(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -71,5 +95,6 @@ class LoranConfig(LoraConfig):
     def to_dict(self) -> dict:
         """As LoraConfig.to_dict, but typed "LORAN" so stock PEFT refuses rather than loads it as LoRA."""
         out = super().to_dict()
+        out.pop("loran", None)
         out["peft_type"] = PEFT_TYPE
         return out

@@ -20,6 +20,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -50,7 +51,7 @@ class LoranVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        return (orig_weight.float() + LoranVariant.delta(module, active_adapter)).to(orig_weight.dtype)
+        return (_wide(orig_weight) + LoranVariant.delta(module, active_adapter)).to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
@@ -58,7 +59,7 @@ class LoranVariant(LoraVariant):
 
     @staticmethod
     def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        return (orig_weight.float() - LoranVariant.delta(module, active_adapter)).to(orig_weight.dtype)
+        return (_wide(orig_weight) - LoranVariant.delta(module, active_adapter)).to(orig_weight.dtype)
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs) -> Tensor:
@@ -73,6 +74,29 @@ class LoranVariant(LoraVariant):
             return loran_update(x, lora_A.weight, lora_B.weight, scaling, act, result=result)
         update = reference_update(x, lora_A.weight, lora_B.weight, scaling, act)
         return result + update.to(result.dtype)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """t in float32, or in its own dtype if that is wider (float64): merging must not round through float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def unpacked_4bit(weight: bnb.nn.Params4bit) -> tuple[Tensor, "bnb.functional.QuantState"]:
+    """(data, quant_state) of a 4-bit weight in bitsandbytes' standard layout, which ``dequantize_4bit`` reads.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place for its CPU kernel on the first eval-mode
+    forward without grad (``packing_format_for_cpu``); dequantising that layout as is gives wrong weights. The
+    nibbles are put back with bitsandbytes' own inverse, on a copy of the state; the absmax is kept as the packed
+    kernel uses it (bfloat16, stored (d_in / blocksize, d_out)) instead of being re-quantised as that inverse does."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    absmax = state.absmax
+    state = copy.copy(state)
+    state.original_nested = False
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    state.absmax = absmax.T.reshape(-1).float()
+    return data, state
 
 
 def _dropout_inactive(dropout: nn.Module) -> bool:
@@ -117,6 +141,8 @@ def _base_weight_fn(base: nn.Module, x: Tensor) -> tuple[WeightFn, Tensor | None
         return dequantised, None if base.bias is None else base.bias.to(x.dtype)
     if isinstance(base, bnb.nn.Linear8bitLt):  # LLM.int8() also quantises x: not a dense matmul
         return None
+    if base.weight.requires_grad and torch.is_grad_enabled():  # full fine-tuning: the base layer computes its grad
+        return None
     if isinstance(base, Conv1D) and _plain(base, Conv1D):
         weight_t = base.weight  # stored (d_in, d_out)
         if weight_t.dtype != x.dtype:
@@ -144,6 +170,13 @@ class LoranLayerMixin:
         if isinstance(config, LoranConfig):
             return LoranVariant()
         return super().resolve_lora_variant(config=config, **kwargs)
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """The update this adapter adds to the base weight: s f(B A) for LoRAN (PEFT's LoRA layers return s B A), in the
+        adapter's dtype and the base weight's layout. PEFT's weighted combinations and analysis tools read it here."""
+        if isinstance(self.lora_variant.get(adapter), LoranVariant):
+            return LoranVariant.delta(self, adapter).to(self.lora_B[adapter].weight.dtype)
+        return super().get_delta_weight(adapter)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b in one matmul where that is exact; else PEFT's own forward."""
@@ -203,18 +236,49 @@ class LoranConv1D(LoranLayerMixin, LoraLinear):
 class LoranLinear4bit(LoranLayerMixin, LoraLinear4bit):
     """LoRAN on a bitsandbytes 4-bit (NF4/FP4) base."""
 
+    def _unpack_base(self) -> None:
+        """PEFT's merge dequantises the weight as stored: undo a CPU repack first (in place, as bitsandbytes itself
+        does before saving or moving the weight; its next eval-mode forward packs it again)."""
+        weight = self.get_base_layer().weight
+        weight.data, weight.quant_state = unpacked_4bit(weight)
+
+    def merge(self, *args, **kwargs) -> None:
+        self._unpack_base()
+        super().merge(*args, **kwargs)
+
+    def unmerge(self) -> None:
+        self._unpack_base()
+        super().unmerge()
+
 
 class LoranLinear8bitLt(LoranLayerMixin, LoraLinear8bitLt):
     """LoRAN on a bitsandbytes int8 base."""
 
 
 # Order matters: the first isinstance match wins, and the bnb layers are nn.Linear subclasses.
-CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+COVERED: dict[type[nn.Module], type[nn.Module]] = {
     bnb.nn.Linear4bit: LoranLinear4bit,
     bnb.nn.Linear8bitLt: LoranLinear8bitLt,
     Conv1D: LoranConv1D,
     nn.Linear: LoranLinear,
 }
+COVERED_NAMES = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
+
+
+def refuse_uncovered(target: nn.Module, adapter_name: str, config: LoranConfig, target_name: str = "", **kwargs):
+    """Stands last in the LoranConfig's custom modules: every other layer type would get PEFT's plain LoRA layer."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    raise ValueError(uncovered_message(target_name, base))
+
+
+def uncovered_message(name: str, module: nn.Module) -> str:
+    kind = type(module)
+    return (f"target module {name!r} is a {kind.__module__}.{kind.__qualname__}: LoRAN covers {COVERED_NAMES} only "
+            "(PEFT would build a plain LoRA layer there). Remove it from target_modules, or adapt it with a "
+            "separate peft.LoraConfig adapter")
+
+
+CUSTOM_MODULES: dict[type[nn.Module], object] = {**COVERED, nn.Module: refuse_uncovered}
 
 LORAN_LAYERS = (LoranLinear, LoranConv1D, LoranLinear4bit, LoranLinear8bitLt)
 

@@ -1,22 +1,104 @@
 """Building, loading and merging LoRAN models (thin wrappers over PEFT's own functions)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from loran.config import PEFT_TYPE, LoranConfig
-from loran.layers import LORAN_LAYERS
+from loran.layers import COVERED, LORAN_LAYERS, unpacked_4bit, uncovered_message
+
+# add_weighted_adapter combinations that work on the layers' actual updates (get_delta_weight) and refactor the
+# result by SVD; the others combine the factors A and B, which is LoRA's update only when f is linear.
+SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 
 
 def register_with_peft() -> None:
-    """Let ``PeftModel.from_pretrained`` read adapter configs typed "LORAN" (done on ``import loran``)."""
+    """Let ``PeftModel.from_pretrained`` read adapter configs typed "LORAN", and make two LoraModel methods aware of
+    LoRAN (done once on ``import loran``; for adapters that are not LoRAN both behave exactly as PEFT's own)."""
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoranConfig
+    for name, wrapper in (("_check_new_adapter_config", _checks_targets), ("add_weighted_adapter", _weighted)):
+        method = getattr(LoraModel, name)
+        if not getattr(method, "_loran", False):
+            wrapped = functools.wraps(method)(wrapper(method))
+            wrapped._loran = True
+            setattr(LoraModel, name, wrapped)
+
+
+def _checks_targets(check):
+    """Before PEFT injects a LoranConfig adapter (get_peft_model, add_adapter, load_adapter), refuse targets on which
+    it would silently run plain LoRA, naming them: a layer type LoRAN does not cover, or a PEFT LoRA layer that a
+    plain LoraConfig built first (PEFT would add the adapter to that layer, which has no LoRAN forward)."""
+
+    def checked(self, config, *args, **kwargs):
+        check(self, config, *args, **kwargs)
+        if isinstance(config, LoranConfig) and config.target_modules is not None:
+            refuse_uncovered_targets(self.model, config)
+
+    return checked
+
+
+def refuse_uncovered_targets(model: nn.Module, config: LoranConfig) -> None:
+    """ValueError naming the first module `config` targets that a LoRAN layer cannot adapt."""
+    inside_adapters = []
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in inside_adapters):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside_adapters.append(key + ".")
+        if not LoraModel._check_target_module_exists(config, key):
+            continue
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, LORAN_LAYERS):
+            kind = type(module)
+            raise ValueError(
+                f"target module {key!r} is already a {kind.__module__}.{kind.__qualname__}, the plain LoRA layer of "
+                "an adapter added before, which has no LoRAN forward: the LoRAN adapter would run as plain LoRA "
+                "there. Build the model with the LoRAN adapter first (get_loran_model or load_loran), then add plain "
+                "LoRA adapters next to it")
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, tuple(COVERED)):
+            raise ValueError(uncovered_message(key, base))
+
+
+def _weighted(add_weighted_adapter):
+    """PEFT's add_weighted_adapter, made correct for LoRAN adapters with a non-linear f or refused.
+
+    The sum of updates w_i s_i f_i(B_i A_i) is in general of full rank and not of the form f(B A): it is only
+    reproduced by the SVD combinations, which factor the layers' actual updates (``get_delta_weight``) into the new
+    adapter's B A, and only if that adapter applies no f. So the new adapter gets the identity activation (scaling
+    1): it is the best rank-`svd_rank` approximation of the combined update (exact with svd_rank = min(d_out, d_in)).
+    The other combinations mix the factors A and B themselves and are refused."""
+
+    def combined(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
+        configs = [self.peft_config.get(name) for name in adapters]
+        non_linear = [name for name, c in zip(adapters, configs)
+                      if isinstance(c, LoranConfig) and not c.build_activation().linear]
+        if not non_linear or adapter_name in self.peft_config:
+            return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
+        if combination_type not in SVD_COMBINATIONS or len(adapters) < 2:  # PEFT turns one adapter into "linear"
+            raise ValueError(
+                f"combination_type={combination_type!r} with {len(adapters)} adapter(s) cannot combine LoRAN adapters "
+                f"with a non-linear activation ({non_linear}): it mixes the factors A and B, but the update is "
+                f"s f(B A). allowed: {list(SVD_COMBINATIONS)} with two or more adapters")
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, LoranConfig):  # the SVD factors B A are the update itself: no f on top
+            config = dataclasses.replace(config, activation="identity", activation_kwargs={})
+            self.peft_config[adapter_name] = config
+            for _, layer in loran_layers(self.model):
+                if adapter_name in layer.loran_activation:
+                    layer.loran_activation[adapter_name] = config.build_activation()
+
+    return combined
 
 
 def get_loran_model(model: nn.Module, config: LoranConfig, adapter_name: str = "default") -> PeftModel:
@@ -43,12 +125,15 @@ def loran_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The base weight as a float32 (d_out, d_in) tensor, dequantising bitsandbytes layers."""
+    """The base weight as a (d_out, d_in) tensor in float32 (float64 if it is), dequantising bitsandbytes layers."""
     weight = layer.weight
-    if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-        state = getattr(weight, "quant_state", None) or getattr(layer, "state", None)
-        return dequantize_bnb_weight(weight, state=state).float()
-    return weight.detach().float()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(layer)
+        data, state = unpacked_4bit(weight)  # a weight repacked for bnb's CPU kernel reads wrong as stored
+        return bnb.functional.dequantize_4bit(data, state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return dequantize_bnb_weight(weight, state=layer.state).float()
+    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
 
 
 @torch.no_grad()

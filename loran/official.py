@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
 
 from loran.config import LoranConfig
@@ -32,6 +33,9 @@ OFFICIAL_ACTIVATIONS = {
     "cos": ("cos", lambda cfg: {"omega": 1e4}),
     "gaussian": ("gaussian", lambda cfg: {}),
 }
+
+# Where the official code (as PEFT 0.4) looks for the layer index when layers_to_transform has no layers_pattern.
+OFFICIAL_LAYERS_PATTERN = ["layers", "h", "block", "blocks", "layer"]
 
 _KEY = re.compile(r"^(?P<module>.+)\.mlora_(?P<which>A|B)$")
 _EXTRA = re.compile(r"\.mlora_(P|b|embedding_\w+)(_\d+)?$")
@@ -62,8 +66,13 @@ def convert_official_config(cfg: dict) -> LoranConfig:
     if af.lower() not in OFFICIAL_ACTIVATIONS:
         raise OfficialAdapterError(f"mlora_af={af!r} has no equivalent; convertible: {sorted(OFFICIAL_ACTIVATIONS)}")
     activation, params = OFFICIAL_ACTIVATIONS[af.lower()]
+    layers = cfg.get("layers_to_transform")
+    # Without a pattern current PEFT would take the first number in the module path: pass the official list instead.
+    pattern = cfg.get("layers_pattern") or (list(OFFICIAL_LAYERS_PATTERN) if layers is not None else None)
     return LoranConfig(
         r=int(r[0]),
+        layers_to_transform=layers,
+        layers_pattern=pattern,
         lora_alpha=cfg.get("mlora_alpha", 8),
         lora_dropout=float(cfg.get("mlora_dropout", 0.0)),
         target_modules=cfg.get("target_modules"),
@@ -97,12 +106,24 @@ def convert_official_weights(state: dict[str, torch.Tensor], r0: int) -> dict[st
     return out
 
 
+def check_weights_are_targeted(config: LoranConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse weights for a module that `config` does not target: loading would drop them silently."""
+    for key in weights:
+        module = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+        if not check_target_module_exists(config, module):
+            raise OfficialAdapterError(
+                f"{key}: module {module!r} is not targeted by the converted config (target_modules="
+                f"{config.target_modules}, layers_to_transform={config.layers_to_transform}, layers_pattern="
+                f"{config.layers_pattern}); the official config and its weights disagree")
+
+
 def import_official_adapter(src: str | Path, dst: str | Path) -> LoranConfig:
     """Convert the official adapter folder `src` into a LoRAN adapter folder `dst` (loadable by load_loran)."""
     src, dst = Path(src), Path(dst)
     cfg = json.loads((src / "adapter_config.json").read_text())
     config = convert_official_config(cfg)
     weights = convert_official_weights(_read_weights(src), config.r)
+    check_weights_are_targeted(config, weights)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(weights, dst / "adapter_model.safetensors")
     config.save_pretrained(str(dst))

@@ -120,3 +120,34 @@ def test_all_zero_bias_is_dropped(tmp_path):
     from safetensors.torch import load_file
 
     assert len(load_file(tmp_path / "out/adapter_model.safetensors")) == 8
+
+
+def by_hand(base: Llamaish, state, f, s, x):
+    """W0 x + s * x @ f(B A)^T on the modules that have weights in `state`; W0 x alone elsewhere."""
+    outs = []
+    for i, layer in enumerate(base.model.layers):
+        for name in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            y = x.double() @ getattr(layer.self_attn, name).weight.double().T
+            if f"{key}.mlora_A" in state:
+                Z = state[f"{key}.mlora_B"].double() @ state[f"{key}.mlora_A"].double()
+                y = y + s * x.double() @ f(Z).T
+            outs.append(y)
+    return torch.cat(outs, -1)
+
+
+@pytest.mark.parametrize("pattern", ["layers", None])  # None: the official code's default list of layer names
+def test_layers_to_transform_adapts_only_those_layers(tmp_path, pattern):
+    cfg = official_config(layers_to_transform=[1], layers_pattern=pattern, mlora_af="Sigmoid")
+    state = {k: v for k, v in official_weights().items() if ".layers.1." in k}
+    import_official_adapter(write_official(tmp_path / "official", cfg, state), tmp_path / "loran")
+    model = load_loran(Llamaish(), tmp_path / "loran").eval()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    expected = by_hand(Llamaish(), state, torch.sigmoid, 16 / 4, x)
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_outside_the_configured_layers_are_refused(tmp_path):
+    src = write_official(tmp_path / "official", official_config(layers_to_transform=[1], layers_pattern="layers"))
+    with pytest.raises(OfficialAdapterError, match="layers.0.self_attn.q_proj.*not targeted"):
+        import_official_adapter(src, tmp_path / "out")
