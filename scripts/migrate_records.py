@@ -1,12 +1,16 @@
-"""Give records written before cells were hashed their config hash, identity and hashed cell name.
+"""Move records to the cell that today's configs give their command (nothing is retrained).
 
     python scripts/migrate_records.py table2_mini            # results/runs/table2_mini/*/record.json
+    python scripts/migrate_records.py table2_mini --assume adapter.peft.some_new_key=its_default
 
-For each record without a config_hash, the config is composed again from the record's own overrides with
-today's configs and compared with the config the record stored, key by key (keys that cannot change a result
-are skipped, see loran/cells.py). Only when they agree is the record moved to its hashed cell folder and given
-config_hash, identity and a "migrated" note; a record that today's configs cannot reproduce is left as it is
-and listed (exit code 1). The run table is then rebuilt from the records. Nothing is retrained.
+Needed when records predate the hashed cell names, or when a result-relevant key was added to the configs
+(which changes every cell's hash). For each record, the config is composed again from the record's own
+overrides with today's configs and compared with the config the record stored, key by key (keys that cannot
+change a result are skipped, see loran/cells.py). A key that today's configs have and the record's do not is
+accepted only when named with --assume KEY=VALUE and composed to exactly that value: the caller asserts the
+old code behaved as that value does (say why in the commit). Only when everything agrees is the record moved
+to its cell folder and given config_hash, identity and a "migrated" note (kept for every migration); a record
+that today's configs cannot reproduce is left as it is and listed (exit code 1). The run table is then rebuilt.
 """
 import argparse
 import json
@@ -38,14 +42,16 @@ def result_keys(config: dict) -> dict:
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_RESULT)}
 
 
-def migrate(path: Path) -> str:
+def migrate(path: Path, assume: dict[str, str]) -> str:
     """Migrate one record; returns what happened."""
     record = read_record(path)
-    if "config_hash" in record:
-        return "already hashed"
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=list(record["overrides"]))
+    if record.get("config_hash") == config_hash(cfg) and record.get("cell") == cfg.cell:
+        return "up to date"
     old, new = result_keys(record["config"]), result_keys(OmegaConf.to_container(cfg, resolve=True))
+    assumed = {k: new[k] for k in assume if k in new and k not in old and str(new[k]) == assume[k]}
+    old.update(assumed)
     differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
     if differ:
         detail = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differ)
@@ -54,10 +60,12 @@ def migrate(path: Path) -> str:
     target = folder.with_name(cfg.cell)
     if target.exists():
         raise ValueError(f"{target} exists already")
+    note = {"from_cell": folder.name, "by": "scripts/migrate_records.py", "assumed": assumed,
+            "at": datetime.now(timezone.utc).isoformat(), "commit": git_revision()["commit"]}
+    history = record.get("migrated")
+    history = history if isinstance(history, list) else [history] if history else []
     record.update(cell=cfg.cell, config_hash=config_hash(cfg), identity=identity(cfg),
-                  record_path=str(target / "record.json"),
-                  migrated={"from_cell": folder.name, "by": "scripts/migrate_records.py",
-                            "at": datetime.now(timezone.utc).isoformat(), "commit": git_revision()["commit"]})
+                  record_path=str(target / "record.json"), migrated=[*history, note])
     folder.rename(target)
     write_record(target / "record.json", record)
     return f"-> {cfg.cell}"
@@ -67,12 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="experiment_name (records in <results>/runs/<experiment>/)")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
+                        help="a result-relevant key the records predate, and the value the old code behaved as")
     args = parser.parse_args()
+    assume = dict(item.split("=", 1) for item in args.assume)
     runs = Path(args.results) / "runs" / args.experiment
     failures = 0
     for path in sorted(runs.glob("*/record.json")):
         try:
-            print(f"{path.parent.name}: {migrate(path)}")
+            print(f"{path.parent.name}: {migrate(path, assume)}")
         except ValueError as err:
             failures += 1
             print(f"{path.parent.name}: NOT migrated: {err}", file=sys.stderr)

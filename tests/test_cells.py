@@ -2,6 +2,8 @@
 every config group composes, names a valid cell and builds its trainer arguments; committed records keep their cells."""
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,30 @@ def test_committed_records_are_found_by_the_command_that_made_them():
         cfg = cfg_of(*record["overrides"])
         assert cfg.cell == record["cell"], record["overrides"]
         assert identity(cfg) == record["identity"]
+
+
+def test_migration_moves_a_record_only_when_todays_configs_reproduce_it(tmp_path):
+    """A record whose stored config lacks a key today's configs have (as after a new result-relevant key): refused,
+    then accepted with --assume naming that key's value; a record whose values differ stays where it is."""
+    from omegaconf import OmegaConf
+
+    overrides = ["experiment=table2_mini", "row=loran_tanh", "seed=2"]
+    config = OmegaConf.to_container(cfg_of(*overrides), resolve=True)
+    del config["adapter"]["peft"]["memory_efficient"]  # "the key did not exist yet"
+    runs = tmp_path / "results/runs/table2_mini"
+    old = {"status": "ok", "cell": "old-name", "overrides": overrides, "config": config, "experiment": "table2_mini",
+           "choices": {}, "metrics": {"accuracy": 0.5}, "trainable_params": 1, "train_time_s": 1, "wall_time_s": 1,
+           "peak_memory_mb": 1, "git": {"commit": None}, "finished_at": "x"}
+    (runs / "old-name").mkdir(parents=True)
+    (runs / "old-name/record.json").write_text(json.dumps(old))
+    script = [sys.executable, str(REPO / "scripts/migrate_records.py"), "table2_mini", "--results",
+              str(tmp_path / "results")]
+    refused = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "adapter.peft.memory_efficient: '<absent>' -> True" in refused.stderr
+    assert (runs / "old-name/record.json").exists()
+    done = subprocess.run([*script, "--assume", "adapter.peft.memory_efficient=True"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    (moved,) = [json.loads(p.read_text()) for p in runs.glob("*/record.json")]
+    assert moved["cell"] == cfg_of(*overrides).cell and moved["identity"] == identity(cfg_of(*overrides))
+    assert moved["migrated"][0]["assumed"] == {"adapter.peft.memory_efficient": True}
