@@ -71,7 +71,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "": {"seed", "experiment_name", "results_dir", "skip_existing", "zero_shot", "cell",
          "model", "dataset", "adapter", "activation", "trainer", "logger", "hydra"},
     "model": {"name", "target_modules", "load"},
-    "dataset": {"name", "loader", "prompt", "metric", "n_train", "n_eval"},
+    "dataset": {"name", "loader", "prompt", "metric", "n_train", "n_eval", "eval_split"},
     "adapter": {"name", "takes_activation", "peft"},
     "activation": {"name", "params", "start"},
     "trainer": {"eval_batch_size", "resume", "args"},
@@ -82,7 +82,8 @@ KNOWN_KEYS: dict[str, set[str]] = {
 def _choices() -> dict[str, list[str]]:
     from loran.models import DTYPES, QUANTIZATIONS  # late: transformers is slow to import
 
-    return {"model.load.quantization": sorted(QUANTIZATIONS), "model.load.dtype": sorted(DTYPES)}
+    return {"model.load.quantization": sorted(QUANTIZATIONS), "model.load.dtype": sorted(DTYPES),
+            "dataset.eval_split": ["test", "validation"]}
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

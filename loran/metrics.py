@@ -1,8 +1,13 @@
-"""Evaluation metrics as fractions in [0, 1]: ROUGE for summarization, label parsing and accuracy for classification."""
+"""Evaluation metrics as fractions in [0, 1]: ROUGE for summarization, label parsing and accuracy for classification.
+
+Each metric returns ``Scores``: the dataset-level values (a dict, the mean over examples) that also carry each
+example's own scores in ``.per_example``, so that two runs can be compared example by example.
+"""
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from rouge_score import rouge_scorer
 
@@ -15,7 +20,15 @@ def _check_lengths(predictions: Sequence, references: Sequence) -> None:
         raise ValueError(f"need equally many predictions and references, got {len(predictions)} and {len(references)}")
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, float]:
+class Scores(dict):
+    """Dataset-level metric values (the mean of the per-example values) with ``per_example``: one dict per example."""
+
+    def __init__(self, per_example: list[dict[str, Any]], keys: Sequence[str]) -> None:
+        super().__init__({key: sum(e[key] for e in per_example) / len(per_example) for key in keys})
+        self.per_example = per_example
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> Scores:
     """Mean ROUGE-1/2/L/Lsum F-measure in [0, 1], with rouge-score's Porter stemming, as `evaluate`'s "rouge" computes.
 
     A reference may be a list of strings (several human summaries): each example scores its best reference.
@@ -24,12 +37,11 @@ def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Seque
     """
     _check_lengths(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)  # use_stemmer=True: HF summarization scripts
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    per_example = []
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred) if isinstance(ref, str) else scorer.score_multi(list(ref), pred)
-        for key in ROUGE_TYPES:
-            totals[key] += scores[key].fmeasure
-    return {key: total / len(predictions) for key, total in totals.items()}
+        per_example.append({key: scores[key].fmeasure for key in ROUGE_TYPES})
+    return Scores(per_example, ROUGE_TYPES)
 
 
 def _label_parser(labels: Sequence[str]) -> Callable[[str], str | None]:
@@ -53,7 +65,7 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
     return _label_parser(labels)(text)
 
 
-def classification(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+def classification(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> Scores:
     """Accuracy and no-class rate in [0, 1] of generated texts, each read as its first-named label (parse_label).
 
     An output naming no label counts as wrong and adds to no_class_rate.
@@ -63,9 +75,6 @@ def classification(predictions: Sequence[str], references: Sequence[str], labels
     if unknown:
         raise ValueError(f"references {unknown} are not in labels={list(labels)}")
     parse = _label_parser(labels)
-    parsed = [parse(text) for text in predictions]
-    n = len(predictions)
-    return {
-        "accuracy": sum(p == r for p, r in zip(parsed, references)) / n,
-        "no_class_rate": sum(p is None for p in parsed) / n,
-    }
+    per_example = [{"accuracy": float(p == r), "no_class_rate": float(p is None), "label": p}
+                   for p, r in zip(map(parse, predictions), references)]
+    return Scores(per_example, ("accuracy", "no_class_rate"))

@@ -98,7 +98,8 @@ def load_data(cfg: DictConfig, tokenizer):
     except (ValueError, TypeError, KeyError, InstantiationException) as err:
         raise ConfigError(f"dataset={cfg.dataset.name}: {cause(err)}") from err
     train = train_dataset(subset(raw["train"], cfg.dataset.n_train, cfg.seed), spec, tokenizer)
-    test = eval_dataset(subset(raw["test"], cfg.dataset.n_eval, 0), spec, tokenizer)  # same eval set for all seeds
+    evaluated = raw[cfg.dataset.eval_split]  # "validation" to choose settings, "test" to report them
+    test = eval_dataset(subset(evaluated, cfg.dataset.n_eval, 0), spec, tokenizer)  # same examples for every seed
     return spec, train, test
 
 
@@ -193,7 +194,8 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         t_eval = time.time()
         result = evaluate(trainer.model, tokenizer, test, metric, **eval_kwargs)
         record["update_spectrum"] = update_spectrum(trainer.model)
-        record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"][:5],
+        record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"],
+                      eval_split=cfg.dataset.eval_split, predictions=result["predictions"],
                       status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
                       finished_at=datetime.now(timezone.utc).isoformat(), record_path=str(paths["record"]))
     except Preempted:

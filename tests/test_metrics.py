@@ -89,3 +89,17 @@ def test_classification_metrics():
 def test_classification_rejects_unknown_reference():
     with pytest.raises(ValueError, match="not in labels"):
         classification(["sports"], ["sport"], BBC)
+
+
+def test_per_example_scores_are_each_examples_own_and_average_to_the_dataset_value():
+    scores = classification(["sports!", "Tech news", "nothing", "politics"], ["sports", "business", "tech", "politics"],
+                            labels=["business", "politics", "sports", "tech"])
+    assert [e["accuracy"] for e in scores.per_example] == [1.0, 0.0, 0.0, 1.0]
+    assert [e["label"] for e in scores.per_example] == ["sports", "tech", None, "politics"]
+    assert scores == {"accuracy": 0.5, "no_class_rate": 0.25}
+    preds, refs = ["the cat sat", "a dog ran far"], ["the cat sat down", "the dog ran"]
+    per = rouge(preds, refs).per_example
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for p, r, e in zip(preds, refs, per):
+        assert e["rouge1"] == scorer.score(r, p)["rouge1"].fmeasure and e["rougeL"] == scorer.score(r, p)["rougeL"].fmeasure
+    assert rouge(preds, refs)["rouge2"] == pytest.approx((per[0]["rouge2"] + per[1]["rouge2"]) / 2, abs=1e-15)

@@ -96,6 +96,12 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
                 "wall_time_s", "peak_memory_mb", "loss_history", "seed" if False else "n_train"):
         assert key in record, key
     assert set(record["metrics"]) >= {"rouge1", "rouge2", "rougeL"}
+    # Every evaluated example, keyed by its BBC id, with its own scores averaging to the record's metrics.
+    predictions = record["predictions"]
+    assert record["eval_split"] == "test" and len(predictions) == record["n_eval"] == 4
+    assert len({p["id"] for p in predictions}) == 4 and all(re.fullmatch(r"[a-z]+/\d+", p["id"]) for p in predictions)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert sum(p[key] for p in predictions) / 4 == pytest.approx(record["metrics"][key], abs=1e-12)
     assert record["trainable_params"] == 2 * 2 * 8 * 64 + 2 * 8 * (64 + 32)  # q: 64->64, v: 64->32, r=8
     rows = list(csv.DictReader(open(results / "runs/e2e.csv")))
     assert len(rows) == 1 and rows[0]["cell"] == first["cell"] and float(rows[0]["rouge1"]) == round(
@@ -103,7 +109,7 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
 
     # Same seed, fresh folders: the same losses and metrics.
     again = run_cell(cfg_of([*base, "skip_existing=false", "experiment_name=e2e_again"], workdir / "results2"))
-    assert again["metrics"] == first["metrics"]
+    assert again["metrics"] == first["metrics"] and again["predictions"] == first["predictions"]
     assert again["loss_history"] == first["loss_history"]
 
     # Running the finished cell again is skipped: no second row.
@@ -174,3 +180,18 @@ def test_train_py_reports_a_config_error_with_exit_code_2(workdir):
     assert proc.returncode == 2
     assert "configuration error: adapter=qlora takes no activation" in proc.stderr
     assert not (workdir / "results").exists()
+
+
+def test_eval_split_chooses_the_evaluated_examples_and_not_the_seed():
+    """validation to choose settings, test to report; the examples are the same for every training seed."""
+    from loran.models import tiny_causal_lm
+    from loran.run import load_data
+
+    _, tokenizer = tiny_causal_lm()
+    raw = instantiate(cfg_of(["dataset=bbc_news"]).dataset.loader)
+    for split in ("validation", "test"):
+        ids = [list(load_data(cfg_of(["dataset=bbc_news", "dataset.n_eval=20", f"dataset.eval_split={split}",
+                                      f"seed={seed}"]), tokenizer)[2]["example_id"]) for seed in (0, 3)]
+        assert ids[0] == ids[1] and set(ids[0]) <= set(raw[split]["id"]) and len(ids[0]) == 20
+    with pytest.raises(ConfigError, match=r"dataset.eval_split='train' is not one of \['test', 'validation'\]"):
+        run_cell(cfg_of([*SMALL, "dataset.eval_split=train"]))

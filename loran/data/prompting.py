@@ -12,6 +12,7 @@ tokens: an input that does not fit is cut at the end of a word, so the template'
 (the cue, e.g. "Headline:") always survives. The ids of a prompt are tokenizer(prompt).input_ids, so
 generation code that tokenizes the same prompt string gets the same ids as training.
 """
+import hashlib
 import numbers
 import string
 from collections.abc import Sequence
@@ -151,11 +152,18 @@ def fit_prompts(inputs: Sequence[str], spec: PromptSpec, tokenizer: Any) -> tupl
     return prompts, ids
 
 
+def example_ids(batch: dict[str, list], spec: PromptSpec) -> list[str]:
+    """Stable ids: the dataset's own "id" column, else a hash of the input text (the same whatever the order)."""
+    if "id" in batch:
+        return [str(x) for x in batch["id"]]
+    return [hashlib.sha1(str(text).encode()).hexdigest()[:16] for text in batch[spec.input_field]]
+
+
 def eval_batch(batch: dict[str, list], spec: PromptSpec, tokenizer: Any) -> dict[str, list]:
-    """Batched map: fitted prompt string, target string and prompt ids (input_ids) for generation."""
+    """Batched map: example id, fitted prompt string, target string and prompt ids (input_ids) for generation."""
     prompts, ids = fit_prompts(batch[spec.input_field], spec, tokenizer)
     targets = [target_text(v, spec) for v in batch[spec.target_field]]
-    return {"prompt": prompts, "target": targets, "input_ids": ids}
+    return {"example_id": example_ids(batch, spec), "prompt": prompts, "target": targets, "input_ids": ids}
 
 
 def train_batch(batch: dict[str, list], spec: PromptSpec, tokenizer: Any) -> dict[str, list]:
@@ -185,7 +193,7 @@ def train_dataset(ds: Dataset, spec: PromptSpec, tokenizer: Any, batch_size: int
 
 
 def eval_dataset(ds: Dataset, spec: PromptSpec, tokenizer: Any, batch_size: int = 1000) -> Dataset:
-    """Raw split -> columns prompt, target, input_ids (prompt only; left-pad these for generation)."""
+    """Raw split -> columns example_id, prompt, target, input_ids (prompt only; left-pad these for generation)."""
     return ds.map(eval_batch, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
                   fn_kwargs={"spec": spec, "tokenizer": tokenizer}, load_from_cache_file=False, desc="prompts")
 
