@@ -119,6 +119,17 @@ def d_gaussian(x: Tensor) -> Tensor:
     return 0.5 * torch.exp(-x * x) * (1 - 2 * x * x)
 
 
+def sine(x: Tensor, omega: float = 200.0, g: float = 1.0) -> Tensor:
+    """Sine-activated low rank (Ji et al., ICLR 2025, arXiv 2403.19243): f(x) = sin(omega x) / g, with g = sqrt(d_in)
+    in the paper (set per model in configs/activation/sine.yaml). f(0) = 0: it starts at the base model."""
+    return torch.sin(omega * x) / g
+
+
+def d_sine(x: Tensor, omega: float = 200.0, g: float = 1.0) -> Tensor:
+    """f'(x) = omega cos(omega x) / g."""
+    return omega * torch.cos(omega * x) / g
+
+
 class Spec(NamedTuple):
     """f, its derivative f' (same keyword parameters), and whether f is linear (then f(BA) = BA factorises)."""
 
@@ -138,10 +149,12 @@ ACTIVATIONS: dict[str, Spec] = {
     "swish": Spec(swish, d_swish),
     "cos": Spec(cos, d_cos),
     "gaussian": Spec(gaussian, d_gaussian),
+    "sine": Spec(sine, d_sine),
 }
 
-# Parameters that must be finite and >= 0 wherever an activation has them.
+# Parameters that must be finite and >= 0 (or > 0: divisors) wherever an activation has them.
 NON_NEGATIVE_PARAMS = ("amp", "omega", "beta")
+POSITIVE_PARAMS = ("g",)
 
 
 def activation_params(name: str) -> dict[str, float]:
@@ -236,6 +249,8 @@ def validate_activation(name: str, params: dict, start: str) -> None:
             raise ValueError(f"activation_kwargs.{key}={value!r} must be a number")
         if key in NON_NEGATIVE_PARAMS and not (value >= 0 and value != float("inf")):
             raise ValueError(f"activation_kwargs.{key}={value!r} must be finite and >= 0")
+        if key in POSITIVE_PARAMS and not (value > 0 and value != float("inf")):
+            raise ValueError(f"activation_kwargs.{key}={value!r} must be finite and > 0")
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"activation_kwargs.{key}={value!r} must be finite")
     if start not in START_MODES:

@@ -21,6 +21,7 @@ NUMPY_F = {
     "swish": (lambda z: z / (1 + np.exp(-3 * z)), {"beta": 3.0}),
     "cos": (lambda z: z + z * np.cos(20 * z), {"omega": 20.0}),
     "gaussian": (lambda z: 0.5 * z * np.exp(-z * z), {}),
+    "sine": (lambda z: np.sin(7 * z) / 3, {"omega": 7.0, "g": 3.0}),
 }
 
 
