@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini bench clean-venv
+.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini study-sinter-screen bench clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ reproduce-table2: $(STAMP)
 reproduce-table2-mini: $(STAMP)
 	$(PY) train.py -m experiment=table2_mini; status=$$?; \
 	$(PY) scripts/build_table.py table2_mini; exit $$status
+
+## Study, screening: Sinter's amp x omega against the identity control on the validation split, seed by seed
+## (9 configurations x 2 seeds; about 6 min a cell on 2 idle cores). Resumable like every grid.
+SCREEN_SEEDS ?= 0 1
+study-sinter-screen: $(STAMP)
+	for seed in $(SCREEN_SEEDS); do \
+	  $(PY) train.py -m experiment=study_sinter_screen activation=sinter seed=$$seed \
+	    activation.params.amp=5e-5,5e-3,5e-2,0.5 activation.params.omega=1e2,1e4 || exit $$?; \
+	  $(PY) train.py -m experiment=study_sinter_screen activation=identity seed=$$seed || exit $$?; \
+	done; $(PY) scripts/study_table.py study_sinter_screen
 
 ## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
 ## rewrite that was not built; ~12 min on 2 cores (results/bench.md).

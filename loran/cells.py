@@ -66,6 +66,16 @@ def config_hash(cfg: DictConfig) -> str:
     return hash_of(identity(cfg), OmegaConf.select(cfg, "seed"))
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": value} (how identities are compared and shown)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
 def check_name(field: str, value: Any) -> None:
     """A folder name made from the config must be one plain path component: no '..', separators or blanks."""
     if not isinstance(value, str) or not NAME.match(value) or value in {".", ".."}:

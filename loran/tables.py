@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from loran.cells import flatten
 from loran.records import read_record
 
 # (row key, label) in the paper's order; the row key is "<adapter>-<activation>" as in a record's cell name.
@@ -78,22 +79,13 @@ def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
             for key, group in groups.items()}
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: node}
-
-
 def check_one_config(records: list[dict[str, Any]], where: str) -> None:
     """MixedConfigs unless every record has the same identity (the same config up to the seed)."""
     missing = [r["cell"] for r in records if "identity" not in r]
     if missing:
         raise MixedConfigs(f"{where}: records {missing} carry no config identity (written before cells were "
                            "hashed), so they cannot be shown to share a config; run scripts/migrate_records.py")
-    flats = [_flat(r["identity"]) for r in records]
+    flats = [flatten(r["identity"]) for r in records]
     keys = sorted(set().union(*flats))
     differ = {k: sorted({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flats}) for k in keys}
     differ = {k: v for k, v in differ.items() if len(v) > 1}

@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from loran.cells import NOT_RESULT, config_hash, identity
+from loran.cells import NOT_RESULT, config_hash, flatten, identity
 from loran.records import git_revision, read_record, rebuild_table, write_record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,17 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def result_keys(config: dict) -> dict:
     """The flattened config without the keys that cannot change a result."""
-    flat = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = node
-
-    walk(config, "")
-    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_RESULT)}
+    return {k: v for k, v in flatten(config).items() if not any(k == n or k.startswith(n + ".") for n in NOT_RESULT)}
 
 
 def migrate(path: Path, assume: dict[str, str]) -> str:

@@ -1,0 +1,51 @@
+"""A study's table from its records: every configuration against the control, paired by seed and example.
+
+    python scripts/study_table.py study_sinter_screen                     # accuracy vs activation.name=identity
+    python scripts/study_table.py study_sinter_screen --plan 5,836        # + the MDE of 5 seeds x 836 examples
+
+Writes results/<experiment>.md and .csv (see loran/study.py) and prints the markdown.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from loran.records import CorruptRecord
+from loran.study import configurations, study_rows, to_markdown, write_csv
+from loran.tables import load_records
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type: "activation.name=identity" -> ("activation.name", "identity")."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="experiment_name (records in <results>/runs/<experiment>/)")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--control", type=key_value, action="append", default=None, metavar="KEY=VALUE",
+                        help="identity keys of the control configuration (default: activation.name=identity)")
+    parser.add_argument("--plan", default=None, help="SEEDS,EXAMPLES: also the MDE a run of that size would have")
+    parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    control = dict(args.control or [("activation.name", "identity")])
+    plan = tuple(int(v) for v in args.plan.split(",")) if args.plan else None
+    try:
+        records = load_records(results / "runs" / args.experiment)
+        rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan)
+    except (CorruptRecord, ValueError) as err:
+        sys.exit(f"no table written: {err}")
+    markdown = to_markdown(rows, args.metric, f"{args.experiment}: {len(records)} successful runs",
+                           len(configurations(records)))
+    write_csv(rows, results / f"{args.experiment}.csv")
+    (results / f"{args.experiment}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
