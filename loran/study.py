@@ -31,7 +31,7 @@ def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     shown = [k for k in varying if not k.startswith("adapter.peft.activation")]
     out = []
     for key, members in groups.items():
-        values = {k: flats[key].get(k) for k in shown}
+        values = {k: flats[key][k] for k in shown if k in flats[key]}
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or "(one configuration)"
         out.append({"label": label, "values": values, "records": sorted(members, key=lambda r: r["choices"]["seed"])})
     return sorted(out, key=lambda g: g["label"])

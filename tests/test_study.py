@@ -1,0 +1,72 @@
+"""A study's table: configurations found and labelled from their identities, each compared with the control."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loran.study import configurations, study_rows, to_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record(activation, params, seed, correct, texts=None, energy=0.0):
+    identity = {"activation": {"name": activation, "params": params}, "seed": "<seed>", "trainer": {"lr": 1e-3}}
+    preds = [{"id": f"n{i}", "prediction": (texts or {}).get(i, "sports"), "accuracy": float(c)}
+             for i, c in enumerate(correct)]
+    return {"status": "ok", "cell": f"{activation}{params}.seed{seed}", "identity": identity, "n_eval": len(correct),
+            "eval_split": "validation", "choices": {"seed": seed}, "metrics": {"accuracy": float(np.mean(correct))},
+            "predictions": preds, "update_spectrum": {"energy_beyond_r": energy}}
+
+
+@pytest.fixture
+def records():
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 2, 200) for _ in range(2)]
+    out = []
+    for seed in (0, 1):
+        out.append(record("identity", {}, seed, base[seed]))
+        out.append(record("sinter", {"amp": 5e-5, "omega": 1e4}, seed, base[seed]))  # = LoRA, example for example
+        better = base[seed].copy()
+        better[:40] = 1  # +some points on the first 40 examples
+        out.append(record("sinter", {"amp": 0.5, "omega": 100.0}, seed, better, texts={0: "tech"}, energy=0.3))
+    return out
+
+
+def test_configurations_are_labelled_by_what_varies(records):
+    labels = [g["label"] for g in configurations(records)]
+    assert labels == ["name=identity", "name=sinter, amp=0.5, omega=100.0", "name=sinter, amp=5e-05, omega=10000.0"]
+
+
+def test_each_configuration_against_the_control(records):
+    rows = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=500, plan=(5, 800))
+    control, strong, released = rows[0], rows[1], rows[2]
+    assert control["control"] and control["configuration"] == "name=identity"
+    ident = [r for r in records if r["identity"]["activation"]["name"] == "identity"]
+    expected = np.mean([sum(1 - p["accuracy"] for p in r["predictions"][:40]) / 200 for r in ident])
+    assert strong["delta"] == pytest.approx(expected) and strong["significant"] and strong["ci_low"] > 0
+    assert strong["texts_differ"] == pytest.approx(1 / 200 / 1)  # one changed text per seed out of 200
+    assert strong["energy_beyond_r"] == 0.3 and strong["planned_mde"] > 0
+    assert released["delta"] == 0 and released["scores_differ"] == 0 and released["texts_differ"] == 0
+    assert released["mde"] == 0 and not released["significant"]
+    table = to_markdown(rows, "accuracy", "t", 3)
+    assert "3 configurations in this experiment" in table and "| name=identity | 2 |" in table
+
+
+def test_the_control_must_be_one_configuration(records):
+    with pytest.raises(ValueError, match=r"control \{'activation.name': 'sinter'\} matches 2 configurations"):
+        study_rows(records, "accuracy", {"activation.name": "sinter"})
+
+
+def test_the_script_writes_the_table(records, tmp_path):
+    runs = tmp_path / "results/runs/screen"
+    for r in records:
+        (runs / r["cell"]).mkdir(parents=True)
+        (runs / r["cell"] / "record.json").write_text(json.dumps(r))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
+                           str(tmp_path / "results"), "--boot", "200"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "results/screen.md").read_text() == proc.stdout.rstrip("\n") + "\n"
+    assert len((tmp_path / "results/screen.csv").read_text().splitlines()) == 4
