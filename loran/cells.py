@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 NOT_RESULT = (
     "hydra",                          # launcher and output folders
     "cell",                           # derived from the identity itself
+    "row",                            # a Table 2 row's name and label (its adapter and activation are in the identity)
     "experiment_name",                # where the record, the CSV and the W&B group go
     "results_dir",                    # where records go
     "skip_existing",                  # whether a finished cell is run again

@@ -69,13 +69,14 @@ TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
 # Nodes with a `_target_` are checked against the target's signature instead (check_targets).
 KNOWN_KEYS: dict[str, set[str]] = {
     "": {"seed", "experiment_name", "results_dir", "skip_existing", "zero_shot", "cell",
-         "model", "dataset", "adapter", "activation", "trainer", "logger", "hydra"},
+         "model", "dataset", "adapter", "activation", "trainer", "logger", "row", "hydra"},
     "model": {"name", "target_modules", "load"},
     "dataset": {"name", "loader", "prompt", "metric", "n_train", "n_eval", "eval_split"},
     "adapter": {"name", "takes_activation", "peft"},
     "activation": {"name", "params", "start"},
     "trainer": {"eval_batch_size", "resume", "args"},
     "logger": {"report_to", "project", "group", "tags"},
+    "row": {"name", "label", "order"},
 }
 
 

@@ -71,9 +71,9 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
 
 
 def choices(cfg) -> dict[str, Any]:
-    """A record's coordinates: the config groups chosen, and the seed."""
+    """A record's coordinates: the config groups chosen, the Table 2 row (None outside one) and the seed."""
     return {"dataset": cfg.dataset.name, "model": cfg.model.name, "adapter": cfg.adapter.name,
-            "activation": cfg.activation.name, "seed": cfg.seed}
+            "activation": cfg.activation.name, "row": cfg.row.name if "row" in cfg else None, "seed": cfg.seed}
 
 
 def table_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -19,18 +19,21 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from loran.cells import flatten
 from loran.records import read_record
 
-# (row key, label) in the paper's order; the row key is "<adapter>-<activation>" as in a record's cell name.
-ROWS = [
-    ("qlora-none", "QLoRA"),
-    ("loran-sigmoid", "LoRAN (Sigmoid)"),
-    ("loran-relu", "LoRAN (ReLU)"),
-    ("loran-tanh", "LoRAN (Tanh)"),
-    ("loran-sinter", "LoRAN (Sinter)"),
-    ("loran-identity", "LoRAN (identity = LoRA control)"),
-]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_rows(folder: str | Path = CONFIGS / "row") -> list[tuple[str, str]]:
+    """(row name, label) of every row config (configs/row/*.yaml), in their `order`."""
+    rows = [OmegaConf.load(path).row for path in Path(folder).glob("*.yaml")]
+    return [(r.name, r.label) for r in sorted(rows, key=lambda r: r.order)]
+
+
+ROWS = load_rows()
 BASELINE = "qlora-none"
 METRICS = ["rouge1", "rouge2", "rougeL", "accuracy"]
 
@@ -62,8 +65,9 @@ def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def row_key(record: dict[str, Any]) -> str:
-    """A record's Table 2 row: "<adapter>-<activation>"."""
-    return f'{record["choices"]["adapter"]}-{record["choices"]["activation"]}'
+    """A record's Table 2 row: its row's name, or "<adapter>-<activation>" for records made before rows had names."""
+    choices = record["choices"]
+    return choices.get("row") or f'{choices["adapter"]}-{choices["activation"]}'
 
 
 def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:

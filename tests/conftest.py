@@ -19,14 +19,14 @@ import pytest  # noqa: E402
 
 
 def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict,
-                       status: str = "ok", **extra) -> dict:
+                       status: str = "ok", row: str | None = None, **extra) -> dict:
     """A run record as run_cell writes it (only the fields the tables and the notebook read)."""
-    cell = f"{dataset}.tiny.{adapter}-{activation}.seed{seed}"
+    cell = f"{dataset}.tiny.{row or f'{adapter}-{activation}'}.seed{seed}"
     identity = {"dataset": {"name": dataset}, "adapter": {"name": adapter}, "activation": {"name": activation},
                 "seed": "<seed>", "trainer": {"args": {"learning_rate": 1e-3}}}
     record = {"status": status, "cell": cell, "metrics": metrics if status == "ok" else None,
               "choices": {"dataset": dataset, "model": "tiny", "adapter": adapter, "activation": activation,
-                          "seed": seed}, "identity": identity, **extra}
+                          "row": row, "seed": seed}, "identity": identity, **extra}
     (runs / cell).mkdir(parents=True)
     (runs / cell / "record.json").write_text(json.dumps(record))
     return record
