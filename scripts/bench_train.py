@@ -56,7 +56,7 @@ def load(quantization: str, name: str = MODEL):
         model, tokenizer = tiny_causal_lm()
     else:
         model, tokenizer = load_causal_lm(name, quantization=quantization)
-    for module in model.modules():  # no in-place bf16 repacking of 4-bit weights on AVX512-BF16 CPUs (OFFLINE.md)
+    for module in model.modules():  # no in-place bf16 repacking of 4-bit weights on AVX512-BF16 CPUs (loran.models.keep_4bit_weights_packed)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model, tokenizer

@@ -1,6 +1,6 @@
 """Data: loaders that return train/validation/test DatasetDicts, and the prompt/tokenization pipeline.
 
-Each loader is one function named by `_target_` in a configs/data YAML; every dataset then goes through
+Each loader is one function named by `_target_` in a configs/dataset YAML; every dataset then goes through
 the same PromptSpec -> validate_columns -> train_dataset / eval_dataset code.
 """
 from loran.data.aclsum import load_aclsum
