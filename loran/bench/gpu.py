@@ -188,6 +188,8 @@ def nf4_block(shape: BlockShape, seq: int, device: str, seed: int = 0) -> Block:
                                   device="meta")
             q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
+            if module.bias is not None:
+                q.bias = nn.Parameter(module.bias.data, requires_grad=False)
             q = q.to(device)
             if hasattr(q, "support_avx512bf16_for_cpu"):  # no in-place repacking on AVX512-BF16 CPUs
                 q.support_avx512bf16_for_cpu = False
