@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini study-sinter-screen bench clean-venv
+.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini study-sinter-screen bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ bench: $(STAMP)
 	$(PY) scripts/bench_adapter.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_dropout_sparse.py
+
+## The GPU path in one command (<= 8 min on one data-centre GPU, no model hub): the `gpu` tests, one short SmolLM2
+## cell with trainer=gpu, the d=4096 layer and Llama-2-7B-block benchmarks; report in results/gpu/<date>_<gpu>.md.
+## Without CUDA it says so and exits 3. Not run by CI.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,9 +1,11 @@
 """The LoRAN layer ``y = x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b`` and its gradients, without keeping f(B A).
 
 Shapes: x (..., d_in), A (r, d_in), B (d_out, r), W0 (d_out, d_in), y (..., d_out); f acts element-wise on
-Z = B A (d_out x d_in). Everything is computed in float32 (float64 if given float64), also under bf16/fp16
-autocast: at the released Sinter settings f(Z) differs from Z by at most 5e-5 relative, which bf16 (eps 8e-3)
-would round away.
+Z = B A (d_out x d_in). Everything is computed in float32 (float64 if given float64) unless a compute dtype is
+passed (``dtype=``), also under bf16/fp16 autocast: at the released Sinter settings f(Z) differs from Z by at most
+5e-5 relative, which bf16 (eps 8e-3) would round away. The adapter config's ``update_dtype`` policy decides which
+dtype a layer passes (loran/config.py); ``lowrank_update`` is LoRA's s (x A^T) B^T in a given dtype, for the rows
+whose f is the identity.
 
 Two interchangeable forms:
 
@@ -81,8 +83,9 @@ class Adapter(NamedTuple):
     act: Activation
 
 
-def _no_autocast():
-    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", enabled=False)
+def _no_autocast(device_type: str):
+    """Autocast off on `device_type`, the device the tensors live on (a CUDA machine can compute on the CPU too)."""
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def _up(t: Tensor) -> Tensor:
@@ -99,16 +102,55 @@ def chunk_rows_for(d_in: int, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(1, d_in))
 
 
-def delta_weight(A: Tensor, B: Tensor, act: Activation) -> Tensor:
-    """f(B A) in float32, shape (d_out, d_in)."""
-    with _no_autocast():
-        return act.f(_up(B) @ _up(A))
+def delta_weight(A: Tensor, B: Tensor, act: Activation, dtype: torch.dtype | None = None) -> Tensor:
+    """f(B A) in `dtype` (default float32, float64 for float64 factors), shape (d_out, d_in)."""
+    with _no_autocast(A.device.type):
+        if dtype is None:
+            return act.f(_up(B) @ _up(A))
+        return act.f(B.to(dtype) @ A.to(dtype))
 
 
-def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation) -> Tensor:
-    """s * x @ f(B A)^T through plain autograd (the official code's memory profile)."""
-    with _no_autocast():
-        return (_up(x) @ delta_weight(A, B, act).T) * scaling
+def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """s * x @ f(B A)^T through plain autograd (the official code's memory profile), in `dtype` (default float32,
+    float64 for float64 input)."""
+    with _no_autocast(x.device.type):
+        if dtype is None:
+            return (_up(x) @ delta_weight(A, B, act).T) * scaling
+        return (x.to(dtype) @ delta_weight(A, B, act, dtype).T) * scaling
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """s (x A^T) B^T computed in `dtype` from x in its own dtype; keeps x as given (not a wider copy), A, B and the
+    thin x A^T for backward, as autocast's LoRA keeps its inputs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+        with _no_autocast(x.device.type):
+            xa = x.to(dtype) @ A.to(dtype).T
+            y = (xa @ B.to(dtype).T) * scaling
+        ctx.save_for_backward(x, A, B, xa)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, A, B, xa = ctx.saved_tensors
+        dt, s = ctx.dtype, ctx.scaling
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        with _no_autocast(x.device.type):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(dt) * s
+            g_xa = g @ B.to(dt)  # dL/d(x A^T), (N, r)
+            grad_x = (g_xa @ A.to(dt)).reshape(x.shape).to(x.dtype) if need_x else None
+            grad_A = (g_xa.T @ x.reshape(-1, x.shape[-1]).to(dt)).to(A.dtype) if need_A else None
+            grad_B = (g.T @ xa.reshape(-1, xa.shape[-1])).to(B.dtype) if need_B else None
+        return grad_x, grad_A, grad_B, None, None
+
+
+def lowrank_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """LoRA's update s (x A^T) B^T computed in `dtype` with autocast off, output in `dtype`; autograd keeps x in its
+    own dtype. The path of every adapter whose f is the identity when its update must be cast (loran/layers.py)."""
+    return _LowRankUpdate.apply(x, A, B, float(scaling), dtype)
 
 
 def _weight_kernel(out: Tensor, B: Tensor, A: Tensor, base: Tensor | None, s: float, f: Callable,
@@ -230,10 +272,11 @@ class _LoranLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, result: Tensor | None, bias: Tensor | None, weight_fn: WeightFn | None,
-                meta: tuple[tuple[float, Activation], ...], sizes: tuple[int, int], *ab: Tensor) -> Tensor:
-        dt = _compute_dtype(x)
-        with _no_autocast():
-            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, act.pointwise) for i, (s, act) in enumerate(meta)]
+                meta: tuple[tuple[float, Activation], ...], sizes: tuple[int, int], dtype: torch.dtype | None,
+                *ab: Tensor) -> Tensor:
+        dt = dtype or _compute_dtype(x)
+        with _no_autocast(x.device.type):
+            adapters = [(ab[2 * i].to(dt), ab[2 * i + 1].to(dt), s, act.pointwise) for i, (s, act) in enumerate(meta)]
             d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
             compiled = KERNELS.use_compiled(d_out * d_in)
             rows, block_rows = _sizes(sizes, d_in, compiled)
@@ -267,7 +310,7 @@ class _LoranLinear(torch.autograd.Function):
                 y = result.reshape(-1, d_out) + y.to(result.dtype)
             del base
         ctx.save_for_backward(x, *ab)
-        ctx.weight_fn, ctx.meta, ctx.sizes = weight_fn, meta, sizes
+        ctx.weight_fn, ctx.meta, ctx.sizes, ctx.dt = weight_fn, meta, sizes, dt
         ctx.has_bias, ctx.has_result = bias is not None, result is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], d_out)
@@ -277,10 +320,10 @@ class _LoranLinear(torch.autograd.Function):
         x, *ab = ctx.saved_tensors
         meta = ctx.meta
         need_x, need_result, need_bias = ctx.needs_input_grad[:3]
-        need_ab = ctx.needs_input_grad[6:]
-        dt = _compute_dtype(x)
-        with _no_autocast():
-            adapters = [(_up(ab[2 * i]), _up(ab[2 * i + 1]), s, act.pointwise) for i, (s, act) in enumerate(meta)]
+        need_ab = ctx.needs_input_grad[7:]
+        dt = ctx.dt
+        with _no_autocast(x.device.type):
+            adapters = [(ab[2 * i].to(dt), ab[2 * i + 1].to(dt), s, act.pointwise) for i, (s, act) in enumerate(meta)]
             d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
             compiled = KERNELS.use_compiled(d_out * d_in)
             rows, block_rows = _sizes(ctx.sizes, d_in, compiled)
@@ -326,12 +369,14 @@ class _LoranLinear(torch.autograd.Function):
         for i, (a, b) in enumerate(zip(ab[0::2], ab[1::2])):
             grads_ab.append(grads_A[i].to(a.dtype) if need_ab[2 * i] else None)
             grads_ab.append(grads_B[i].to(b.dtype) if need_ab[2 * i + 1] else None)
-        return (grad_x, grad_result, grad_bias, None, None, None, *grads_ab)
+        return (grad_x, grad_result, grad_bias, None, None, None, None, *grads_ab)
 
 
 def loran_linear(x: Tensor, weight_fn: WeightFn | None, bias: Tensor | None, adapters: Sequence[Adapter],
-                 result: Tensor | None = None, chunk_rows: int | None = None, block_rows: int | None = None) -> Tensor:
-    """[result +] x @ (W0 + sum_a s_a f_a(B_a A_a))^T [+ bias], computed in float32; keeps no d_out x d_in tensor.
+                 result: Tensor | None = None, chunk_rows: int | None = None, block_rows: int | None = None,
+                 dtype: torch.dtype | None = None) -> Tensor:
+    """[result +] x @ (W0 + sum_a s_a f_a(B_a A_a))^T [+ bias], computed in `dtype` (default float32, float64 for
+    float64 input); keeps no d_out x d_in tensor.
 
     `weight_fn(dtype)` gives the frozen base weight W0 as a (d_out, d_in) ``DenseWeight`` (None: W0 = 0); it is
     called again in backward when dL/dx is needed. The output has x's dtype when W0 is given, result's when
@@ -341,12 +386,13 @@ def loran_linear(x: Tensor, weight_fn: WeightFn | None, bias: Tensor | None, ada
         raise ValueError("loran_linear needs at least one adapter")
     meta = tuple((float(a.scaling), a.act) for a in adapters)
     ab = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoranLinear.apply(x, result, bias, weight_fn, meta, (chunk_rows, block_rows), *ab)
+    y = _LoranLinear.apply(x, result, bias, weight_fn, meta, (chunk_rows, block_rows), dtype, *ab)
     return y.to(x.dtype) if (weight_fn is not None and result is None) else y
 
 
 def loran_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, chunk_rows: int | None = None,
-                 result: Tensor | None = None, block_rows: int | None = None) -> Tensor:
-    """[result +] s * x @ f(B A)^T in float32; backward recomputes f(B A) from A and B in row chunks."""
+                 result: Tensor | None = None, block_rows: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """[result +] s * x @ f(B A)^T in `dtype` (default float32); backward recomputes f(B A) from A and B in row
+    chunks."""
     return loran_linear(x, None, None, [Adapter(A, B, scaling, act)], result=result, chunk_rows=chunk_rows,
-                        block_rows=block_rows)
+                        block_rows=block_rows, dtype=dtype)

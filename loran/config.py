@@ -5,6 +5,20 @@ dicts, adapters side by side, merging, quantised bases) applies unchanged. On di
 ``"peft_type": "LORAN"``: stock PEFT cannot read that (``KeyError: 'LORAN'``) instead of silently loading
 the adapter as plain LoRA, and ``import loran`` registers the type so that ``PeftModel.from_pretrained``
 loads it as LoRAN.
+
+Precision policy (``update_dtype``), one for every row of a table: the dtype in which the update s f(B A) x is
+computed before it is added to the base layer's output (in that output's dtype).
+- ``"float32"`` (default): in float32 (float64 for float64 input) with autocast off, whatever the base computes in.
+  Sinter's perturbation (5e-5 relative at the released amp) survives; bf16 (eps 8e-3) would round it away.
+- ``"autocast"``: while autocast is on (``trainer=gpu``: bf16), in autocast's dtype: B A, f(B A) and the products
+  each rounded to bf16, and an identity f exactly as PEFT computes LoRA under autocast. Off autocast, as "float32".
+Without autocast and in float32 (the CPU runs) the two policies compute the same thing.
+
+QLoRA is this config with ``activation="identity"`` (configs/adapter/qlora.yaml), not ``peft.LoraConfig``: so the
+policy reaches the QLoRA row through the same code as every LoRAN row. Its update is computed as LoRA's
+(x A^T) B^T, which without a cast is PEFT's LoRA itself (bit for bit, tests/test_precision.py), and every f that is
+numerically the identity (Sinter with amp = 0) takes that same path, so the identity control equals QLoRA bit for bit
+under either policy. The price: a QLoRA adapter the pipeline saves is typed "LORAN", so stock PEFT does not load it.
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ from peft import LoraConfig
 from loran.activations import Activation, activation_params, validate_activation
 
 PEFT_TYPE = "LORAN"
+UPDATE_DTYPES = ("float32", "autocast")
 
 # Inits that leave W0 alone and start from B A = 0 (so f(0) - f(0) = 0: the model starts at the base). The others
 # (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) move W0 by -s B A, which only LoRA's linear update cancels; MiCA is a variant.
@@ -42,6 +57,11 @@ class LoranConfig(LoraConfig):
     memory_efficient: bool = field(
         default=True,
         metadata={"help": "Recompute f(B A) in backward (keeps no d_out x d_in tensor); False = plain autograd."},
+    )
+    update_dtype: Literal["float32", "autocast"] = field(
+        default="float32",
+        metadata={"help": "Precision policy of the update s f(B A) x: 'float32' (autocast off for it) or 'autocast' "
+                  "(autocast's dtype while autocast is on, as PEFT's LoRA); see the module docstring."},
     )
 
     # Declared a LoRA variant (PEFT's own mechanism), so that a PEFT LoRA layer that has no LoRAN forward, e.g. one a
@@ -87,6 +107,8 @@ class LoranConfig(LoraConfig):
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not isinstance(self.memory_efficient, bool):
             raise ValueError(f"memory_efficient={self.memory_efficient!r} must be true or false")
+        if not isinstance(self.update_dtype, str) or self.update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype={self.update_dtype!r} is unknown; allowed values: {list(UPDATE_DTYPES)}")
 
     def build_activation(self) -> Activation:
         """The activation with its parameters bound."""

@@ -6,12 +6,16 @@ how the update is formed from A and B, which is exactly what a ``LoraVariant`` o
 unmerge). ``LoraConfig._register_custom_module`` routes each base layer type to a thin subclass of PEFT's
 own LoRA layer whose only change is to pick ``LoranVariant`` for a ``LoranConfig``.
 
-Per adapter, the layer holds ``loran_activation[name]`` (an ``Activation``) and
-``loran_memory_efficient[name]`` (which autograd path to use).
+Per adapter, the layer holds ``loran_activation[name]`` (an ``Activation``), ``loran_memory_efficient[name]``
+(which autograd path to use) and ``loran_update_dtype[name]`` (the precision policy, see loran/config.py).
+
+An adapter whose f is the identity, by name or numerically (``acts_as_identity``: Sinter with amp = 0, say), computes
+its update as LoRA does, (x A^T) B^T, so that it equals the QLoRA row (LoranConfig with the identity) bit for bit.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import bitsandbytes as bnb
@@ -25,8 +29,41 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from loran.autograd import Adapter, DenseWeight, WeightFn, delta_weight, loran_linear, loran_update, reference_update
+from loran.activations import Activation
+from loran.autograd import (
+    Adapter, DenseWeight, WeightFn, delta_weight, loran_linear, loran_update, lowrank_update, reference_update,
+)
 from loran.config import LoranConfig
+
+# The values on which an activation must leave z and f'(z) = 1 unchanged, bit for bit, to count as the identity:
+# 0 and +-m 2^k for 8 mantissas m in [1, 2) and every k in [-100, 30], in float32 and float64 (|B A| of a trained
+# adapter lies far inside; beyond 2^30, omega z overflows for Sinter's omega in float32).
+PROBE = torch.cat([torch.zeros(1), *(sign * torch.linspace(1, 2, 9)[:-1] * 2.0**k
+                                     for k in range(-100, 31) for sign in (1, -1))]).double()
+
+
+def acts_as_identity(act: Activation) -> bool:
+    """True when f is the identity: declared linear (f = identity), or f(z) == z and f'(z) == 1 bit for bit on
+    ``PROBE`` in float32 and float64 (Sinter with amp = 0, for instance). Such an adapter is computed as LoRA."""
+    return act.linear or _identity_on_probe(act.name, tuple(sorted(act.params.items())), act.start)
+
+
+@functools.cache
+def _identity_on_probe(name: str, params: tuple, start: str) -> bool:
+    act = Activation(name, dict(params), start)
+    for dtype in (torch.float32, torch.float64):
+        z = PROBE.to(dtype)
+        if not (torch.equal(act.f(z), z) and torch.equal(act.df(z), torch.ones_like(z))):
+            return False
+    return True
+
+
+def update_dtype(policy: str, x: Tensor) -> torch.dtype | None:
+    """The dtype an adapter's update is computed in under `policy` (LoranConfig.update_dtype); None: as autocast
+    computes LoRA's matmuls (policy "autocast" while autocast is on)."""
+    if policy == "autocast" and torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class LoranVariant(LoraVariant):
@@ -41,6 +78,7 @@ class LoranVariant(LoraVariant):
             raise ValueError("lora_bias=True is not supported by LoRAN; set lora_bias=False")
         module.loran_activation[adapter_name] = config.build_activation()
         module.loran_memory_efficient[adapter_name] = config.memory_efficient
+        module.loran_update_dtype[adapter_name] = config.update_dtype
 
     @staticmethod
     def delta(module: LoraLayer, adapter: str) -> Tensor:
@@ -64,15 +102,24 @@ class LoranVariant(LoraVariant):
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs) -> Tensor:
         """result + s * dropout(x) @ f(B A)^T: the path when the update cannot be folded into W0 (see
-        ``LoranLayerMixin.forward``), e.g. with dropout active. One matmul for the update, added onto `result`."""
+        ``LoranLayerMixin.forward``), e.g. with dropout active or under autocast. The update is computed in the dtype
+        of the adapter's ``update_dtype`` policy, cast to the result's dtype and added."""
         act, scaling = module.loran_activation[active_adapter], module.scaling[active_adapter]
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x)
-        if act.linear:  # f(BA) = BA: compute it as LoRA does, (x A^T) B^T, which is exactly PEFT's LoRA
-            return result + (lora_B(lora_A(x)) * scaling).to(result.dtype)
+        dtype = update_dtype(module.loran_update_dtype[active_adapter], x)
+        if acts_as_identity(act):  # f(BA) = BA: computed as LoRA does, (x A^T) B^T
+            A, B = lora_A.weight, lora_B.weight
+            if dtype is None or (x.dtype == A.dtype == B.dtype == dtype and not torch.is_autocast_enabled(
+                    x.device.type)):  # nothing to cast: exactly PEFT's LoRA
+                return result + (lora_B(lora_A(x)) * scaling).to(result.dtype)
+            return result + lowrank_update(x, A, B, scaling, dtype).to(result.dtype)
+        # Policy "autocast" under autocast: B A, f(B A) and the products in autocast's dtype; else the default
+        # (float32, float64 for float64 input).
+        low = torch.get_autocast_dtype(x.device.type) if dtype is None else None
         if module.loran_memory_efficient[active_adapter]:
-            return loran_update(x, lora_A.weight, lora_B.weight, scaling, act, result=result)
-        update = reference_update(x, lora_A.weight, lora_B.weight, scaling, act)
+            return loran_update(x, lora_A.weight, lora_B.weight, scaling, act, result=result, dtype=low)
+        update = reference_update(x, lora_A.weight, lora_B.weight, scaling, act, dtype=low)
         return result + update.to(result.dtype)
 
 
@@ -159,11 +206,12 @@ def _base_weight_fn(base: nn.Module, x: Tensor) -> tuple[WeightFn, Tensor | None
 class LoranLayerMixin:
     """Chooses LoranVariant for a LoranConfig; any other config gets PEFT's own choice."""
 
-    other_param_names = LoraLayer.other_param_names + ("loran_activation", "loran_memory_efficient")
+    other_param_names = LoraLayer.other_param_names + ("loran_activation", "loran_memory_efficient",
+                                                       "loran_update_dtype")
 
     def update_layer(self, *args, **kwargs):
         if not hasattr(self, "loran_activation"):
-            self.loran_activation, self.loran_memory_efficient = {}, {}
+            self.loran_activation, self.loran_memory_efficient, self.loran_update_dtype = {}, {}, {}
         return super().update_layer(*args, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
@@ -204,7 +252,7 @@ class LoranLayerMixin:
             if not _dropout_inactive(self.lora_dropout[name]) or A.dtype != x.dtype or B.dtype != x.dtype:
                 return None
             adapters.append(Adapter(A, B, self.scaling[name], self.loran_activation[name]))
-        if all(a.act.linear for a in adapters):  # plain LoRA: (x A^T) B^T is cheaper than folding
+        if all(acts_as_identity(a.act) for a in adapters):  # plain LoRA: (x A^T) B^T is cheaper than folding
             return None
         base = _base_weight_fn(self.get_base_layer(), x)
         if base is None:
