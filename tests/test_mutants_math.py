@@ -1,0 +1,253 @@
+"""Tests that fail when the numbers are wrong (issue 16): each pins a value the other tests only bound or share.
+
+Each test names the planted bug it was checked against (a one-line edit that left the rest of the suite green).
+"""
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import loran.autograd as la
+from loran import LoranConfig, get_loran_model, load_loran, loran_layers
+from loran.official import import_official_adapter
+from loran.spectrum import update_spectrum
+from loran.tables import T975, paired_difference, t975
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    monkeypatch.setattr(la, "COMPILE", "never")
+
+
+class FixedMask(nn.Module):
+    """A stand-in for the adapter's dropout with a known mask (not nn.Dropout, so the layer cannot fold it away)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+class Proj(nn.Module):
+    def __init__(self, d_in=10, d_out=7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+SINTER = {"amp": 0.5, "omega": 30.0}
+F64 = {  # independent float64 formulas, "base" start (f(z) - f(0))
+    "sinter": lambda z: z + 0.5 * z * torch.sin(30 * z),
+    "identity": lambda z: z,
+    "sigmoid": lambda z: torch.sigmoid(z) - 0.5,
+}
+
+
+def _proj_model(activation: str, memory_efficient: bool, dropout: float = 0.0, seed: int = 1):
+    kwargs = SINTER if activation == "sinter" else {}
+    model = get_loran_model(Proj(), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], lora_dropout=dropout,
+                                                memory_efficient=memory_efficient, activation=activation,
+                                                activation_kwargs=kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in loran_layers(model):
+        layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.5
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The un-folded path applies the update to dropout(x), not to x (the base layer sees x).
+
+
+@pytest.mark.parametrize("activation", sorted(F64))
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_update_sees_dropout_x_and_base_sees_x(eager, activation, memory_efficient):
+    """Planted: `x = module.lora_dropout[...](x)` dropped from LoranVariant.forward -> fails (both paths)."""
+    model = _proj_model(activation, memory_efficient).train()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float32)
+    mask = (torch.rand(4, 10, generator=torch.Generator().manual_seed(3)) > 0.5).float() * 2.0
+    layer.lora_dropout["default"] = FixedMask(mask)
+    assert layer._loran_fold_plan(x, (), {}) is None  # the update must take the un-folded path here
+    y = model(x).double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = x.double() @ W0.T + b + 3.0 * (x.double() * mask) @ F64[activation](B @ A).T
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_real_dropout_changes_the_update_in_training_only(eager):
+    """With nn.Dropout(0.5) in train mode the output differs from eval mode; the base layer alone never does."""
+    model = _proj_model("sinter", True, dropout=0.5)
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y_eval = model.eval()(x)
+        torch.manual_seed(0)
+        y_train = model.train()(x)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), model.base_model.model.q_proj.base_layer(x))
+    assert not torch.allclose(y_train, y_eval, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Official import: f applied as is (start="official"), for every convertible activation.
+
+
+class TwoProj(nn.Module):
+    """Module paths as in LlamaForCausalLM, one layer: model.layers.0.self_attn.{q,v}_proj (v non-square)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module()])
+        attn = self.model.layers[0].self_attn = nn.Module()
+        attn.q_proj = nn.Linear(12, 12, bias=False)
+        attn.v_proj = nn.Linear(12, 6, bias=False)
+
+    def forward(self, x):
+        attn = self.model.layers[0].self_attn
+        return torch.cat([attn.q_proj(x), attn.v_proj(x)], -1)
+
+
+# Official activation name -> f as the official code applies it (no centring), float64.
+OFFICIAL_F = {
+    "Sin": lambda z, c: z + c.get("mlora_af_sin_A", 5e-4) * z * torch.sin(c.get("mlora_af_sin_omega", 1e3) * z),
+    "Sigmoid": lambda z, c: torch.sigmoid(z),
+    "Tanh": lambda z, c: torch.tanh(z),
+    "Relu": lambda z, c: torch.relu(z),
+    "Silu": lambda z, c: z * torch.sigmoid(z),
+    "Identity": lambda z, c: z,
+    "Swish": lambda z, c: z * torch.sigmoid(25 * z),
+    "Cos": lambda z, c: z + z * torch.cos(1e4 * z),
+    "Gaussian": lambda z, c: 0.5 * z * torch.exp(-z * z),
+}
+
+
+def _official_weights(r: int, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, d_out in (("q_proj", 12), ("v_proj", 6)):
+        key = f"base_model.model.model.layers.0.self_attn.{name}"
+        state[f"{key}.mlora_A"] = torch.randn(r, 12, generator=gen) * 0.4
+        state[f"{key}.mlora_B"] = torch.randn(d_out, r, generator=gen) * 0.4
+    return state
+
+
+def _write_official(folder, cfg, state):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    torch.save(state, folder / "adapter_model.bin")
+    return folder
+
+
+CASES = [(af, False) for af in sorted(OFFICIAL_F)] + [("Sin", True), (None, True)]
+
+
+@pytest.mark.parametrize("af,defaults", CASES, ids=[f"{a}-{'defaults' if d else 'explicit'}" for a, d in CASES])
+def test_official_import_applies_f_as_the_official_code(tmp_path, af, defaults):
+    """Planted: start="base" in convert_official_config -> fails for Sigmoid (f(0) = 0.5). The defaults cases
+    leave out what the official code defaults (mlora_af Sigmoid, amp 5e-4, omega 1e3, alpha 8, dropout 0)."""
+    r = 4
+    cfg = {"peft_type": "MLORA", "r": [r, 12], "target_modules": ["q_proj", "v_proj"]}
+    if af is not None:
+        cfg["mlora_af"] = af
+    if not defaults:
+        cfg.update(mlora_alpha=12, mlora_dropout=0.1, mlora_af_sin_A=0.5, mlora_af_sin_omega=30.0)
+    af = af or "Sigmoid"
+    state = _official_weights(r)
+    config = import_official_adapter(_write_official(tmp_path / "official", cfg, state), tmp_path / "loran")
+    assert config.start == "official"
+    assert config.lora_dropout == (0.0 if defaults else 0.1)
+    # float64 throughout: Cos's f(z) = z + z cos(1e4 z) is only good to ~1e-4 in float32.
+    model = load_loran(TwoProj(), tmp_path / "loran").double().eval()
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    s = cfg.get("mlora_alpha", 8) / r
+    base = TwoProj()
+    outs = []
+    for name in ("q_proj", "v_proj"):
+        key = f"base_model.model.model.layers.0.self_attn.{name}"
+        Z = state[f"{key}.mlora_B"].double() @ state[f"{key}.mlora_A"].double()
+        W0 = getattr(base.model.layers[0].self_attn, name).weight.double()
+        outs.append(x @ W0.T + s * x @ OFFICIAL_F[af](Z, cfg).T)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.cat(outs, -1), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Student t quantiles: every tabulated df against an independent computation.
+
+
+def _t_quantile(df: int, p: float = 0.975) -> float:
+    """Inverse of the t CDF, F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2, by mpmath root finding."""
+    cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: cdf(t) - p, 2.0 if df > 2 else 5.0))
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_every_tabulated_t_quantile_is_right_to_three_decimals(df):
+    """Planted: T975[4] = 2.576 (or any other entry) -> fails; only df = 2 was checked before."""
+    assert abs(T975[df] - _t_quantile(df)) < 6e-4, (df, T975[df], _t_quantile(df))
+
+
+def test_t975_uses_the_nearest_tabulated_df_at_or_below():
+    assert t975(4) == T975[4] and t975(22) == T975[20] and t975(29) == T975[25] and t975(30) == T975[30]
+    assert t975(31) == 1.96 and t975(1) == T975[1]
+
+
+def test_paired_interval_with_five_seeds_uses_df_4():
+    values, base = {s: 0.5 + 0.01 * s * s for s in range(5)}, {s: 0.5 for s in range(5)}
+    d = np.array([values[s] - base[s] for s in range(5)])
+    half = _t_quantile(4) * d.std(ddof=1) / math.sqrt(5)
+    out = paired_difference(values, base)
+    assert out["pairs"] == 5 and out["delta"] == pytest.approx(d.mean())
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. The update spectrum: the share of energy beyond rank r from the exact singular values.
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(16, 12) for _ in range(3)])
+
+    def forward(self, x):
+        return x
+
+
+def test_energy_beyond_r_is_the_exact_tail_share():
+    """Planted: energy[r + 1:] in update_spectrum -> fails (it was only bounded below)."""
+    r = 3
+    model = get_loran_model(Stack(), LoranConfig(r=r, lora_alpha=6, target_modules=["0", "1", "2"],
+                                                 activation="sinter", activation_kwargs={"amp": 0.5, "omega": 3.0}))
+    gen = torch.Generator().manual_seed(1)
+    for _, layer in loran_layers(model):
+        layer.lora_B["default"].weight.data = torch.randn(12, r, generator=gen)
+    spec = update_spectrum(model)
+    layer = model.base_model.model.layers[1]
+    assert spec["module"].endswith("layers.1") and spec["r"] == r
+    A, B = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+    Z = B @ A
+    sv = torch.linalg.svdvals(2.0 * (Z + 0.5 * Z * torch.sin(3.0 * Z)))
+    energy = sv.square()
+    assert spec["energy_beyond_r"] == pytest.approx((energy[r:].sum() / energy.sum()).item(), rel=1e-9)
+    assert spec["energy_beyond_r"] > (energy[r + 1:].sum() / energy.sum()).item() * 1.01  # the test can tell
+    assert spec["numerical_rank"] == int((sv > sv[0] * 1e-10).sum()) == 12
+
+
+def test_spectrum_of_a_zero_update_is_zero():
+    model = get_loran_model(Stack(), LoranConfig(r=2, target_modules=["0", "1", "2"]))  # B = 0
+    spec = update_spectrum(model)
+    assert spec["energy_beyond_r"] == 0.0 and spec["numerical_rank"] == 0 and set(spec["singular_values"]) == {0.0}
