@@ -5,6 +5,8 @@ weights); here compilation is forced on a 10 -> 7 layer, two adapters (so both b
 run), with and without active dropout (the folded and the un-folded path). First call: about 20-40 s of
 compilation on 2 cores with an empty inductor cache, about 3 s with a warm one.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -58,6 +60,9 @@ def test_compiled_kernels_equal_the_autograd_reference(monkeypatch, dropout):
         grads = [p.grad for _, p in sorted(model.named_parameters()) if p.requires_grad]
         assert len(grads) == 4
         results.append([y.detach(), xi.grad, *grads])
-    assert la.KERNELS.compiled is not None and not la.KERNELS.failed
+    assert la.KERNELS.compiled is not None
+    # Under mutmut (make mutate) every function is a trampoline that dynamo cannot trace (fullgraph): the kernels
+    # fall back to eager ops there, so only the numbers are checked.
+    assert not la.KERNELS.failed or os.environ.get("MUTANT_UNDER_TEST") is not None
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, **TOL)

@@ -251,3 +251,91 @@ def test_spectrum_of_a_zero_update_is_zero():
     model = get_loran_model(Stack(), LoranConfig(r=2, target_modules=["0", "1", "2"]))  # B = 0
     spec = update_spectrum(model)
     assert spec["energy_beyond_r"] == 0.0 and spec["numerical_rank"] == 0 and set(spec["singular_values"]) == {0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table 2 end to end in-process (mutation testing: the script runs in a subprocess that mutmut cannot see).
+
+
+@pytest.fixture
+def grid(tmp_path, write_fake_record):
+    """QLoRA and three LoRAN rows on accuracy: better (significant), worse (significant), a tie; one-seed
+    identity; two-seed sigmoid; tanh has rouge1 but QLoRA has none."""
+    runs = tmp_path / "runs"
+    acc = {"qlora-none": [0.80, 0.82, 0.81], "loran-sinter": [0.85, 0.86, 0.87], "loran-relu": [0.70, 0.71, 0.73],
+           "loran-tanh": [0.79, 0.84, 0.80], "loran-identity": [0.9], "loran-sigmoid": [0.83, 0.84]}
+    for row, values in acc.items():
+        adapter, activation = row.split("-")
+        for seed, value in enumerate(values):
+            extra = {"rouge1": 0.25} if row == "loran-tanh" else {}
+            write_fake_record(runs, adapter, activation, "bbc_news", seed, {"accuracy": value, **extra})
+    return runs
+
+
+def _entry(table, row, metric):
+    return next(e for e in table if e["row"] == row and e["metric"] == metric)
+
+
+def test_table_entries_in_full(grid):
+    from loran.tables import build, load_records
+
+    table = build(load_records(grid))
+    assert [(e["row"], e["metric"]) for e in table][:5] == [("qlora-none", m) for m in
+                                                            ("rouge1", "rouge2", "rougeL", "accuracy")] + [
+        ("loran-sigmoid", "rouge1")]
+    assert len(table) == 24
+    missing = _entry(table, "loran-sinter", "rouge2")
+    assert missing == {"row": "loran-sinter", "label": "LoRAN (Sinter)", "metric": "rouge2", "paper": "",
+                       "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
+                       "pairs": 0, "significant": None, "seeds": []}
+    base = _entry(table, "qlora-none", "accuracy")
+    assert base["delta"] is None and base["pairs"] == 0 and base["seeds"] == [0, 1, 2]  # no difference to itself
+    two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std and a paired interval with df = 1
+    assert two["std"] == pytest.approx(0.00707107, rel=1e-5) and two["pairs"] == 2
+    assert two["ci_high"] - two["delta"] == pytest.approx(12.706 * 0.01 / 2, rel=1e-4)  # sd(d) = 0.01 / sqrt(2)
+    assert _entry(table, "loran-tanh", "rouge1")["delta"] is None  # no QLoRA values to pair with
+    assert _entry(table, "loran-tanh", "rouge1")["mean"] == pytest.approx(0.25)
+    worse = _entry(table, "loran-relu", "accuracy")
+    assert worse["significant"] is True and worse["ci_high"] < 0
+    assert _entry(table, "loran-tanh", "accuracy")["significant"] is False
+
+
+EXPECTED_MD = """\
+# Grid
+
+Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, [95% t interval]; \
+* = the interval excludes 0. `-` = no successful run for that cell.
+
+| row | rouge1 | rouge2 | rougeL | accuracy | paper |
+|---|---|---|---|---|---|
+| QLoRA | - | - | - | 81.00 +- 1.00 (3) | - / - / - / 80.1 |
+| LoRAN (Sigmoid) | - | - | - | 83.50 +- 0.71 (2) | - / - / - / - |
+| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85] | |
+| LoRAN (ReLU) | - | - | - | 71.33 +- 1.53 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]* | |
+| LoRAN (Tanh) | 25.00 +- 0.00 (3) | - | - | 81.00 +- 2.65 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30] | |
+| LoRAN (Sinter) | - | - | - | 86.00 +- 1.00 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]* | |
+| LoRAN (identity = LoRA control) | - | - | - | 90.00 (1) | - / - / - / - |
+"""
+
+
+def test_markdown_and_csv_in_full(grid, tmp_path):
+    """The whole rendered table, checked by hand: percent, signs, intervals, stars, dashes, the paper column."""
+    from loran.tables import build, load_records, read_paper, to_markdown, write_csv
+
+    paper = tmp_path / "paper.csv"
+    paper.write_text("# test\nrow,label,rouge1,rouge2,rougeL,accuracy\nqlora-none,QLoRA,,,, 80.1 \n")
+    table = build(load_records(grid), read_paper(paper))
+    assert to_markdown(table, "Grid") == EXPECTED_MD
+    write_csv(table, tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,pairs,significant,paper"
+    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,0,,"
+    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,0,,80.1")
+    relu = next(x for x in lines if x.startswith("loran-relu,LoRAN (ReLU),accuracy,"))
+    fields = relu.split(",")
+    assert (fields[5], fields[9], fields[10], fields[11]) == ("3", "3", "True", "")
+    assert [float(v) for v in fields[6:9]] == pytest.approx([-0.0966667, -0.1346, -0.0587], abs=1e-4)
+    assert len(lines) == 25
