@@ -2,7 +2,9 @@
 
 Each test names the planted bug it was checked against (a one-line edit that left the rest of the suite green).
 """
+import json
 import math
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -339,3 +341,107 @@ def test_markdown_and_csv_in_full(grid, tmp_path):
     assert (fields[5], fields[9], fields[10], fields[11]) == ("3", "3", "True", "")
     assert [float(v) for v in fields[6:9]] == pytest.approx([-0.0966667, -0.1346, -0.0587], abs=1e-4)
     assert len(lines) == 25
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official import: what else it reads and refuses (mutation testing found these unchecked).
+
+
+def _official_cfg(**extra):
+    return {"peft_type": "MLORA", "r": [4, 12], "mlora_af": "Sin", "target_modules": ["q_proj", "v_proj"], **extra}
+
+
+def test_official_import_reads_safetensors_first_and_keeps_config_fields(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _write_official(tmp_path / "official", _official_cfg(task_type="CAUSAL_LM", fan_in_fan_out=True,
+                                                               base_model_name_or_path="meta-llama/Llama-2-7b-hf"),
+                          {k: torch.zeros_like(v) for k, v in _official_weights(4).items()})  # .bin: all zero
+    save_file(_official_weights(4), src / "adapter_model.safetensors")  # the weights that must win
+    dst = tmp_path / "deep/er/loran"  # parents are created
+    config = import_official_adapter(src, dst)
+    assert (config.task_type, config.base_model_name_or_path) == ("CAUSAL_LM", "meta-llama/Llama-2-7b-hf")
+    assert config.fan_in_fan_out is True
+    from safetensors.torch import load_file
+
+    got = load_file(dst / "adapter_model.safetensors")
+    assert len(got) == 4 and all(v.abs().sum() > 0 for v in got.values())
+    config = import_official_adapter(src, dst)  # into an existing folder: overwritten, no error
+    plain = import_official_adapter(_write_official(tmp_path / "o2", _official_cfg(), _official_weights(4)),
+                                    tmp_path / "l2")
+    assert plain.fan_in_fan_out is False and plain.task_type is None and plain.base_model_name_or_path is None
+
+
+def test_official_import_refuses_pickles_that_are_not_plain_tensors(tmp_path):
+    import pickle
+
+    state = {**_official_weights(4), "note": Path("not a tensor")}
+    src = tmp_path / "official"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps(_official_cfg()))
+    torch.save(state, src / "adapter_model.bin")
+    with pytest.raises(pickle.UnpicklingError):  # weights_only=True: no arbitrary objects from a download
+        import_official_adapter(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_b_1": torch.ones(12, 1)}, "mlora_b_1: P/b/embedding"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_P_1": torch.zeros(4, 4)}, "mlora_P_1: P/b/embedding"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.weight": torch.ones(12, 12)},
+     r"^base_model.model.model.layers.0.self_attn.q_proj.weight: not an MLoRA A/B weight; cannot be converted$"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_A": torch.ones(3, 12)},
+     r"^base_model.model.model.layers.0.self_attn.q_proj.mlora_A has shape \(3, 12\); expected rank 4 on dim 0$"),
+])
+def test_official_weights_refused_with_the_key_and_reason(extra, message):
+    from loran.official import OfficialAdapterError, convert_official_weights
+
+    with pytest.raises(OfficialAdapterError, match=message):
+        convert_official_weights({**_official_weights(4), **extra}, 4)
+
+
+def test_official_weights_errors_and_zero_bias_first():
+    from loran.official import OfficialAdapterError, convert_official_config, convert_official_weights
+
+    with pytest.raises(OfficialAdapterError, match=r"^no mlora_A / mlora_B weights found$"):
+        convert_official_weights({}, 4)
+    zero_bias_first = {"base_model.model.model.layers.0.self_attn.q_proj.mlora_b_1": torch.zeros(12, 1),
+                       **_official_weights(4)}
+    assert len(convert_official_weights(zero_bias_first, 4)) == 4  # the zero bias is skipped, not the rest
+    with pytest.raises(OfficialAdapterError, match=r"^peft_type='LORA'; an official LoRAN adapter has \"MLORA\"$"):
+        convert_official_config({**_official_cfg(), "peft_type": "LORA"})
+    with pytest.raises(OfficialAdapterError, match=r"r=\[4, 12, 12\]: only r = \[r0, d\] \(no P or b layers, as in the "
+                                                   r"released adapters\) can be converted; more entries mean extra "
+                                                   r"P_i/b_i layers, which LoRAN here does not implement$"):
+        convert_official_config({**_official_cfg(), "r": [4, 12, 12]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and spectrum details.
+
+
+def test_labels_longest_first_regardless_of_case_and_duplicates_refused():
+    from loran.metrics import parse_label
+
+    # Reverse alphabetical order would try "tech" before "Tech Support" ('t' > 'T'); longest first does not.
+    assert parse_label("tech support news", ["tech", "Tech Support"]) == "Tech Support"
+    with pytest.raises(ValueError, match=r"^labels must differ case-insensitively, got \['Tech', 'tech'\]$"):
+        parse_label("x", ["Tech", "tech"])
+
+
+class Five(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(5)])
+
+
+def test_middle_layer_of_five_and_default_adapter():
+    from loran.spectrum import middle_layer, update_matrix
+
+    model = get_loran_model(Five(), LoranConfig(r=2, lora_alpha=4, target_modules=[str(i) for i in range(5)],
+                                                activation="tanh"))
+    name, layer = middle_layer(model)
+    assert name.endswith("layers.2")
+    layer.lora_B["default"].weight.data.fill_(0.5)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    torch.testing.assert_close(update_matrix(layer), 2.0 * torch.tanh(B @ A).detach())
