@@ -445,3 +445,42 @@ def test_middle_layer_of_five_and_default_adapter():
     layer.lora_B["default"].weight.data.fill_(0.5)
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     torch.testing.assert_close(update_matrix(layer), 2.0 * torch.tanh(B @ A).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations: the defaults of the functions themselves, and f' in the compute dtype.
+
+
+def test_activation_function_defaults_are_the_official_settings():
+    from loran.activations import Activation, activation_params
+
+    assert activation_params("sinter") == {"amp": 5e-5, "omega": 1e4}
+    assert activation_params("swish") == {"beta": 25.0} and activation_params("cos") == {"omega": 1e4}
+    z = torch.linspace(-0.3, 0.3, 41, dtype=torch.float64)
+    expected = {"sinter": (z + 5e-5 * z * torch.sin(1e4 * z), 1 + 5e-5 * torch.sin(1e4 * z) + 0.5 * z * torch.cos(1e4 * z)),
+                "swish": (z * torch.sigmoid(25 * z), torch.sigmoid(25 * z) * (1 + 25 * z * (1 - torch.sigmoid(25 * z)))),
+                "cos": (z + z * torch.cos(1e4 * z), 1 + torch.cos(1e4 * z) - 1e4 * z * torch.sin(1e4 * z))}
+    for name, (f, df) in expected.items():
+        act = Activation(name)  # no parameters given: the functions' own defaults
+        torch.testing.assert_close(act.f(z), f, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(act.df(z), df, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("name", ["relu", "sinter", "sigmoid", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_derivative_has_the_compute_dtype(name, dtype):
+    from loran.activations import Activation
+
+    z = torch.tensor([-0.5, 0.0, 0.25], dtype=dtype)
+    for start in ("base", "official"):
+        assert Activation(name, start=start).df(z).dtype == dtype
+    assert Activation("relu").df(z).tolist() == [0.0, 1.0, 1.0]  # "base": the right derivative at 0
+    assert Activation("relu", start="official").df(z).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_zero_parameters_are_allowed():
+    from loran.activations import Activation
+
+    z = torch.tensor([0.3, -0.2])
+    torch.testing.assert_close(Activation("sinter", {"amp": 0.0, "omega": 0.0}).f(z), z)
+    torch.testing.assert_close(Activation("swish", {"beta": 0.0}).f(z), z / 2)
