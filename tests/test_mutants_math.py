@@ -484,3 +484,10 @@ def test_zero_parameters_are_allowed():
     z = torch.tensor([0.3, -0.2])
     torch.testing.assert_close(Activation("sinter", {"amp": 0.0, "omega": 0.0}).f(z), z)
     torch.testing.assert_close(Activation("swish", {"beta": 0.0}).f(z), z / 2)
+
+
+def test_identical_to_the_baseline_is_not_significant():
+    """LoRAN-identity can equal QLoRA exactly (same numbers): a zero-width interval at 0 excludes nothing."""
+    out = paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.5, 1: 0.7, 2: 0.6})
+    assert (out["delta"], out["ci_low"], out["ci_high"], out["significant"]) == (0.0, 0.0, 0.0, False)
+    assert paired_difference({0: 0.4, 1: 0.4}, {0: 0.5, 1: 0.5})["significant"] is True  # below, zero spread
