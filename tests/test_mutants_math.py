@@ -491,3 +491,78 @@ def test_identical_to_the_baseline_is_not_significant():
     out = paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.5, 1: 0.7, 2: 0.6})
     assert (out["delta"], out["ci_low"], out["ci_high"], out["significant"]) == (0.0, 0.0, 0.0, False)
     assert paired_difference({0: 0.4, 1: 0.4}, {0: 0.5, 1: 0.5})["significant"] is True  # below, zero spread
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused kernels' Python (what torch.compile traces), run eagerly against the eager kernels: every flag.
+# (Mutation testing cannot reach them through torch.compile; test_compiled_kernels runs them compiled.)
+
+
+@pytest.mark.parametrize("base", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("separate", [False, True])
+def test_fused_kernels_equal_the_eager_kernels(base, accumulate, write, separate):
+    from loran.activations import Activation
+
+    pw = Activation("sinter", SINTER).pointwise
+    gen = torch.Generator().manual_seed(21)
+    B, A = torch.randn(5, 2, generator=gen), torch.randn(2, 4, generator=gen)
+    W0 = torch.randn(5, 4, generator=gen) if base else None
+    start, G0 = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    outs = []
+    for weight_kernel, grad_kernel in ((la._weight_kernel, la._grad_kernel),
+                                       (la._fused_weight_kernel, la._fused_grad_kernel)):
+        out_w = start.clone()
+        weight_kernel(out_w, B, A, W0, 2.5, pw.f, accumulate)
+        out_g, G = start.clone(), G0.clone()
+        grad_z = torch.zeros(5, 4) if separate else None
+        grad_kernel(out_g if write else None, grad_z, G, B, A, W0, 2.5, pw.f, pw.df, accumulate)
+        outs.append([out_w, out_g, G, grad_z if separate else G])
+    for got, ref in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # and against the formulas
+    z = B @ A
+    expected_w = (start if accumulate else (W0 if base else 0)) + 2.5 * pw.f(z)
+    torch.testing.assert_close(outs[1][0], expected_w)
+    torch.testing.assert_close(outs[1][3], G0 * 2.5 * pw.df(z))
+    torch.testing.assert_close(outs[1][1], expected_w if write else start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer details PEFT relies on.
+
+
+def test_loran_is_not_convertible_to_lora_and_unmerge_keeps_the_dtype():
+    from loran.layers import LoranVariant
+
+    assert LoranVariant().supports_lora_conversion() is False  # f(BA) is not a rank-r product
+    model = get_loran_model(Proj().to(torch.bfloat16), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"],
+                                                                   activation="sinter", activation_kwargs=SINTER))
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data.normal_(0, 0.5)
+    W = layer.base_layer.weight.data.clone()
+    model.merge_adapter()
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.base_layer.weight, W)
+    model.unmerge_adapter()
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.base_layer.weight.float(), W.float(), rtol=0.02, atol=0.02)
+
+
+def test_conv1d_flags_and_warning_text():
+    import warnings
+
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2ish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(6, 4)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(GPT2ish(), LoranConfig(r=2, target_modules=["c_attn"]))
+    assert "fan_in_fan_out=False but the target is Conv1D; setting fan_in_fan_out=True." in [
+        str(w.message) for w in caught]
+    layer = model.base_model.model.c_attn
+    assert layer.is_target_conv_1d_layer is True and layer.fan_in_fan_out is True
