@@ -566,3 +566,94 @@ def test_conv1d_flags_and_warning_text():
         str(w.message) for w in caught]
     layer = model.base_model.model.c_attn
     assert layer.is_target_conv_1d_layer is True and layer.fan_in_fan_out is True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When the layer may fold the update into W0 (one matmul) and when it must leave the base layer to itself.
+
+
+def _nf4(compute_dtype=torch.float32):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    q = bnb.nn.Linear4bit(8, 6, compute_dtype=compute_dtype, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+def test_nf4_fold_leaves_bitsandbytes_cpu_repacking_alone():
+    from loran.layers import _base_weight_fn
+
+    x, xg = torch.randn(2, 8), torch.randn(2, 8, requires_grad=True)
+    q = _nf4()
+    q.support_avx512bf16_for_cpu = True  # bnb would repack to bf16 on an eval-mode forward without grad
+    assert _base_weight_fn(q.eval(), x) is None
+    assert _base_weight_fn(q.eval(), xg) is not None
+    assert _base_weight_fn(q.train(), x) is not None
+    del q.support_avx512bf16_for_cpu  # an older bnb without the attribute: no repacking
+    assert _base_weight_fn(q.eval(), x) is not None
+    q.support_avx512bf16_for_cpu = False
+    q.weight.quant_state.packing_format_for_cpu = True  # already repacked by bnb: not a plain NF4 weight
+    assert _base_weight_fn(q.train(), xg) is None
+
+
+def test_nf4_fold_sets_the_compute_type_as_bitsandbytes_does():
+    from loran.layers import _base_weight_fn
+
+    q = _nf4(compute_dtype=None)
+    q.support_avx512bf16_for_cpu = False
+    assert not q.compute_type_is_set
+    assert _base_weight_fn(q, torch.randn(2, 8)) is not None
+    assert q.compute_type_is_set is True and q.compute_dtype == torch.float32
+
+
+class Plus(nn.Linear):
+    """An nn.Linear subclass with its own forward: the layer cannot fold it."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "subclass", "instance_forward"])
+def test_base_layers_with_changed_forward_are_not_folded(eager, how):
+    torch.manual_seed(0)
+    model_cls = Proj
+    base = model_cls()
+    if how == "subclass":
+        plus = Plus(10, 7)
+        plus.load_state_dict(base.q_proj.state_dict())
+        base.q_proj = plus
+    elif how == "forward_hook":
+        base.q_proj.register_forward_hook(lambda m, i, out: out + 1.0)
+    elif how == "pre_hook":
+        base.q_proj.register_forward_pre_hook(lambda m, i: (i[0] + 1.0,))
+    else:
+        plain = base.q_proj.forward
+        base.q_proj.forward = lambda x: plain(x) + 1.0
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected_base = base.q_proj(x)
+    model = get_loran_model(base, LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                              activation_kwargs=SINTER))
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data.normal_(0, 0.5)
+    assert layer._loran_fold_plan(x, (), {}) is None
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    update = 3.0 * x.double() @ F64["sinter"](B @ A).T
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected_base.double() + update, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,memory_efficient", [("identity", True), ("sinter", False), ("sinter", True)])
+def test_unfolded_update_returns_the_base_dtype(eager, activation, memory_efficient):
+    """A bf16 base with active dropout: the output stays bf16 (PEFT keeps the adapter in float32)."""
+    torch.manual_seed(0)
+    model = get_loran_model(Proj().to(torch.bfloat16), LoranConfig(
+        r=3, lora_alpha=9, target_modules=["q_proj"], lora_dropout=0.3, memory_efficient=memory_efficient,
+        activation=activation, activation_kwargs=SINTER if activation == "sinter" else {})).train()
+    layer = model.base_model.model.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    y = model(torch.randn(2, 10, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
