@@ -657,3 +657,16 @@ def test_unfolded_update_returns_the_base_dtype(eager, activation, memory_effici
     assert layer.lora_A["default"].weight.dtype == torch.float32
     y = model(torch.randn(2, 10, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
+
+
+def test_nf4_base_without_bias_folds(eager):
+    from loran.layers import _base_weight_fn
+
+    q = _nf4()
+    q.bias = None
+    q.support_avx512bf16_for_cpu = False
+    x = torch.randn(3, 8)
+    weight_fn, bias = _base_weight_fn(q, x)
+    assert bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(x @ weight_fn(torch.float32).weight.T, q(x), rtol=1e-5, atol=1e-5)
