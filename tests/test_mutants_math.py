@@ -670,3 +670,46 @@ def test_nf4_base_without_bias_folds(eager):
     assert bias is None
     with torch.no_grad():
         torch.testing.assert_close(x @ weight_fn(torch.float32).weight.T, q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_full_dropout_zeroes_the_update_and_autocast_is_not_folded(eager):
+    model = _proj_model("sinter", True).train()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(3, 10)
+    layer.lora_dropout["default"] = nn.Dropout(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), layer.base_layer(x))
+    layer.lora_dropout["default"] = nn.Identity()
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._loran_fold_plan(x, (), {}) is None  # PEFT's path computes the base in bf16 there
+
+
+def test_forward_takes_the_folded_path_when_it_can(eager, monkeypatch):
+    import loran.layers as ll
+
+    calls = []
+    real = ll.loran_linear
+    monkeypatch.setattr(ll, "loran_linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model = _proj_model("sinter", True).train()
+    model(torch.randn(2, 10))
+    assert len(calls) == 1 and calls[0] is not None  # one call, with the base weight folded in
+
+
+def test_conv1d_with_a_hook_is_not_folded(eager):
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2ish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c_attn = Conv1D(6, 4)
+
+    base = GPT2ish()
+    base.c_attn.register_forward_hook(lambda m, i, out: out + 1.0)
+    model = get_loran_model(base, LoranConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    x = torch.randn(2, 4)
+    layer = model.base_model.model.c_attn
+    assert layer._loran_fold_plan(x, (), {}) is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: the hooked base output
