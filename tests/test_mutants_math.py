@@ -713,3 +713,57 @@ def test_conv1d_with_a_hook_is_not_folded(eager):
     assert layer._loran_fold_plan(x, (), {}) is None
     with torch.no_grad():
         torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: the hooked base output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memory-saving backward: partly frozen adapters, and a low-precision result.
+
+
+@pytest.mark.parametrize("trainable", [("A", "B"), ("B", "A"), ("AB", ""), ("", "AB"), ("A", "")])
+def test_backward_with_partly_frozen_adapters(eager, trainable):
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear, reference_update
+
+    gen = torch.Generator().manual_seed(31)
+    W = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    acts = [Activation("sinter", SINTER), Activation("tanh")]
+    raw = [(torch.randn(3, 5, generator=gen, dtype=torch.float64) * 0.5,
+            torch.randn(6, 3, generator=gen, dtype=torch.float64) * 0.5) for _ in range(2)]
+    x0 = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    runs = []
+    for fast in (True, False):
+        ads = [Adapter(A.clone().requires_grad_("A" in t), B.clone().requires_grad_("B" in t), 1.5 + i, act)
+               for i, ((A, B), act, t) in enumerate(zip(raw, acts, trainable))]
+        x = x0.clone().requires_grad_()
+        if fast:
+            y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, chunk_rows=2, block_rows=4)
+        else:
+            y = x @ W.T + sum(reference_update(x, a.A, a.B, a.scaling, a.act) for a in ads)
+        y.backward(g)
+        runs.append([x.grad] + [t.grad for a in ads for t in (a.A, a.B)])
+    for got, ref in zip(*runs):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref)
+
+
+def test_update_backward_with_a_bf16_result(eager):
+    from loran.activations import Activation
+    from loran.autograd import loran_update, reference_update
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(32)
+    x0, A0, B0 = torch.randn(4, 6, generator=gen), torch.randn(3, 6, generator=gen) * 0.5, torch.randn(5, 3, generator=gen) * 0.5
+    result = torch.randn(4, 5, generator=gen).bfloat16()
+    g = torch.randn(4, 5, generator=gen).bfloat16()
+    grads = []
+    for fast in (True, False):
+        x, A, B = x0.clone().requires_grad_(), A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        r = result.clone().requires_grad_()
+        y = loran_update(x, A, B, 2.0, act, result=r) if fast else r + reference_update(x, A, B, 2.0, act).bfloat16()
+        assert y.dtype == torch.bfloat16
+        y.backward(g)
+        grads.append([x.grad, A.grad, B.grad, r.grad])
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
