@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow reproduce-table2 reproduce-table2-mini study-sinter-screen bench gpu-check clean-venv
+.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 ## The slow tests as well (minutes).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+## Mutation testing (mutmut) of activations, autograd, layers, official import, metrics, tables and spectrum;
+## not in CI (hours on 2 cores): run it when those modules change. Reruns reuse results for unchanged functions.
+## One module: `make mutate MUTANTS='loran.tables*'`. Report and equivalent survivors: results/mutation.md.
+MUTANTS ?=
+MUTATE_CHILDREN ?= 2
+mutate: $(STAMP)
+	PYTHONPATH=$(CURDIR)/mutants $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 ## Paper-scale Table 2 (Llama-2-7B, SAMSum, 20 Newsgroups) on a SLURM cluster (LAUNCHER=local for a workstation).
 ## Cells whose record exists are skipped, so rerunning resumes an interrupted grid; the table is built either way.

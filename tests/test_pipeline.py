@@ -95,8 +95,9 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
     first = run_cell(cfg_of(base, results))
     assert first["status"] == "ok"
     record = json.loads((results / "runs/e2e" / first["cell"] / "record.json").read_text())
+    assert record["choices"]["seed"] == 0
     for key in ("choices", "overrides", "config", "git", "versions", "machine", "metrics", "trainable_params",
-                "wall_time_s", "peak_memory_mb", "loss_history", "seed" if False else "n_train"):
+                "wall_time_s", "peak_memory_mb", "loss_history", "n_train"):
         assert key in record, key
     assert set(record["metrics"]) >= {"rouge1", "rouge2", "rougeL"}
     # Every evaluated example, keyed by its BBC id, with its own scores averaging to the record's metrics.

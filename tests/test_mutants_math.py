@@ -1,0 +1,769 @@
+"""Tests that fail when the numbers are wrong (issue 16): each pins a value the other tests only bound or share.
+
+Each test names the planted bug it was checked against (a one-line edit that left the rest of the suite green).
+"""
+import json
+import math
+from pathlib import Path
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import loran.autograd as la
+from loran import LoranConfig, get_loran_model, load_loran, loran_layers
+from loran.official import import_official_adapter
+from loran.spectrum import update_spectrum
+from loran.tables import T975, paired_difference, t975
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    monkeypatch.setattr(la, "COMPILE", "never")
+
+
+class FixedMask(nn.Module):
+    """A stand-in for the adapter's dropout with a known mask (not nn.Dropout, so the layer cannot fold it away)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+class Proj(nn.Module):
+    def __init__(self, d_in=10, d_out=7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+SINTER = {"amp": 0.5, "omega": 30.0}
+F64 = {  # independent float64 formulas, "base" start (f(z) - f(0))
+    "sinter": lambda z: z + 0.5 * z * torch.sin(30 * z),
+    "identity": lambda z: z,
+    "sigmoid": lambda z: torch.sigmoid(z) - 0.5,
+}
+
+
+def _proj_model(activation: str, memory_efficient: bool, dropout: float = 0.0, seed: int = 1):
+    kwargs = SINTER if activation == "sinter" else {}
+    model = get_loran_model(Proj(), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], lora_dropout=dropout,
+                                                memory_efficient=memory_efficient, activation=activation,
+                                                activation_kwargs=kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in loran_layers(model):
+        layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.5
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The un-folded path applies the update to dropout(x), not to x (the base layer sees x).
+
+
+@pytest.mark.parametrize("activation", sorted(F64))
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_update_sees_dropout_x_and_base_sees_x(eager, activation, memory_efficient):
+    """Planted: `x = module.lora_dropout[...](x)` dropped from LoranVariant.forward -> fails (both paths)."""
+    model = _proj_model(activation, memory_efficient).train()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float32)
+    mask = (torch.rand(4, 10, generator=torch.Generator().manual_seed(3)) > 0.5).float() * 2.0
+    layer.lora_dropout["default"] = FixedMask(mask)
+    assert layer._loran_fold_plan(x, (), {}) is None  # the update must take the un-folded path here
+    y = model(x).double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = x.double() @ W0.T + b + 3.0 * (x.double() * mask) @ F64[activation](B @ A).T
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_real_dropout_changes_the_update_in_training_only(eager):
+    """With nn.Dropout(0.5) in train mode the output differs from eval mode; the base layer alone never does."""
+    model = _proj_model("sinter", True, dropout=0.5)
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y_eval = model.eval()(x)
+        torch.manual_seed(0)
+        y_train = model.train()(x)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), model.base_model.model.q_proj.base_layer(x))
+    assert not torch.allclose(y_train, y_eval, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Official import: f applied as is (start="official"), for every convertible activation.
+
+
+class TwoProj(nn.Module):
+    """Module paths as in LlamaForCausalLM, one layer: model.layers.0.self_attn.{q,v}_proj (v non-square)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module()])
+        attn = self.model.layers[0].self_attn = nn.Module()
+        attn.q_proj = nn.Linear(12, 12, bias=False)
+        attn.v_proj = nn.Linear(12, 6, bias=False)
+
+    def forward(self, x):
+        attn = self.model.layers[0].self_attn
+        return torch.cat([attn.q_proj(x), attn.v_proj(x)], -1)
+
+
+# Official activation name -> f as the official code applies it (no centring), float64.
+OFFICIAL_F = {
+    "Sin": lambda z, c: z + c.get("mlora_af_sin_A", 5e-4) * z * torch.sin(c.get("mlora_af_sin_omega", 1e3) * z),
+    "Sigmoid": lambda z, c: torch.sigmoid(z),
+    "Tanh": lambda z, c: torch.tanh(z),
+    "Relu": lambda z, c: torch.relu(z),
+    "Silu": lambda z, c: z * torch.sigmoid(z),
+    "Identity": lambda z, c: z,
+    "Swish": lambda z, c: z * torch.sigmoid(25 * z),
+    "Cos": lambda z, c: z + z * torch.cos(1e4 * z),
+    "Gaussian": lambda z, c: 0.5 * z * torch.exp(-z * z),
+}
+
+
+def _official_weights(r: int, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, d_out in (("q_proj", 12), ("v_proj", 6)):
+        key = f"base_model.model.model.layers.0.self_attn.{name}"
+        state[f"{key}.mlora_A"] = torch.randn(r, 12, generator=gen) * 0.4
+        state[f"{key}.mlora_B"] = torch.randn(d_out, r, generator=gen) * 0.4
+    return state
+
+
+def _write_official(folder, cfg, state):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    torch.save(state, folder / "adapter_model.bin")
+    return folder
+
+
+CASES = [(af, False) for af in sorted(OFFICIAL_F)] + [("Sin", True), (None, True)]
+
+
+@pytest.mark.parametrize("af,defaults", CASES, ids=[f"{a}-{'defaults' if d else 'explicit'}" for a, d in CASES])
+def test_official_import_applies_f_as_the_official_code(tmp_path, af, defaults):
+    """Planted: start="base" in convert_official_config -> fails for Sigmoid (f(0) = 0.5). The defaults cases
+    leave out what the official code defaults (mlora_af Sigmoid, amp 5e-4, omega 1e3, alpha 8, dropout 0)."""
+    r = 4
+    cfg = {"peft_type": "MLORA", "r": [r, 12], "target_modules": ["q_proj", "v_proj"]}
+    if af is not None:
+        cfg["mlora_af"] = af
+    if not defaults:
+        cfg.update(mlora_alpha=12, mlora_dropout=0.1, mlora_af_sin_A=0.5, mlora_af_sin_omega=30.0)
+    af = af or "Sigmoid"
+    state = _official_weights(r)
+    config = import_official_adapter(_write_official(tmp_path / "official", cfg, state), tmp_path / "loran")
+    assert config.start == "official"
+    assert config.lora_dropout == (0.0 if defaults else 0.1)
+    # float64 throughout: Cos's f(z) = z + z cos(1e4 z) is only good to ~1e-4 in float32.
+    model = load_loran(TwoProj(), tmp_path / "loran").double().eval()
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    s = cfg.get("mlora_alpha", 8) / r
+    base = TwoProj()
+    outs = []
+    for name in ("q_proj", "v_proj"):
+        key = f"base_model.model.model.layers.0.self_attn.{name}"
+        Z = state[f"{key}.mlora_B"].double() @ state[f"{key}.mlora_A"].double()
+        W0 = getattr(base.model.layers[0].self_attn, name).weight.double()
+        outs.append(x @ W0.T + s * x @ OFFICIAL_F[af](Z, cfg).T)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.cat(outs, -1), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Student t quantiles: every tabulated df against an independent computation.
+
+
+def _t_quantile(df: int, p: float = 0.975) -> float:
+    """Inverse of the t CDF, F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2, by mpmath root finding."""
+    cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: cdf(t) - p, 2.0 if df > 2 else 5.0))
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_every_tabulated_t_quantile_is_right_to_three_decimals(df):
+    """Planted: T975[4] = 2.576 (or any other entry) -> fails; only df = 2 was checked before."""
+    assert abs(T975[df] - _t_quantile(df)) < 6e-4, (df, T975[df], _t_quantile(df))
+
+
+def test_t975_uses_the_nearest_tabulated_df_at_or_below():
+    assert t975(4) == T975[4] and t975(22) == T975[20] and t975(29) == T975[25] and t975(30) == T975[30]
+    assert t975(31) == 1.96 and t975(1) == T975[1]
+
+
+def test_paired_interval_with_five_seeds_uses_df_4():
+    values, base = {s: 0.5 + 0.01 * s * s for s in range(5)}, {s: 0.5 for s in range(5)}
+    d = np.array([values[s] - base[s] for s in range(5)])
+    half = _t_quantile(4) * d.std(ddof=1) / math.sqrt(5)
+    out = paired_difference(values, base)
+    assert out["pairs"] == 5 and out["delta"] == pytest.approx(d.mean())
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. The update spectrum: the share of energy beyond rank r from the exact singular values.
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(16, 12) for _ in range(3)])
+
+    def forward(self, x):
+        return x
+
+
+def test_energy_beyond_r_is_the_exact_tail_share():
+    """Planted: energy[r + 1:] in update_spectrum -> fails (it was only bounded below)."""
+    r = 3
+    model = get_loran_model(Stack(), LoranConfig(r=r, lora_alpha=6, target_modules=["0", "1", "2"],
+                                                 activation="sinter", activation_kwargs={"amp": 0.5, "omega": 3.0}))
+    gen = torch.Generator().manual_seed(1)
+    for _, layer in loran_layers(model):
+        layer.lora_B["default"].weight.data = torch.randn(12, r, generator=gen)
+    spec = update_spectrum(model)
+    layer = model.base_model.model.layers[1]
+    assert spec["module"].endswith("layers.1") and spec["r"] == r
+    A, B = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+    Z = B @ A
+    sv = torch.linalg.svdvals(2.0 * (Z + 0.5 * Z * torch.sin(3.0 * Z)))
+    energy = sv.square()
+    assert spec["energy_beyond_r"] == pytest.approx((energy[r:].sum() / energy.sum()).item(), rel=1e-9)
+    assert spec["energy_beyond_r"] > (energy[r + 1:].sum() / energy.sum()).item() * 1.01  # the test can tell
+    assert spec["numerical_rank"] == int((sv > sv[0] * 1e-10).sum()) == 12
+
+
+def test_spectrum_of_a_zero_update_is_zero():
+    model = get_loran_model(Stack(), LoranConfig(r=2, target_modules=["0", "1", "2"]))  # B = 0
+    spec = update_spectrum(model)
+    assert spec["energy_beyond_r"] == 0.0 and spec["numerical_rank"] == 0 and set(spec["singular_values"]) == {0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table 2 end to end in-process (mutation testing: the script runs in a subprocess that mutmut cannot see).
+
+
+@pytest.fixture
+def grid(tmp_path, write_fake_record):
+    """QLoRA and three LoRAN rows on accuracy: better (significant), worse (significant), a tie; one-seed
+    identity; two-seed sigmoid; tanh has rouge1 but QLoRA has none."""
+    runs = tmp_path / "runs"
+    acc = {"qlora-none": [0.80, 0.82, 0.81], "loran-sinter": [0.85, 0.86, 0.87], "loran-relu": [0.70, 0.71, 0.73],
+           "loran-tanh": [0.79, 0.84, 0.80], "loran-identity": [0.9], "loran-sigmoid": [0.83, 0.84]}
+    for row, values in acc.items():
+        adapter, activation = row.split("-")
+        for seed, value in enumerate(values):
+            extra = {"rouge1": 0.25} if row == "loran-tanh" else {}
+            write_fake_record(runs, adapter, activation, "bbc_news", seed, {"accuracy": value, **extra})
+    return runs
+
+
+def _entry(table, row, metric):
+    return next(e for e in table if e["row"] == row and e["metric"] == metric)
+
+
+def test_table_entries_in_full(grid):
+    from loran.tables import build, load_records
+
+    table = build(load_records(grid))
+    assert [(e["row"], e["metric"]) for e in table][:5] == [("qlora-none", m) for m in
+                                                            ("rouge1", "rouge2", "rougeL", "accuracy")] + [
+        ("loran-sigmoid", "rouge1")]
+    assert len(table) == 24
+    missing = _entry(table, "loran-sinter", "rouge2")
+    assert missing == {"row": "loran-sinter", "label": "LoRAN (Sinter)", "metric": "rouge2", "paper": "",
+                       "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
+                       "pairs": 0, "significant": None, "seeds": []}
+    base = _entry(table, "qlora-none", "accuracy")
+    assert base["delta"] is None and base["pairs"] == 0 and base["seeds"] == [0, 1, 2]  # no difference to itself
+    two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std and a paired interval with df = 1
+    assert two["std"] == pytest.approx(0.00707107, rel=1e-5) and two["pairs"] == 2
+    assert two["ci_high"] - two["delta"] == pytest.approx(12.706 * 0.01 / 2, rel=1e-4)  # sd(d) = 0.01 / sqrt(2)
+    assert _entry(table, "loran-tanh", "rouge1")["delta"] is None  # no QLoRA values to pair with
+    assert _entry(table, "loran-tanh", "rouge1")["mean"] == pytest.approx(0.25)
+    worse = _entry(table, "loran-relu", "accuracy")
+    assert worse["significant"] is True and worse["ci_high"] < 0
+    assert _entry(table, "loran-tanh", "accuracy")["significant"] is False
+
+
+EXPECTED_MD = """\
+# Grid
+
+Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, [95% t interval]; \
+* = the interval excludes 0. `-` = no successful run for that cell.
+
+| row | rouge1 | rouge2 | rougeL | accuracy | paper |
+|---|---|---|---|---|---|
+| QLoRA | - | - | - | 81.00 +- 1.00 (3) | - / - / - / 80.1 |
+| LoRAN (Sigmoid) | - | - | - | 83.50 +- 0.71 (2) | - / - / - / - |
+| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85] | |
+| LoRAN (ReLU) | - | - | - | 71.33 +- 1.53 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]* | |
+| LoRAN (Tanh) | 25.00 +- 0.00 (3) | - | - | 81.00 +- 2.65 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30] | |
+| LoRAN (Sinter) | - | - | - | 86.00 +- 1.00 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]* | |
+| LoRAN (identity = LoRA control) | - | - | - | 90.00 (1) | - / - / - / - |
+"""
+
+
+def test_markdown_and_csv_in_full(grid, tmp_path):
+    """The whole rendered table, checked by hand: percent, signs, intervals, stars, dashes, the paper column."""
+    from loran.tables import build, load_records, read_paper, to_markdown, write_csv
+
+    paper = tmp_path / "paper.csv"
+    paper.write_text("# test\nrow,label,rouge1,rouge2,rougeL,accuracy\nqlora-none,QLoRA,,,, 80.1 \n")
+    table = build(load_records(grid), read_paper(paper))
+    assert to_markdown(table, "Grid") == EXPECTED_MD
+    write_csv(table, tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,pairs,significant,paper"
+    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,0,,"
+    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,0,,80.1")
+    relu = next(x for x in lines if x.startswith("loran-relu,LoRAN (ReLU),accuracy,"))
+    fields = relu.split(",")
+    assert (fields[5], fields[9], fields[10], fields[11]) == ("3", "3", "True", "")
+    assert [float(v) for v in fields[6:9]] == pytest.approx([-0.0966667, -0.1346, -0.0587], abs=1e-4)
+    assert len(lines) == 25
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official import: what else it reads and refuses (mutation testing found these unchecked).
+
+
+def _official_cfg(**extra):
+    return {"peft_type": "MLORA", "r": [4, 12], "mlora_af": "Sin", "target_modules": ["q_proj", "v_proj"], **extra}
+
+
+def test_official_import_reads_safetensors_first_and_keeps_config_fields(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _write_official(tmp_path / "official", _official_cfg(task_type="CAUSAL_LM", fan_in_fan_out=True,
+                                                               base_model_name_or_path="meta-llama/Llama-2-7b-hf"),
+                          {k: torch.zeros_like(v) for k, v in _official_weights(4).items()})  # .bin: all zero
+    save_file(_official_weights(4), src / "adapter_model.safetensors")  # the weights that must win
+    dst = tmp_path / "deep/er/loran"  # parents are created
+    config = import_official_adapter(src, dst)
+    assert (config.task_type, config.base_model_name_or_path) == ("CAUSAL_LM", "meta-llama/Llama-2-7b-hf")
+    assert config.fan_in_fan_out is True
+    from safetensors.torch import load_file
+
+    got = load_file(dst / "adapter_model.safetensors")
+    assert len(got) == 4 and all(v.abs().sum() > 0 for v in got.values())
+    config = import_official_adapter(src, dst)  # into an existing folder: overwritten, no error
+    plain = import_official_adapter(_write_official(tmp_path / "o2", _official_cfg(), _official_weights(4)),
+                                    tmp_path / "l2")
+    assert plain.fan_in_fan_out is False and plain.task_type is None and plain.base_model_name_or_path is None
+
+
+def test_official_import_refuses_pickles_that_are_not_plain_tensors(tmp_path):
+    import pickle
+
+    state = {**_official_weights(4), "note": Path("not a tensor")}
+    src = tmp_path / "official"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps(_official_cfg()))
+    torch.save(state, src / "adapter_model.bin")
+    with pytest.raises(pickle.UnpicklingError):  # weights_only=True: no arbitrary objects from a download
+        import_official_adapter(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_b_1": torch.ones(12, 1)}, "mlora_b_1: P/b/embedding"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_P_1": torch.zeros(4, 4)}, "mlora_P_1: P/b/embedding"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.weight": torch.ones(12, 12)},
+     r"^base_model.model.model.layers.0.self_attn.q_proj.weight: not an MLoRA A/B weight; cannot be converted$"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.mlora_A": torch.ones(3, 12)},
+     r"^base_model.model.model.layers.0.self_attn.q_proj.mlora_A has shape \(3, 12\); expected rank 4 on dim 0$"),
+])
+def test_official_weights_refused_with_the_key_and_reason(extra, message):
+    from loran.official import OfficialAdapterError, convert_official_weights
+
+    with pytest.raises(OfficialAdapterError, match=message):
+        convert_official_weights({**_official_weights(4), **extra}, 4)
+
+
+def test_official_weights_errors_and_zero_bias_first():
+    from loran.official import OfficialAdapterError, convert_official_config, convert_official_weights
+
+    with pytest.raises(OfficialAdapterError, match=r"^no mlora_A / mlora_B weights found$"):
+        convert_official_weights({}, 4)
+    zero_bias_first = {"base_model.model.model.layers.0.self_attn.q_proj.mlora_b_1": torch.zeros(12, 1),
+                       **_official_weights(4)}
+    assert len(convert_official_weights(zero_bias_first, 4)) == 4  # the zero bias is skipped, not the rest
+    with pytest.raises(OfficialAdapterError, match=r"^peft_type='LORA'; an official LoRAN adapter has \"MLORA\"$"):
+        convert_official_config({**_official_cfg(), "peft_type": "LORA"})
+    with pytest.raises(OfficialAdapterError, match=r"r=\[4, 12, 12\]: only r = \[r0, d\] \(no P or b layers, as in the "
+                                                   r"released adapters\) can be converted; more entries mean extra "
+                                                   r"P_i/b_i layers, which LoRAN here does not implement$"):
+        convert_official_config({**_official_cfg(), "r": [4, 12, 12]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and spectrum details.
+
+
+def test_labels_longest_first_regardless_of_case_and_duplicates_refused():
+    from loran.metrics import parse_label
+
+    # Reverse alphabetical order would try "tech" before "Tech Support" ('t' > 'T'); longest first does not.
+    assert parse_label("tech support news", ["tech", "Tech Support"]) == "Tech Support"
+    with pytest.raises(ValueError, match=r"^labels must differ case-insensitively, got \['Tech', 'tech'\]$"):
+        parse_label("x", ["Tech", "tech"])
+
+
+class Five(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(5)])
+
+
+def test_middle_layer_of_five_and_default_adapter():
+    from loran.spectrum import middle_layer, update_matrix
+
+    model = get_loran_model(Five(), LoranConfig(r=2, lora_alpha=4, target_modules=[str(i) for i in range(5)],
+                                                activation="tanh"))
+    name, layer = middle_layer(model)
+    assert name.endswith("layers.2")
+    layer.lora_B["default"].weight.data.fill_(0.5)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    torch.testing.assert_close(update_matrix(layer), 2.0 * torch.tanh(B @ A).detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations: the defaults of the functions themselves, and f' in the compute dtype.
+
+
+def test_activation_function_defaults_are_the_official_settings():
+    from loran.activations import Activation, activation_params
+
+    assert activation_params("sinter") == {"amp": 5e-5, "omega": 1e4}
+    assert activation_params("swish") == {"beta": 25.0} and activation_params("cos") == {"omega": 1e4}
+    z = torch.linspace(-0.3, 0.3, 41, dtype=torch.float64)
+    expected = {"sinter": (z + 5e-5 * z * torch.sin(1e4 * z), 1 + 5e-5 * torch.sin(1e4 * z) + 0.5 * z * torch.cos(1e4 * z)),
+                "swish": (z * torch.sigmoid(25 * z), torch.sigmoid(25 * z) * (1 + 25 * z * (1 - torch.sigmoid(25 * z)))),
+                "cos": (z + z * torch.cos(1e4 * z), 1 + torch.cos(1e4 * z) - 1e4 * z * torch.sin(1e4 * z))}
+    for name, (f, df) in expected.items():
+        act = Activation(name)  # no parameters given: the functions' own defaults
+        torch.testing.assert_close(act.f(z), f, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(act.df(z), df, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("name", ["relu", "sinter", "sigmoid", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_derivative_has_the_compute_dtype(name, dtype):
+    from loran.activations import Activation
+
+    z = torch.tensor([-0.5, 0.0, 0.25], dtype=dtype)
+    for start in ("base", "official"):
+        assert Activation(name, start=start).df(z).dtype == dtype
+    assert Activation("relu").df(z).tolist() == [0.0, 1.0, 1.0]  # "base": the right derivative at 0
+    assert Activation("relu", start="official").df(z).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_zero_parameters_are_allowed():
+    from loran.activations import Activation
+
+    z = torch.tensor([0.3, -0.2])
+    torch.testing.assert_close(Activation("sinter", {"amp": 0.0, "omega": 0.0}).f(z), z)
+    torch.testing.assert_close(Activation("swish", {"beta": 0.0}).f(z), z / 2)
+
+
+def test_identical_to_the_baseline_is_not_significant():
+    """LoRAN-identity can equal QLoRA exactly (same numbers): a zero-width interval at 0 excludes nothing."""
+    out = paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.5, 1: 0.7, 2: 0.6})
+    assert (out["delta"], out["ci_low"], out["ci_high"], out["significant"]) == (0.0, 0.0, 0.0, False)
+    assert paired_difference({0: 0.4, 1: 0.4}, {0: 0.5, 1: 0.5})["significant"] is True  # below, zero spread
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused kernels' Python (what torch.compile traces), run eagerly against the eager kernels: every flag.
+# (Mutation testing cannot reach them through torch.compile; test_compiled_kernels runs them compiled.)
+
+
+@pytest.mark.parametrize("base", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("separate", [False, True])
+def test_fused_kernels_equal_the_eager_kernels(base, accumulate, write, separate):
+    from loran.activations import Activation
+
+    pw = Activation("sinter", SINTER).pointwise
+    gen = torch.Generator().manual_seed(21)
+    B, A = torch.randn(5, 2, generator=gen), torch.randn(2, 4, generator=gen)
+    W0 = torch.randn(5, 4, generator=gen) if base else None
+    start, G0 = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    outs = []
+    for weight_kernel, grad_kernel in ((la._weight_kernel, la._grad_kernel),
+                                       (la._fused_weight_kernel, la._fused_grad_kernel)):
+        out_w = start.clone()
+        weight_kernel(out_w, B, A, W0, 2.5, pw.f, accumulate)
+        out_g, G = start.clone(), G0.clone()
+        grad_z = torch.zeros(5, 4) if separate else None
+        grad_kernel(out_g if write else None, grad_z, G, B, A, W0, 2.5, pw.f, pw.df, accumulate)
+        outs.append([out_w, out_g, G, grad_z if separate else G])
+    for got, ref in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # and against the formulas
+    z = B @ A
+    expected_w = (start if accumulate else (W0 if base else 0)) + 2.5 * pw.f(z)
+    torch.testing.assert_close(outs[1][0], expected_w)
+    torch.testing.assert_close(outs[1][3], G0 * 2.5 * pw.df(z))
+    torch.testing.assert_close(outs[1][1], expected_w if write else start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer details PEFT relies on.
+
+
+def test_loran_is_not_convertible_to_lora_and_unmerge_keeps_the_dtype():
+    from loran.layers import LoranVariant
+
+    assert LoranVariant().supports_lora_conversion() is False  # f(BA) is not a rank-r product
+    model = get_loran_model(Proj().to(torch.bfloat16), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"],
+                                                                   activation="sinter", activation_kwargs=SINTER))
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data.normal_(0, 0.5)
+    W = layer.base_layer.weight.data.clone()
+    model.merge_adapter()
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.base_layer.weight, W)
+    model.unmerge_adapter()
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.base_layer.weight.float(), W.float(), rtol=0.02, atol=0.02)
+
+
+def test_conv1d_flags_and_warning_text():
+    import warnings
+
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2ish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(6, 4)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(GPT2ish(), LoranConfig(r=2, target_modules=["c_attn"]))
+    assert "fan_in_fan_out=False but the target is Conv1D; setting fan_in_fan_out=True." in [
+        str(w.message) for w in caught]
+    layer = model.base_model.model.c_attn
+    assert layer.is_target_conv_1d_layer is True and layer.fan_in_fan_out is True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When the layer may fold the update into W0 (one matmul) and when it must leave the base layer to itself.
+
+
+def _nf4(compute_dtype=torch.float32):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    q = bnb.nn.Linear4bit(8, 6, compute_dtype=compute_dtype, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+def test_nf4_fold_leaves_bitsandbytes_cpu_repacking_alone():
+    from loran.layers import _base_weight_fn
+
+    x, xg = torch.randn(2, 8), torch.randn(2, 8, requires_grad=True)
+    q = _nf4()
+    q.support_avx512bf16_for_cpu = True  # bnb would repack to bf16 on an eval-mode forward without grad
+    assert _base_weight_fn(q.eval(), x) is None
+    assert _base_weight_fn(q.eval(), xg) is not None
+    assert _base_weight_fn(q.train(), x) is not None
+    del q.support_avx512bf16_for_cpu  # an older bnb without the attribute: no repacking
+    assert _base_weight_fn(q.eval(), x) is not None
+    q.support_avx512bf16_for_cpu = False
+    q.weight.quant_state.packing_format_for_cpu = True  # already repacked by bnb: not a plain NF4 weight
+    assert _base_weight_fn(q.train(), xg) is None
+
+
+def test_nf4_fold_sets_the_compute_type_as_bitsandbytes_does():
+    from loran.layers import _base_weight_fn
+
+    q = _nf4(compute_dtype=None)
+    q.support_avx512bf16_for_cpu = False
+    assert not q.compute_type_is_set
+    assert _base_weight_fn(q, torch.randn(2, 8)) is not None
+    assert q.compute_type_is_set is True and q.compute_dtype == torch.float32
+
+
+class Plus(nn.Linear):
+    """An nn.Linear subclass with its own forward: the layer cannot fold it."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "subclass", "instance_forward"])
+def test_base_layers_with_changed_forward_are_not_folded(eager, how):
+    torch.manual_seed(0)
+    model_cls = Proj
+    base = model_cls()
+    if how == "subclass":
+        plus = Plus(10, 7)
+        plus.load_state_dict(base.q_proj.state_dict())
+        base.q_proj = plus
+    elif how == "forward_hook":
+        base.q_proj.register_forward_hook(lambda m, i, out: out + 1.0)
+    elif how == "pre_hook":
+        base.q_proj.register_forward_pre_hook(lambda m, i: (i[0] + 1.0,))
+    else:
+        plain = base.q_proj.forward
+        base.q_proj.forward = lambda x: plain(x) + 1.0
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected_base = base.q_proj(x)
+    model = get_loran_model(base, LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                              activation_kwargs=SINTER))
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data.normal_(0, 0.5)
+    assert layer._loran_fold_plan(x, (), {}) is None
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    update = 3.0 * x.double() @ F64["sinter"](B @ A).T
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected_base.double() + update, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,memory_efficient", [("identity", True), ("sinter", False), ("sinter", True)])
+def test_unfolded_update_returns_the_base_dtype(eager, activation, memory_efficient):
+    """A bf16 base with active dropout: the output stays bf16 (PEFT keeps the adapter in float32)."""
+    torch.manual_seed(0)
+    model = get_loran_model(Proj().to(torch.bfloat16), LoranConfig(
+        r=3, lora_alpha=9, target_modules=["q_proj"], lora_dropout=0.3, memory_efficient=memory_efficient,
+        activation=activation, activation_kwargs=SINTER if activation == "sinter" else {})).train()
+    layer = model.base_model.model.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    y = model(torch.randn(2, 10, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_nf4_base_without_bias_folds(eager):
+    from loran.layers import _base_weight_fn
+
+    q = _nf4()
+    q.bias = None
+    q.support_avx512bf16_for_cpu = False
+    x = torch.randn(3, 8)
+    weight_fn, bias = _base_weight_fn(q, x)
+    assert bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(x @ weight_fn(torch.float32).weight.T, q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_full_dropout_zeroes_the_update_and_autocast_is_not_folded(eager):
+    model = _proj_model("sinter", True).train()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(3, 10)
+    layer.lora_dropout["default"] = nn.Dropout(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), layer.base_layer(x))
+    layer.lora_dropout["default"] = nn.Identity()
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._loran_fold_plan(x, (), {}) is None  # PEFT's path computes the base in bf16 there
+
+
+def test_forward_takes_the_folded_path_when_it_can(eager, monkeypatch):
+    import loran.layers as ll
+
+    calls = []
+    real = ll.loran_linear
+    monkeypatch.setattr(ll, "loran_linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model = _proj_model("sinter", True).train()
+    model(torch.randn(2, 10))
+    assert len(calls) == 1 and calls[0] is not None  # one call, with the base weight folded in
+
+
+def test_conv1d_with_a_hook_is_not_folded(eager):
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2ish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c_attn = Conv1D(6, 4)
+
+    base = GPT2ish()
+    base.c_attn.register_forward_hook(lambda m, i, out: out + 1.0)
+    model = get_loran_model(base, LoranConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    x = torch.randn(2, 4)
+    layer = model.base_model.model.c_attn
+    assert layer._loran_fold_plan(x, (), {}) is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: the hooked base output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memory-saving backward: partly frozen adapters, and a low-precision result.
+
+
+@pytest.mark.parametrize("trainable", [("A", "B"), ("B", "A"), ("AB", ""), ("", "AB"), ("A", ""), ("", "")])
+def test_backward_with_partly_frozen_adapters(eager, trainable):
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear, reference_update
+
+    gen = torch.Generator().manual_seed(31)
+    W = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    acts = [Activation("sinter", SINTER), Activation("tanh")]
+    raw = [(torch.randn(3, 5, generator=gen, dtype=torch.float64) * 0.5,
+            torch.randn(6, 3, generator=gen, dtype=torch.float64) * 0.5) for _ in range(2)]
+    x0 = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    runs = []
+    for fast in (True, False):
+        ads = [Adapter(A.clone().requires_grad_("A" in t), B.clone().requires_grad_("B" in t), 1.5 + i, act)
+               for i, ((A, B), act, t) in enumerate(zip(raw, acts, trainable))]
+        x = x0.clone().requires_grad_()
+        if fast:
+            y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, chunk_rows=2, block_rows=4)
+        else:
+            y = x @ W.T + sum(reference_update(x, a.A, a.B, a.scaling, a.act) for a in ads)
+        y.backward(g)
+        runs.append([x.grad] + [t.grad for a in ads for t in (a.A, a.B)])
+    for got, ref in zip(*runs):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref)
+
+
+def test_update_backward_with_a_bf16_result(eager):
+    from loran.activations import Activation
+    from loran.autograd import loran_update, reference_update
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(32)
+    x0, A0, B0 = torch.randn(4, 6, generator=gen), torch.randn(3, 6, generator=gen) * 0.5, torch.randn(5, 3, generator=gen) * 0.5
+    result = torch.randn(4, 5, generator=gen).bfloat16()
+    g = torch.randn(4, 5, generator=gen).bfloat16()
+    grads = []
+    for fast in (True, False):
+        x, A, B = x0.clone().requires_grad_(), A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        r = result.clone().requires_grad_()
+        y = loran_update(x, A, B, 2.0, act, result=r) if fast else r + reference_update(x, A, B, 2.0, act).bfloat16()
+        assert y.dtype == torch.bfloat16
+        y.backward(g)
+        grads.append([x.grad, A.grad, B.grad, r.grad])
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
