@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 import loran.autograd as la
 from loran import LoranConfig, get_loran_model, loran_layers
+from loran.activations import ACTIVATIONS
 from loran.evaluation import evaluate
 from loran.generation import generate
 from loran.metrics import classification
@@ -97,18 +98,21 @@ ROWS = [r for r in options("row") if r.startswith("loran_")]
 
 @pytest.mark.parametrize("experiment", [None, "table2_mini", "table2"])
 @pytest.mark.parametrize("row", ROWS)
-def test_every_loran_row_builds_its_activation_with_start_base(row, experiment):
-    """Planted: `start: official` in configs/adapter/loran.yaml -> fails (it reached every row)."""
+def test_every_loran_row_builds_its_activation_with_its_start(row, experiment):
+    """Planted: `start: official` in configs/adapter/loran.yaml -> fails (it reached every row). Rows named
+    *_official start as the official code does; every other row starts at the base model."""
     overrides = [f"row={row}"] + ([f"experiment={experiment}"] if experiment else [])
     cfg = cfg_of(overrides)
     peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
-    activation = row.removeprefix("loran_")
+    activation, _, official = row.removeprefix("loran_").partition("_")
+    start = "official" if official else "base"
     own = OmegaConf.load(CONFIGS / "activation" / f"{activation}.yaml")  # read without the composition
-    assert (peft.activation, peft.start) == (activation, "base")
+    assert (peft.activation, peft.start) == (activation, start)
     assert peft.activation_kwargs == OmegaConf.to_container(own.params)
     act = peft.build_activation()
-    assert (act.name, act.params, act.start) == (activation, dict(own.params), "base")
-    assert float(act.f(torch.zeros(()))) == 0.0  # every row starts at the base model (Sigmoid: f(0) - 0.5)
+    assert (act.name, act.params, act.start) == (activation, dict(own.params), start)
+    uncentred = float(ACTIVATIONS[activation].f(torch.zeros(()), **own.params))  # Sigmoid: 0.5
+    assert float(act.f(torch.zeros(()))) == (uncentred if official else 0.0)
 
 
 def test_start_and_params_overrides_reach_the_peft_config():
@@ -120,10 +124,12 @@ def test_start_and_params_overrides_reach_the_peft_config():
     assert peft.activation_kwargs == {"amp": 0.25, "omega": 1e4}
 
 
-def test_qlora_row_is_plain_lora():
+def test_qlora_row_is_lora():
+    """QLoRA is LoRAN with the identity, computed as LoRA (loran/config.py explains why it is not peft.LoraConfig)."""
     cfg = cfg_of(["row=qlora"])
     peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
-    assert type(peft).__name__ == "LoraConfig" and cfg.activation.name == "none"
+    assert type(peft).__name__ == "LoranConfig" and peft.activation == "identity" and cfg.activation.name == "none"
+    assert peft.build_activation().linear
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,13 +180,14 @@ def test_generation_in_train_mode_equals_eval_mode_and_restores_train_mode(noisy
 def test_evaluate_scores_eval_mode_outputs(noisy_model):
     model, tokenizer = noisy_model
     labels = ["business", "entertainment", "politics", "sport"]
-    data = Dataset.from_dict({"prompt": PROMPTS, "target": labels,
-                              "input_ids": [tokenizer(p)["input_ids"] for p in PROMPTS]})
+    data = Dataset.from_dict({"example_id": [f"p{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS,
+                              "target": labels, "input_ids": [tokenizer(p)["input_ids"] for p in PROMPTS]})
     metric = lambda p, t: classification(p, t, labels)  # noqa: E731
     torch.manual_seed(0)
     in_train = evaluate(model, tokenizer, data, metric, max_new_tokens=6, batch_size=4)
     in_eval = evaluate(model.eval(), tokenizer, data, metric, max_new_tokens=6, batch_size=4)
     assert in_train["examples"] == in_eval["examples"] and in_train["metrics"] == in_eval["metrics"]
+    assert in_train["predictions"] == in_eval["predictions"]
     assert [e["target"] for e in in_train["examples"]] == labels
 
 
