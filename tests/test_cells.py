@@ -125,3 +125,10 @@ def test_migration_moves_a_record_only_when_todays_configs_reproduce_it(tmp_path
     (moved,) = [json.loads(p.read_text()) for p in runs.glob("*/record.json")]
     assert moved["cell"] == cfg_of(*overrides).cell and moved["identity"] == identity(cfg_of(*overrides))
     assert moved["migrated"][0]["assumed"] == {"adapter.peft.memory_efficient": True}
+
+
+def test_dora_has_the_qlora_sizes():
+    dora, qlora = cfg_of("adapter=dora").adapter.peft, cfg_of("adapter=qlora").adapter.peft
+    assert dora.use_dora is True
+    assert [dora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")] == \
+        [qlora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")]

@@ -82,6 +82,7 @@ def test_a_checkpoint_folder_is_resumed_only_by_the_configuration_that_wrote_it(
     ["trainer=gpu", "trainer.args.use_cpu=true"],                        # bf16 autocast, paged AdamW (CPU fallback)
     ["experiment=table2", "trainer.args.use_cpu=true", "row=loran_sinter"],  # r=64, dropout 0.2, trainer=gpu
     ["experiment=table2_mini", "row=qlora"],
+    ["adapter=dora"],                                                   # the study's DoRA arm
 ])
 def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides):
     # model and dataset after the experiment: its hub model and data are swapped for the tiny ones
