@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 
 ## Mutation testing (mutmut) of activations, autograd, layers, official import, metrics, tables and spectrum;
 ## not in CI (hours on 2 cores): run it when those modules change. Reruns reuse results for unchanged functions.
-## One module: `make mutate MUTANTS='loran.tables*'`. Report and equivalent survivors: results/mutation.md.
+## One module: `make mutate MUTANTS='loran.pipeline.tables*'`. Report and equivalent survivors: results/mutation.md.
 MUTANTS ?=
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)

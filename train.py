@@ -18,10 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from loran.checks import ConfigError
-from loran.preemption import Preempted
-from loran.records import CellBusy
-from loran.run import Diverged, run_cell
+from loran.pipeline.checks import ConfigError
+from loran.pipeline.preemption import Preempted
+from loran.pipeline.records import CellBusy
+from loran.pipeline.run import Diverged, run_cell
 
 log = logging.getLogger("train")
 STOPS = {ConfigError: (2, "configuration error"), Diverged: (3, "diverged"), CellBusy: (4, "busy"),

@@ -41,7 +41,7 @@ from bench_adapter import multiply_adds as layer_multiply_adds  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from loran import LoranConfig, get_loran_model  # noqa: E402
-from loran.models import load_causal_lm, tiny_causal_lm  # noqa: E402
+from loran.pipeline.base_models import load_causal_lm, tiny_causal_lm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -56,7 +56,7 @@ def load(quantization: str, name: str = MODEL):
         model, tokenizer = tiny_causal_lm()
     else:
         model, tokenizer = load_causal_lm(name, quantization=quantization)
-    for module in model.modules():  # no in-place bf16 repacking of 4-bit weights on AVX512-BF16 CPUs (loran.models.keep_4bit_weights_packed)
+    for module in model.modules():  # no in-place bf16 repacking of 4-bit weights on AVX512-BF16 CPUs (loran.pipeline.base_models.keep_4bit_weights_packed)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model, tokenizer

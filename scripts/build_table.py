@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from loran.records import CorruptRecord
-from loran.tables import MixedConfigs, build, load_records, read_paper, to_markdown, write_csv
+from loran.pipeline.records import CorruptRecord
+from loran.pipeline.tables import MixedConfigs, build, load_records, read_paper, to_markdown, write_csv
 
 
 def main() -> None:

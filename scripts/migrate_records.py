@@ -7,7 +7,7 @@
 Needed when records predate the hashed cell names, or when a result-relevant key was added to the configs
 (which changes every cell's hash). For each record, the config is composed again from the record's own
 overrides with today's configs and compared with the config the record stored, key by key (keys that cannot
-change a result are skipped, see loran/cells.py). A key that today's configs have and the record's do not is
+change a result are skipped, see loran/pipeline/cells.py). A key that today's configs have and the record's do not is
 accepted only when named with --assume KEY=VALUE and composed to exactly that value: the caller asserts the
 old code behaved as that value does (say why in the commit). Likewise --changed KEY=OLD accepts a key whose
 stored value was OLD and is today's value now (a class swapped for one that computes the same; say how that
@@ -24,8 +24,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from loran.cells import NOT_RESULT, config_hash, flatten, identity
-from loran.records import git_revision, read_record, rebuild_table, write_record
+from loran.pipeline.cells import NOT_RESULT, config_hash, flatten, identity
+from loran.pipeline.records import git_revision, read_record, rebuild_table, write_record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

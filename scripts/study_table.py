@@ -3,15 +3,15 @@
     python scripts/study_table.py study_sinter_screen                     # accuracy vs activation.name=identity
     python scripts/study_table.py study_sinter_screen --plan 5,836        # + the MDE of 5 seeds x 836 examples
 
-Writes results/<experiment>.md and .csv (see loran/study.py) and prints the markdown.
+Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from loran.records import CorruptRecord
-from loran.study import configurations, study_rows, to_markdown, write_csv
-from loran.tables import load_records
+from loran.pipeline.records import CorruptRecord
+from loran.pipeline.study import configurations, study_rows, to_markdown, write_csv
+from loran.pipeline.tables import load_records
 
 
 def key_value(text: str) -> tuple[str, str]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from loran.cells import config_hash, identity
-from loran.checks import check_config
-from loran.run import build_peft_config, build_training_args
+from loran.pipeline.cells import config_hash, identity
+from loran.pipeline.checks import check_config
+from loran.pipeline.run import build_peft_config, build_training_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

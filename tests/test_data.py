@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from loran.data import (
+from loran.pipeline.data import (
     CausalLMCollator, PromptSpec, eval_dataset, fit_prompts, load_aclsum, load_bbc_news, load_hub_dataset,
     prompt_ids, split_indices, subset, to_prompt_target, tokenize_example, train_dataset, validate_columns,
 )
-from loran.data.bbc import bbc_dir
-from loran.data.aclsum import aclsum_dir
-from loran.models import ensure_pad_token
+from loran.pipeline.data.bbc import bbc_dir
+from loran.pipeline.data.aclsum import aclsum_dir
+from loran.pipeline.base_models import ensure_pad_token
 
 BBC_CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
 HEADLINE = PromptSpec("text", "headline", "Article: {input}\nHeadline:", max_source_tokens=128, max_target_tokens=16)

@@ -84,7 +84,7 @@ def test_merge_and_unmerge_on_cuda():
 
 
 def test_per_rank_device_map(monkeypatch):
-    from loran.models import default_device_map
+    from loran.pipeline.base_models import default_device_map
 
     last = torch.cuda.device_count() - 1
     monkeypatch.setenv("LOCAL_RANK", str(last))

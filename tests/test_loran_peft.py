@@ -35,7 +35,7 @@ def _quantise(lin: nn.Linear, kind: str) -> nn.Module:
                               compress_statistics=True)
         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
-        # No in-place repacking to bf16 on AVX512-BF16 CPUs (see loran.models.keep_4bit_weights_packed): keeps comparisons exact.
+        # No in-place repacking to bf16 on AVX512-BF16 CPUs (see loran.pipeline.base_models.keep_4bit_weights_packed): keeps comparisons exact.
         q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False)

@@ -2,7 +2,7 @@
 import pytest
 from rouge_score import rouge_scorer
 
-from loran.metrics import classification, parse_label, rouge
+from loran.pipeline.metrics import classification, parse_label, rouge
 
 BBC = ["business", "entertainment", "politics", "sports", "tech"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loran import models
-from loran.generation import generate
+from loran.pipeline.generation import generate
 
 LOAD_GGUF = models.load_smollm2_gguf  # the real loader, before any test patches it
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -95,7 +95,7 @@ def test_nf4_load(smollm2_dir, smollm2_float):
     assert len(quantized) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers; lm_head stays float
     assert not isinstance(nf4.lm_head, bnb.nn.Linear4bit)
     for module in quantized.values():
-        module.support_avx512bf16_for_cpu = False  # keep the fp32 path: no in-place bf16 repacking (see loran.models.keep_4bit_weights_packed)
+        module.support_avx512bf16_for_cpu = False  # keep the fp32 path: no in-place bf16 repacking (see loran.pipeline.base_models.keep_4bit_weights_packed)
     got = logits(nf4.eval(), tokenizer)
 
     # Exact: the float model holding the dequantized NF4 weights computes the same logits.

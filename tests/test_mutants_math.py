@@ -15,8 +15,8 @@ from torch import nn
 import loran.autograd as la
 from loran import LoranConfig, get_loran_model, load_loran, loran_layers
 from loran.official import import_official_adapter
-from loran.spectrum import update_spectrum
-from loran.tables import T975, paired_difference, t975
+from loran.pipeline.spectrum import update_spectrum
+from loran.pipeline.tables import T975, paired_difference, t975
 
 
 @pytest.fixture
@@ -279,7 +279,7 @@ def _entry(table, row, metric):
 
 
 def test_table_entries_in_full(grid):
-    from loran.tables import build, load_records
+    from loran.pipeline.tables import build, load_records
 
     table = build(load_records(grid))
     assert [(e["row"], e["metric"]) for e in table][:5] == [("qlora-none", m) for m in
@@ -327,7 +327,7 @@ Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paire
 
 def test_markdown_and_csv_in_full(grid, tmp_path):
     """The whole rendered table, checked by hand: percent, signs, intervals, stars, dashes, the paper column."""
-    from loran.tables import build, load_records, read_paper, to_markdown, write_csv
+    from loran.pipeline.tables import build, load_records, read_paper, to_markdown, write_csv
 
     paper = tmp_path / "paper.csv"
     paper.write_text("# test\nrow,label,rouge1,rouge2,rougeL,accuracy\nqlora-none,QLoRA,,,, 80.1 \n")
@@ -422,7 +422,7 @@ def test_official_weights_errors_and_zero_bias_first():
 
 
 def test_labels_longest_first_regardless_of_case_and_duplicates_refused():
-    from loran.metrics import parse_label
+    from loran.pipeline.metrics import parse_label
 
     # Reverse alphabetical order would try "tech" before "Tech Support" ('t' > 'T'); longest first does not.
     assert parse_label("tech support news", ["tech", "Tech Support"]) == "Tech Support"
@@ -438,7 +438,7 @@ class Five(nn.Module):
 
 
 def test_middle_layer_of_five_and_default_adapter():
-    from loran.spectrum import middle_layer, update_matrix
+    from loran.pipeline.spectrum import middle_layer, update_matrix
 
     model = get_loran_model(Five(), LoranConfig(r=2, lora_alpha=4, target_modules=[str(i) for i in range(5)],
                                                 activation="tanh"))

@@ -1,7 +1,7 @@
 """Pipeline tests that fail when a silent wrong number could reach a table (issue 16, items 4, 5, 7, 9).
 
 They go through public behaviour only (composed configs, ``load_data``, ``generate``/``evaluate``, ``train.py`` as
-a subprocess), so that they survive a refactor of loran/run.py. Each names the planted bug it was checked against.
+a subprocess), so that they survive a refactor of loran/pipeline/run.py. Each names the planted bug it was checked against.
 """
 import json
 import re
@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 import loran.autograd as la
 from loran import LoranConfig, get_loran_model, loran_layers
 from loran.activations import ACTIVATIONS
-from loran.evaluation import evaluate
-from loran.generation import generate
-from loran.metrics import classification
-from loran.run import load_data
+from loran.pipeline.evaluation import evaluate
+from loran.pipeline.generation import generate
+from loran.pipeline.metrics import classification
+from loran.pipeline.run import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -42,7 +42,7 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from loran.models import tiny_causal_lm
+    from loran.pipeline.base_models import tiny_causal_lm
 
     return tiny_causal_lm(seed=0)
 

@@ -3,7 +3,7 @@ import math
 
 import nbformat
 
-from loran.tables import ROWS
+from loran.pipeline.tables import ROWS
 
 import importlib.util
 from pathlib import Path

@@ -3,7 +3,7 @@ minimal detectable effect against their formulas."""
 import numpy as np
 import pytest
 
-from loran.paired import MDE_FACTOR, changed_predictions, compare, components, difference_matrix, planned_se, \
+from loran.pipeline.paired import MDE_FACTOR, changed_predictions, compare, components, difference_matrix, planned_se, \
     scores_by_seed
 
 

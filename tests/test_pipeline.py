@@ -13,8 +13,8 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from loran.checks import ConfigError
-from loran.run import run_cell
+from loran.pipeline.checks import ConfigError
+from loran.pipeline.run import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -188,8 +188,8 @@ def test_train_py_reports_a_config_error_with_exit_code_2(workdir):
 
 def test_eval_split_chooses_the_evaluated_examples_and_not_the_seed():
     """validation to choose settings, test to report; the examples are the same for every training seed."""
-    from loran.models import tiny_causal_lm
-    from loran.run import load_data
+    from loran.pipeline.base_models import tiny_causal_lm
+    from loran.pipeline.run import load_data
 
     _, tokenizer = tiny_causal_lm()
     raw = instantiate(cfg_of(["dataset=bbc_news"]).dataset.loader)

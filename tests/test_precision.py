@@ -15,10 +15,10 @@ from peft import LoraConfig, get_peft_model
 
 from loran import LoranConfig
 from loran.activations import Activation
-from loran.checks import ConfigError
+from loran.pipeline.checks import ConfigError
 from loran.config import UPDATE_DTYPES
 from loran.layers import acts_as_identity
-from loran.run import build_peft_config
+from loran.pipeline.run import build_peft_config
 from test_loran_peft import X, make_toy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -4,7 +4,7 @@ import multiprocessing as mp
 
 import pytest
 
-from loran.records import CellBusy, CorruptRecord, cell_lock, read_record, rebuild_table, write_record
+from loran.pipeline.records import CellBusy, CorruptRecord, cell_lock, read_record, rebuild_table, write_record
 
 
 def ok_record(cell, **metrics):

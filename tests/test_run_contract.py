@@ -16,12 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import TrainerCallback
 
-import loran.models
-import loran.run
-from loran.checks import ConfigError
-from loran.records import CellBusy, cell_lock
-from loran.run import Diverged, cell_paths, run_cell
-from loran.training import checkpoint_problem, claim_out_dir, last_checkpoint
+import loran.pipeline.base_models
+import loran.pipeline.run
+from loran.pipeline.checks import ConfigError
+from loran.pipeline.records import CellBusy, cell_lock
+from loran.pipeline.run import Diverged, cell_paths, run_cell
+from loran.pipeline.training import checkpoint_problem, claim_out_dir, last_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -117,8 +117,8 @@ def test_bad_values_stop_before_loading_and_write_nothing(workdir, monkeypatch, 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the config was checked")
 
-    monkeypatch.setattr(loran.models, "tiny_causal_lm", no_loading)
-    monkeypatch.setattr(loran.models, "load_causal_lm", no_loading)
+    monkeypatch.setattr(loran.pipeline.base_models, "tiny_causal_lm", no_loading)
+    monkeypatch.setattr(loran.pipeline.base_models, "load_causal_lm", no_loading)
     with pytest.raises(ConfigError, match=message):
         run_cell(cfg_of(*SMALL, *overrides, results=workdir / "results"))
     assert nothing_under(workdir / "results") and nothing_under(workdir / "outputs")
@@ -163,14 +163,14 @@ class PoisonAtStep(TrainerCallback):
 
 
 def test_a_diverging_run_is_recorded_as_diverged_with_its_step_and_gets_no_row(workdir, monkeypatch):
-    build = loran.run.build_trainer
+    build = loran.pipeline.run.build_trainer
 
     def poisoned(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.add_callback(PoisonAtStep())
         return trainer
 
-    monkeypatch.setattr(loran.run, "build_trainer", poisoned)
+    monkeypatch.setattr(loran.pipeline.run, "build_trainer", poisoned)
     results = workdir / "results"
     cfg = cfg_of(*SMALL, "trainer.args.max_steps=12", "dataset.n_train=24", "trainer.args.save_steps=4",
                  results=results)
@@ -220,7 +220,7 @@ def test_a_process_dying_between_record_and_row_leaves_the_row_to_the_next_run(w
     def die(*args, **kwargs):
         raise KeyboardInterrupt  # killed right after the record was written
 
-    monkeypatch.setattr(loran.run, "rebuild_table", die)
+    monkeypatch.setattr(loran.pipeline.run, "rebuild_table", die)
     with pytest.raises(KeyboardInterrupt):
         run_cell(cfg)
     assert json.loads(cell_paths(cfg)["record"].read_text())["status"] == "ok" and rows(results) == []

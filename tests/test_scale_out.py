@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from loran.tables import build, load_records
+from loran.pipeline.tables import build, load_records
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -4,7 +4,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loran import LoranConfig, get_loran_model, loran_layers
-from loran.spectrum import update_spectrum
+from loran.pipeline.spectrum import update_spectrum
 
 
 class Stack(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loran.study import configurations, study_rows, to_markdown
+from loran.pipeline.study import configurations, study_rows, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loran.records import CorruptRecord
-from loran.tables import MixedConfigs, build, load_records, paired_difference, read_paper, to_markdown
+from loran.pipeline.records import CorruptRecord
+from loran.pipeline.tables import MixedConfigs, build, load_records, paired_difference, read_paper, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))

@@ -1,0 +1,252 @@
+"""Checks that stop a bad cell before anything is loaded, with a message naming the field and what is allowed.
+
+``check_config(cfg)`` runs them all; it reads no model and no data and writes nothing. ``train.py`` also runs
+it through ``CheckBeforeRun`` before Hydra creates the run's output folder, so a bad name never makes a folder.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.experimental.callback import Callback
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from loran.pipeline.cells import check_name
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before training, with nothing written to results/."""
+
+
+def _positive(value) -> bool:
+    return value is None or value > 0
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+def _seed(value) -> bool:
+    return 0 <= value < 2**32  # numpy's and the Trainer's seeding range
+
+
+def _steps(value) -> bool:
+    return value == -1 or value > 0  # -1: train num_train_epochs instead; 0 would train nothing
+
+
+def _finite_positive(value) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+BOOL, INT, NUMBER, OPTIONAL_INT = (bool,), (int,), (int, float), (int, type(None))
+# field -> (allowed types, extra condition, description). A present field is checked; an absent one is not.
+TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
+    "seed": (INT, _seed, "an integer in [0, 2**32)"),
+    "zero_shot": (BOOL, None, "true or false"),
+    "skip_existing": (BOOL, None, "true or false"),
+    "dataset.n_train": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
+    "dataset.n_eval": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
+    "adapter.peft.r": (INT, _positive, "a positive integer"),
+    "adapter.peft.lora_alpha": (NUMBER, _finite_positive, "a positive number"),
+    "adapter.peft.lora_dropout": (NUMBER, _fraction, "a number in [0, 1)"),
+    "trainer.resume": (BOOL, None, "true or false"),
+    "trainer.eval_batch_size": (INT, _positive, "a positive integer"),
+    "trainer.args.per_device_train_batch_size": (INT, _positive, "a positive integer"),
+    "trainer.args.gradient_accumulation_steps": (INT, _positive, "a positive integer"),
+    "trainer.args.max_steps": (INT, _steps, "a positive integer, or -1 to train num_train_epochs"),
+    "trainer.args.num_train_epochs": (NUMBER, _finite_positive, "a positive number"),
+    "trainer.args.learning_rate": (NUMBER, _finite_positive, "a positive number"),
+}
+
+# The keys each node may have; a key outside these (a typo, or `+anything=1`) would be silently ignored.
+# Nodes with a `_target_` are checked against the target's signature instead (check_targets).
+KNOWN_KEYS: dict[str, set[str]] = {
+    "": {"seed", "experiment_name", "results_dir", "skip_existing", "zero_shot", "cell",
+         "model", "dataset", "adapter", "activation", "trainer", "logger", "row", "hydra"},
+    "model": {"name", "target_modules", "load"},
+    "dataset": {"name", "loader", "prompt", "metric", "n_train", "n_eval", "eval_split"},
+    "adapter": {"name", "takes_activation", "peft"},
+    "activation": {"name", "params", "start"},
+    "trainer": {"eval_batch_size", "resume", "args"},
+    "logger": {"report_to", "project", "group", "tags"},
+    "row": {"name", "label", "order"},
+}
+
+
+def _choices() -> dict[str, list[str]]:
+    from loran.pipeline.base_models import DTYPES, QUANTIZATIONS  # late: transformers is slow to import
+
+    return {"model.load.quantization": sorted(QUANTIZATIONS), "model.load.dtype": sorted(DTYPES),
+            "dataset.eval_split": ["test", "validation"]}
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default="<absent>", throw_on_resolution_failure=True)
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Each field of TYPED_FIELDS that is present has the right type and range."""
+    for key, (types, condition, description) in TYPED_FIELDS.items():
+        value = _select(cfg, key)
+        if isinstance(value, str) and value == "<absent>":
+            continue
+        wrong_type = (isinstance(value, bool) and bool not in types) or not isinstance(value, types)
+        if wrong_type or (condition and not condition(value)):
+            raise ConfigError(f"{key}={value!r} ({type(value).__name__}) must be {description}")
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Fields with a closed set of values hold one of them."""
+    for key, allowed in _choices().items():
+        value = _select(cfg, key)
+        if not (isinstance(value, str) and value == "<absent>") and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """No node has a key that nothing reads."""
+    for node, known in KNOWN_KEYS.items():
+        container = cfg if not node else _select(cfg, node)
+        if not isinstance(container, DictConfig):
+            continue
+        for key in container.keys():
+            if key not in known:
+                where = f"{node}.{key}" if node else key
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                raise ConfigError(f"{where}: unknown key (nothing reads it){_did_you_mean(hint)}; "
+                                  f"{node or 'the top level'} has {sorted(known - {'hydra'})}")
+
+
+def _did_you_mean(hint: list[str]) -> str:
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+def _target_nodes(node: Any, path: str = ""):
+    """(path, node) for every dict node with a `_target_`, depth first."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node.keys():
+            yield path, node
+        for key in node.keys():
+            if path == "" and key == "hydra":
+                continue
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _target_nodes(child, f"{path}.{key}" if path else str(key))
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every key of a `_target_` node is an argument the target accepts (else the call fails after loading)."""
+    for path, node in _target_nodes(cfg):
+        try:
+            target = get_object(node._target_)
+        except Exception as err:
+            raise ConfigError(f"{path}._target_={node._target_!r} cannot be imported: {err}") from err
+        params = inspect.signature(target).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        for key in node.keys():
+            if not str(key).startswith("_") and key not in params:
+                hint = difflib.get_close_matches(str(key), params, n=1)
+                raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{_did_you_mean(hint)}")
+
+
+def check_target_list(cfg: DictConfig) -> None:
+    """model.target_modules is a non-empty list of module names (or one regex string)."""
+    targets = _select(cfg, "model.target_modules")
+    ok = (isinstance(targets, str) and targets.strip()) or (
+        isinstance(targets, ListConfig) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets))
+    if not ok:
+        raise ConfigError(f"model.target_modules={to_plain(targets)!r} must be a non-empty list of module names "
+                          "(for example [q_proj, v_proj]) or a regular expression string")
+
+
+def check_activation_choice(cfg: DictConfig) -> None:
+    """adapter=qlora takes no activation: an explicit one would silently be ignored, so it is refused."""
+    if not cfg.adapter.takes_activation and cfg.activation.name != "none":
+        raise ConfigError(
+            f"adapter={cfg.adapter.name} takes no activation, but activation={cfg.activation.name} was chosen. "
+            f"QLoRA is plain LoRA on the quantised base; for a non-linear update use adapter=loran "
+            f"activation={cfg.activation.name}, or drop the activation override."
+        )
+
+
+def check_names(cfg: DictConfig) -> None:
+    """experiment_name and the cell name are single folder names, so nothing is written outside its folder."""
+    for field in ("experiment_name", "dataset.name", "model.name", "adapter.name", "activation.name", "cell"):
+        try:
+            check_name(field, _select(cfg, field))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """results_dir (and the outputs folder) can be written: found now, not after hours of training."""
+    for field, folder in (("results_dir", Path(cfg.results_dir)), ("outputs folder", Path("outputs"))):
+        existing = folder.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field}={str(folder)!r}: {existing} is not a writable folder")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs neither the model nor the data, cheapest first."""
+    check_known_keys(cfg)
+    check_types(cfg)
+    check_choices(cfg)
+    check_target_list(cfg)
+    check_names(cfg)
+    check_targets(cfg)
+    check_activation_choice(cfg)
+    check_writable(cfg)
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str, model_name: str) -> None:
+    """Every target module name matches at least one linear layer of `model`."""
+    if isinstance(targets, str):  # a regex: PEFT reports a mismatch itself
+        return
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ConfigError(
+            f"model.target_modules={list(targets)}: {missing} not found in model {model_name}; "
+            f"its linear layers are {sorted(names)}"
+        )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in {"Conv1D", "Linear4bit", "Linear8bitLt"}
+
+
+def to_plain(node: Any) -> Any:
+    """An OmegaConf node as plain Python containers (resolved)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+class CheckBeforeRun(Callback):
+    """Hydra callback (configs/train.yaml): check a single run's config before Hydra makes its output folder.
+
+    A sweep's cells are checked one by one in run_cell (a cell's values exist only once its job is composed);
+    here a sweep only checks the experiment name, which names the sweep folder.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(check_config, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(lambda cfg: check_name("experiment_name", cfg.experiment_name), config)
+
+    @staticmethod
+    def _check(check: Callable[[DictConfig], None], config: DictConfig) -> None:
+        try:
+            check(config)
+        except (ConfigError, ValueError) as err:
+            print(f"configuration error: {err}", file=sys.stderr)
+            sys.exit(2)  # Hydra reports its own errors with exit code 1; a bad config is 2 everywhere

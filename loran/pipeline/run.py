@@ -1,0 +1,243 @@
+"""One cell of the grid, end to end: check, load, (zero-shot) evaluate, train, evaluate, record.
+
+``run_cell(cfg)`` is what ``python train.py`` calls with the Hydra config. Every object is built from the
+config with ``hydra.utils.instantiate``; this file orders the steps and writes the outputs:
+  - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed or diverged run records why)
+  - <results_dir>/runs/<experiment>.csv                 (rebuilt from the successful records: one row each)
+  - a W&B run (group = experiment), offline when no API key is set
+The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
+the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
+last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shlex
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from loran.pipeline.cells import config_hash, identity
+from loran.pipeline.checks import ConfigError, check_config, check_target_modules, to_plain
+from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_columns
+from loran.pipeline.evaluation import evaluate
+from loran.pipeline.preemption import Preempted, PreemptionCallback
+from loran.pipeline.records import (
+    CorruptRecord, cell_lock, choices, environment, git_revision, read_record, rebuild_table, write_record,
+)
+from loran.pipeline.spectrum import update_spectrum
+from loran.pipeline.training import build_trainer, claim_out_dir, last_checkpoint, loss_history, training_args
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """Training met a non-finite loss or gradient norm; the record says where, and the cell gets no row."""
+
+
+def cell_paths(cfg: DictConfig) -> dict[str, Path]:
+    """Where this cell's record, lock, run table and working folder live."""
+    runs = Path(cfg.results_dir) / "runs"
+    try:
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside a Hydra app (tests composing configs)
+        out_dir = Path("outputs") / cfg.experiment_name / cfg.cell
+    return {"record": runs / cfg.experiment_name / cfg.cell / "record.json",
+            "lock": runs / cfg.experiment_name / f"{cfg.cell}.lock",
+            "runs": runs / cfg.experiment_name,
+            "table": runs / f"{cfg.experiment_name}.csv",
+            "out_dir": out_dir}
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def cause(err: Exception) -> str:
+    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
+    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
+
+
+def build_peft_config(cfg: DictConfig):
+    """The adapter's PEFT config (LoraConfig or LoranConfig); a bad value becomes a ConfigError."""
+    try:
+        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
+
+
+def build_training_args(cfg: DictConfig, out_dir: Path):
+    """TrainingArguments, built before anything is loaded; a bad value becomes a ConfigError."""
+    try:
+        return training_args(cfg, out_dir)
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"trainer.args: {cause(err)}") from err
+
+
+def load_data(cfg: DictConfig, tokenizer):
+    """Tokenised train split and prompt/target eval split, after checking the dataset's fields and splits."""
+    try:
+        spec = instantiate(cfg.dataset.prompt, _convert_="all")
+        raw = instantiate(cfg.dataset.loader, _convert_="all")
+        validate_columns(raw, spec)
+    except (ValueError, TypeError, KeyError, InstantiationException) as err:
+        raise ConfigError(f"dataset={cfg.dataset.name}: {cause(err)}") from err
+    train = train_dataset(subset(raw["train"], cfg.dataset.n_train, cfg.seed), spec, tokenizer)
+    evaluated = raw[cfg.dataset.eval_split]  # "validation" to choose settings, "test" to report them
+    test = eval_dataset(subset(evaluated, cfg.dataset.n_eval, 0), spec, tokenizer)  # same examples for every seed
+    return spec, train, test
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that evaluates and writes results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
+    """The cell's successful record when it should be skipped (its row is restored if a crash lost it)."""
+    try:
+        existing = read_record(paths["record"])
+    except CorruptRecord as err:
+        raise ConfigError(str(err)) from err
+    if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
+        return None
+    if is_main_process():
+        rebuild_table(paths["runs"], paths["table"])
+    log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
+    return existing
+
+
+def run_cell(cfg: DictConfig) -> dict[str, Any]:
+    """Run one cell and return its record (or the existing record when the cell is already done)."""
+    check_config(cfg)
+    paths = cell_paths(cfg)
+    peft_config = build_peft_config(cfg)
+    args = build_training_args(cfg, paths["out_dir"])
+    if done := finished(paths, cfg):
+        return done
+    main = is_main_process()
+    with cell_lock(paths["lock"], discard_on=(ConfigError,)) if main else nullcontext():
+        if done := finished(paths, cfg):  # another process finished it while this one waited to start
+            return done
+        try:
+            claim_out_dir(paths["out_dir"], cfg.cell, config_hash(cfg))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return _train_and_record(cfg, paths, peft_config, args, main)
+
+
+def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args, main: bool) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    record: dict[str, Any] = {
+        "status": "running", "experiment": cfg.experiment_name, "cell": cfg.cell, "config_hash": config_hash(cfg),
+        "choices": choices(cfg), "overrides": _overrides(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "identity": identity(cfg), "config": to_plain(cfg), "git": git_revision(), **environment(),
+    }
+    wandb_run = None
+    preemption = PreemptionCallback().install()
+    try:
+        model, tokenizer = instantiate(cfg.model.load, _convert_="all")
+        check_target_modules(model, peft_config.target_modules, cfg.model.name)
+        spec, train, test = load_data(cfg, tokenizer)
+        metric = instantiate(cfg.dataset.metric, _convert_="all")
+        eval_kwargs = {"max_new_tokens": spec.max_target_tokens, "batch_size": cfg.trainer.eval_batch_size}
+        record.update(n_train=len(train), n_eval=len(test))
+        wandb_run = start_wandb(cfg, paths["out_dir"], record) if main else None
+        if cfg.zero_shot and main:
+            record["zero_shot"] = evaluate(model, tokenizer, test, metric, **eval_kwargs)["metrics"]
+            log.info("zero-shot %s", record["zero_shot"])
+        trainer = build_trainer(args, model, peft_config, tokenizer, train)
+        trainer.add_callback(preemption)
+        record["trainable_params"], record["total_params"] = trainer.model.get_nb_trainable_parameters()
+        record["world_size"] = trainer.args.world_size
+        if torch.distributed.is_initialized():
+            record["distributed_backend"] = torch.distributed.get_backend()
+        resume = last_checkpoint(paths["out_dir"]) if cfg.trainer.resume else None
+        if resume:
+            log.info("resuming %s from checkpoint %s", cfg.cell, resume)
+        t_train = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        if preemption.signum is not None:
+            preemption.handover(last_checkpoint(paths["out_dir"]))
+        record.update(train_time_s=time.time() - t_train, resumed_from=resume,
+                      loss_history=loss_history(trainer.state.log_history))
+        if trainer.divergence.found:
+            record.update(divergence=trainer.divergence.found)
+            raise Diverged(f"training diverged at step {trainer.divergence.found['step']}: "
+                           f"{trainer.divergence.found}; lower trainer.args.learning_rate or check the data")
+        if not main:
+            return record  # rank 0 evaluates and writes the results
+        t_eval = time.time()
+        result = evaluate(trainer.model, tokenizer, test, metric, **eval_kwargs)
+        record["update_spectrum"] = update_spectrum(trainer.model)
+        record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"],
+                      eval_split=cfg.dataset.eval_split, predictions=result["predictions"],
+                      status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
+                      finished_at=datetime.now(timezone.utc).isoformat(), record_path=str(paths["record"]))
+    except Preempted:
+        finish_wandb(wandb_run, {**record, "status": "preempted"})
+        raise
+    except ConfigError:
+        raise  # bad input: stopped before training, nothing written
+    except Exception as err:
+        status = "diverged" if isinstance(err, Diverged) else "failed"
+        record.update(status=status, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
+                      wall_time_s=time.time() - started)
+        if main:
+            write_record(paths["record"], record)
+            finish_wandb(wandb_run, record)
+        raise
+    finally:
+        preemption.restore()
+    write_record(paths["record"], record)
+    rebuild_table(paths["runs"], paths["table"])
+    finish_wandb(wandb_run, record)
+    log.info("%s: %s", cfg.cell, record["metrics"])
+    return record
+
+
+def start_wandb(cfg: DictConfig, out_dir: Path, record: dict[str, Any]):
+    """A W&B run for this cell (offline without an API key), or None when the logger is off."""
+    if "wandb" not in list(cfg.logger.report_to) or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    import wandb
+
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"  # sync later with `wandb sync <dir>`
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.logger.project, group=cfg.logger.group, tags=list(cfg.logger.tags),
+                      name=cfg.cell, config={**record["choices"], **record["config"]}, dir=str(out_dir),
+                      reinit="finish_previous")
+
+
+def finish_wandb(run, record: dict[str, Any]) -> None:
+    """Log the final metrics to the run's summary and close it."""
+    if run is None:
+        return
+    run.summary.update({"status": record["status"], **{f"test/{k}": v for k, v in (record.get("metrics") or {}).items()},
+                        **{f"zero_shot/{k}": v for k, v in (record.get("zero_shot") or {}).items()}})
+    run.finish(exit_code=0 if record["status"] == "ok" else 1)

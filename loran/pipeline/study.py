@@ -1,0 +1,114 @@
+"""A study's table: every configuration of an experiment against its control, paired by seed and example.
+
+Records are grouped by configuration (their identity without the seed, loran/pipeline/cells.py); each group is labelled
+by the values that vary between groups (e.g. ``amp=0.05, omega=100``). The control is the group matching
+``control`` (default: ``activation.name=identity``, i.e. LoRA on the same base). For every other group the
+table gives the mean metric, the paired difference to the control with its 95 % interval and minimal
+detectable effect (loran/pipeline/paired.py), the share of examples whose score differs and of generated texts that
+differ, and the update's energy beyond rank r (loran/pipeline/spectrum.py), averaged over seeds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from loran.pipeline.cells import flatten
+from loran.pipeline.paired import changed_predictions, compare, planned_mde, scores_by_seed
+
+
+def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"label", "values", "records"}], one per distinct identity, labelled by the keys that vary between them."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(json.dumps(record["identity"], sort_keys=True), []).append(record)
+    flats = {key: flatten(json.loads(key)) for key in groups}
+    keys = sorted({k for f in flats.values() for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1]
+    # keys that only echo another varying key (adapter.peft.activation and activation.name) are shown once
+    shown = [k for k in varying if not k.startswith("adapter.peft.activation")]
+    out = []
+    for key, members in groups.items():
+        values = {k: flats[key][k] for k in shown if k in flats[key]}
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or "(one configuration)"
+        out.append({"label": label, "values": values, "records": sorted(members, key=lambda r: r["choices"]["seed"])})
+    return sorted(out, key=lambda g: g["label"])
+
+
+def matches(group: dict[str, Any], control: dict[str, str]) -> bool:
+    """True when every key=value of `control` holds in the group's identity."""
+    identity = flatten(group["records"][0]["identity"])
+    return all(str(identity.get(k)) == v for k, v in control.items())
+
+
+def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, str], n_boot: int = 2000,
+               plan: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """One row per configuration, the control first; `plan` = (seeds, examples) adds the MDE such a run would have."""
+    groups = configurations(records)
+    controls = [g for g in groups if matches(g, control)]
+    if len(controls) != 1:
+        raise ValueError(f"control {control} matches {len(controls)} configurations, not one: "
+                         f"{[g['label'] for g in controls] or [g['label'] for g in groups]}")
+    base = controls[0]
+    base_scores = scores_by_seed(base["records"], metric)
+    rows = []
+    for group in [base] + [g for g in groups if g is not base]:
+        runs = group["records"]
+        row = {"configuration": group["label"], "control": group is base, "seeds": [r["choices"]["seed"] for r in runs],
+               "n_eval": runs[0].get("n_eval"), "eval_split": runs[0].get("eval_split"),
+               metric: statistics.fmean(r["metrics"][metric] for r in runs),
+               "energy_beyond_r": statistics.fmean(r["update_spectrum"]["energy_beyond_r"] for r in runs
+                                                   if r.get("update_spectrum")) if any(
+                   r.get("update_spectrum") for r in runs) else None}
+        if group is not base:
+            result = compare(scores_by_seed(runs, metric), base_scores, n_boot=n_boot)
+            row.update(delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high, mde=result.mde,
+                       significant=result.significant, scores_differ=result.discordant,
+                       texts_differ=changed_predictions(runs, base["records"]), pairs=len(result.seeds))
+            if plan:
+                row["planned_mde"] = planned_mde(result.components, *plan)
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def to_markdown(rows: list[dict[str, Any]], metric: str, title: str, n_configurations: int) -> str:
+    """The study table in percent; the note says how many configurations the experiment holds."""
+    plan = any("planned_mde" in r for r in rows)
+    head = (f"| configuration | seeds | {metric} | vs control [95% CI] | MDE | scores differ | texts differ | "
+            f"energy beyond r |" + (" planned MDE |" if plan else ""))
+    lines = [f"# {title}", "",
+             f"{n_configurations} configurations in this experiment (every one is listed). Differences are paired "
+             "by seed and example: two-way bootstrap over seeds and examples, 95% percentile interval (* = excludes "
+             "0); MDE = minimal detectable effect at 80% power (2.80 x bootstrap SE). Values in percent; energy "
+             "beyond r is the share of the middle adapted layer's update energy beyond rank r.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        vs = "control" if r["control"] else (f"{_pct(r['delta'], True)} [{_pct(r['ci_low'], True)}, "
+                                             f"{_pct(r['ci_high'], True)}]" + ("*" if r["significant"] else ""))
+        energy = "-" if r["energy_beyond_r"] is None else f"{r['energy_beyond_r']:.2e}"
+        cells = [r["configuration"], str(len(r["seeds"])), _pct(r[metric]), vs, _pct(r.get("mde")),
+                 _pct(r.get("scores_differ")), _pct(r.get("texts_differ")), energy]
+        if plan:
+            cells.append(_pct(r.get("planned_mde")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """The rows as CSV (lists as JSON)."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})

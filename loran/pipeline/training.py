@@ -1,0 +1,135 @@
+"""Fine-tuning with transformers' Trainer: arguments, adapter wrapping, divergence stop, checkpoint discovery."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from peft import get_peft_model, prepare_model_for_kbit_training
+from safetensors import safe_open
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from loran.pipeline.data import CausalLMCollator
+
+log = logging.getLogger(__name__)
+
+
+def training_args(cfg: DictConfig, out_dir: Path) -> TrainingArguments:
+    """TrainingArguments from cfg.trainer.args; checkpoints go to out_dir/checkpoints.
+
+    NaN and inf losses are logged as they are (transformers would replace them by the window's mean), so a
+    diverging run shows in its loss history and is stopped by DivergenceStop.
+    """
+    return instantiate(cfg.trainer.args, output_dir=str(Path(out_dir) / "checkpoints"),
+                       report_to=list(cfg.logger.report_to), run_name=cfg.cell, logging_nan_inf_filter=False,
+                       _convert_="all")
+
+
+def wrap_model(model, peft_config, gradient_checkpointing: bool):
+    """Prepare a quantised base for training (fp32 norms, input grads) and add the adapter."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, peft_config)
+
+
+def build_trainer(args: TrainingArguments, model, peft_config, tokenizer, train_data) -> Trainer:
+    """A Trainer for the cell, with the divergence stop installed (trainer.divergence)."""
+    model = wrap_model(model, peft_config, bool(args.activation_checkpointing))
+    trainer = Trainer(model=model, args=args, train_dataset=train_data,
+                      data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
+    trainer.divergence = DivergenceStop()
+    trainer.add_callback(trainer.divergence)
+    return trainer
+
+
+class DivergenceStop(TrainerCallback):
+    """Stops training at the first logged non-finite loss or gradient norm; `found` then holds the step and values.
+
+    The logged loss is the mean over the logging window, so a NaN at any step shows at the window's end.
+    """
+
+    def __init__(self) -> None:
+        self.found: dict[str, Any] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {k: logs[k] for k in ("loss", "grad_norm") if k in (logs or {})}
+        if self.found is None and any(not math.isfinite(float(v)) for v in values.values()):
+            self.found = {"step": state.global_step, **values}
+            log.error("training diverged at step %d: %s; stopping", state.global_step, values)
+            control.should_training_stop = True
+            control.should_save = False  # a checkpoint of NaN weights would only be resumed into the same NaN
+        return control
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per logged step: the loss and the gradient norm, non-finite values kept as they are."""
+    return [{"step": e["step"], "loss": e["loss"], "grad_norm": e.get("grad_norm")}
+            for e in log_history if "loss" in e]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # what resume_from_checkpoint reads
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed (a missing or truncated file), or None when every file in it is whole."""
+    for name in REQUIRED:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return "it holds no weights"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():  # reads every tensor: a truncated file fails here
+                        f.get_slice(key)[:]
+            elif path.suffix in {".pt", ".pth", ".bin"}:
+                with zipfile.ZipFile(path) as z:  # torch.save's format; testzip checks every member's CRC
+                    if z.testzip() is not None:
+                        return f"{path.name} is corrupted"
+        except Exception as err:  # noqa: BLE001 - any failure to read means "not resumable"
+            return f"{path.name} cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    """The newest complete checkpoint-N of this cell; newer incomplete ones are renamed *.incomplete, with a warning."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                         if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        aside = ckpt.with_name(ckpt.name + ".incomplete")
+        log.warning("checkpoint %s is not resumable (%s); moved to %s, trying an older one", ckpt, problem, aside.name)
+        ckpt.rename(aside)
+    return None
+
+
+def claim_out_dir(out_dir: Path, cell: str, config_hash: str) -> None:
+    """Mark out_dir as this configuration's; ValueError when another configuration's checkpoints are there.
+
+    The default folders are named by the cell (and so by its hash); this guards a hand-set hydra.run.dir.
+    """
+    owner = Path(out_dir) / "cell.json"
+    if owner.exists():
+        theirs = json.loads(owner.read_text())
+        if theirs.get("config_hash") != config_hash:
+            raise ValueError(f"{out_dir} holds the checkpoints of cell {theirs.get('cell')}, not of {cell}; "
+                             "resuming them would mix two configurations. Choose another hydra.run.dir or delete it.")
+        return
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    owner.write_text(json.dumps({"cell": cell, "config_hash": config_hash}) + "\n")
