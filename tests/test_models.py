@@ -7,7 +7,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from loran import models
+from loran.pipeline import base_models as models
 from loran.pipeline.generation import generate
 
 LOAD_GGUF = models.load_smollm2_gguf  # the real loader, before any test patches it
@@ -154,7 +154,7 @@ def test_batched_generation_equals_one_by_one(smollm2_dir):
 
 
 def test_default_device_map_puts_each_rank_on_its_own_gpu(monkeypatch):
-    from loran import models
+    from loran.pipeline import base_models as models
 
     monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
     assert models.default_device_map() is None
