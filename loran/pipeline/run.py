@@ -38,6 +38,7 @@ from loran.pipeline.records import (
     CorruptRecord, cell_lock, choices, environment, git_revision, read_record, rebuild_table, write_record,
 )
 from loran.pipeline.spectrum import update_spectrum
+from loran.pipeline.tracking import finish_wandb, start_wandb
 from loran.pipeline.training import build_trainer, claim_out_dir, last_checkpoint, loss_history, training_args
 
 log = logging.getLogger(__name__)
@@ -218,26 +219,3 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
     finish_wandb(wandb_run, record)
     log.info("%s: %s", cfg.cell, record["metrics"])
     return record
-
-
-def start_wandb(cfg: DictConfig, out_dir: Path, record: dict[str, Any]):
-    """A W&B run for this cell (offline without an API key), or None when the logger is off."""
-    if "wandb" not in list(cfg.logger.report_to) or os.environ.get("WANDB_MODE") == "disabled":
-        return None
-    import wandb
-
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"  # sync later with `wandb sync <dir>`
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.logger.project, group=cfg.logger.group, tags=list(cfg.logger.tags),
-                      name=cfg.cell, config={**record["choices"], **record["config"]}, dir=str(out_dir),
-                      reinit="finish_previous")
-
-
-def finish_wandb(run, record: dict[str, Any]) -> None:
-    """Log the final metrics to the run's summary and close it."""
-    if run is None:
-        return
-    run.summary.update({"status": record["status"], **{f"test/{k}": v for k, v in (record.get("metrics") or {}).items()},
-                        **{f"zero_shot/{k}": v for k, v in (record.get("zero_shot") or {}).items()}})
-    run.finish(exit_code=0 if record["status"] == "ok" else 1)
