@@ -1,6 +1,4 @@
 """The fast LoRAN path (folded into W0, row-chunked, optionally compiled) against the autograd reference."""
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -10,21 +8,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loran.autograd as la
+from loran.bench import adapter as bench_adapter
+from loran.bench import dropout_sparse as bench_dropout_sparse
+from loran.bench import train_step as bench_train
 from loran import ACTIVATIONS, Activation, LoranConfig, get_loran_model, loran_layers
 from loran.autograd import Adapter, DenseWeight, loran_linear, loran_update, reference_update
 
-ROOT = Path(__file__).resolve().parents[1]
 # Parameters where each f is clearly non-linear on |z| ~ 0.1-1 (as test_loran_math).
 PARAMS = {"sinter": {"amp": 0.5, "omega": 30.0}, "swish": {"beta": 3.0}, "cos": {"omega": 20.0}}
 TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -313,7 +305,7 @@ def test_compiled_peft_layers_equal_reference(monkeypatch, dropout):
 
 
 def test_bench_adapter_runs(eager, capsys):
-    bench = _script("bench_adapter")
+    bench = bench_adapter
     rows = bench.main(["--sizes", "48", "--ranks", "4", "--tokens", "16", "--dropouts", "0,0.1", "--warmup", "0",
                        "--repeats", "2", "--threads", str(torch.get_num_threads())])
     out = capsys.readouterr().out
@@ -328,7 +320,7 @@ def test_bench_adapter_runs(eager, capsys):
 def test_bench_adapter_multiply_adds():
     """The issue's cost model at d = 2048, r = 64, N = 512: (3 N + 4 r) / (2 N + 6 N r / d) = 1792 / 1120 folded,
     (5 N + 4 r) / 1120 with dropout, (5 N + 3 r) / 1120 for the official-style materialisation."""
-    macs = _script("bench_adapter").multiply_adds
+    macs = bench_adapter.multiply_adds
     ratio = lambda m, p: macs(m, 2048, 64, 512, p) / macs("lora", 2048, 64, 512, p)  # noqa: E731
     assert ratio("loran", 0.0) == pytest.approx(1792 / 1120)
     assert ratio("loran", 0.05) == pytest.approx(2816 / 1120)
@@ -336,12 +328,12 @@ def test_bench_adapter_multiply_adds():
 
 
 def test_bench_adapter_quick_flag_parses():
-    args = _script("bench_adapter").parse_args(["--quick"])
+    args = bench_adapter.parse_args(["--quick"])
     assert args.sizes == [256] and args.repeats == 2
 
 
 def test_bench_train_runs_on_the_tiny_model(eager, capsys):
-    train = _script("bench_train")
+    train = bench_train
     rows, gen = train.main(["--model", "tiny", "--bases", "none", "--dropouts", "0,0.1", "--warmup", "0",
                             "--steps", "1", "--batch", "2", "--seq", "8", "--new-tokens", "2", "--gen-repeats", "1",
                             "--gen-batch", "1", "--prompt-len", "4"])
@@ -372,7 +364,7 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
 def test_bench_dropout_sparse_runs_and_its_identity_holds(capsys):
     """The exact rewrite of the dropout layer that results/bench.md times holds to float64 roundoff, and the sparse
     kernels it times agree with the dense products."""
-    sparse = _script("bench_dropout_sparse")
+    sparse = bench_dropout_sparse
     rows = sparse.main(["--sizes", "40", "--tokens", "24", "--dropouts", "0.2", "--repeats", "1"])
     assert "| 40 | 24 | 0.2 |" in capsys.readouterr().out
     assert rows[0]["identity_rel_err"] < 1e-12 and rows[0]["max_err"] < 1e-4

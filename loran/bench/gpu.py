@@ -16,10 +16,8 @@ On a CPU the same code runs at any size (the tests run the smallest); peak memor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +26,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
+from loran.bench import adapter as bench_adapter
+from loran.bench import train_step as bench_train
 
-
-def _script(name: str):
-    """A module of scripts/ (the existing benchmarks; they move into this package in a later refactor)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
@@ -74,7 +63,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with _script("bench_adapter").PeakMemory() as tracker:
+    with bench_adapter.PeakMemory() as tracker:
         fn()
     return tracker.peak
 
@@ -110,7 +99,6 @@ def layer_bench(d: int = 4096, r: int = 64, tokens: int = 2048, dropout: float =
     (x in bf16, requiring its grad as inside a network)."""
     from loran import get_loran_model
 
-    bench_adapter = _script("bench_adapter")
     dev = torch.device(device)
     models = {}
     for arm, activation in ARMS.items():
@@ -205,7 +193,6 @@ def block_bench(shape: BlockShape | None = None, r: int = 64, dropout: float = 0
     the QLoRA row and LoRAN, under bf16 autocast; the input requires its grad (earlier blocks' adapters train)."""
     from peft import get_peft_model
 
-    bench_train = _script("bench_train")
     shape = shape or BlockShape()
     dev = torch.device(device)
     arms, optimizers, first_loss = {}, {}, {}
