@@ -17,22 +17,13 @@ import argparse
 import json
 
 import torch
-from torch import nn
 
 from loran.activations import Activation
+from loran.bench.adapter import Proj
 from loran.autograd import loran_update
 from loran.config import UPDATE_DTYPES, LoranConfig
 
 RELEASED = {"amp": 5e-5, "omega": 1e4}
-
-
-class _Layer(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _adapted(activation: str, params: dict, policy: str, d_in: int, d_out: int, r: int, seed: int):
@@ -41,7 +32,7 @@ def _adapted(activation: str, params: dict, policy: str, d_in: int, d_out: int, 
     torch.manual_seed(seed)
     config = LoranConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"], activation=activation,
                          activation_kwargs=params, update_dtype=policy)
-    model = get_loran_model(_Layer(d_in, d_out), config)
+    model = get_loran_model(Proj(d_in, d_out), config)
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
