@@ -132,3 +132,17 @@ def test_dora_has_the_qlora_sizes():
     assert dora.use_dora is True
     assert [dora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")] == \
         [qlora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["adapter=dora", "activation=dora_default"], ["adapter=loran", "activation=loran_default"],
+    ["adapter=qlora", "activation=qlora_default"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
+    ["model=falcon_7b"], ["model=llama2_13b"], ["row=loran_relu_official"], ["row=loran_sigmoid_official"],
+])
+def test_named_options_compose_check_and_build(overrides, tmp_path):
+    """The options the enumerating test reaches only indirectly, each named: composed, checked, adapter and
+    TrainingArguments built."""
+    cfg = cfg_of(*overrides, f"results_dir={tmp_path}")
+    check_config(cfg)
+    build_peft_config(cfg)
+    assert build_training_args(cfg, tmp_path / "out").run_name == cfg.cell
