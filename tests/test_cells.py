@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from loran.pipeline.cells import config_hash, identity
+from loran.pipeline.cells import config_hash, flatten, identity
 from loran.pipeline.checks import check_config
 from loran.pipeline.run import build_peft_config, build_training_args
 
@@ -137,7 +137,7 @@ def test_dora_has_the_qlora_sizes():
 @pytest.mark.parametrize("overrides", [
     ["adapter=dora", "activation=dora_default"], ["adapter=loran", "activation=loran_default"],
     ["adapter=qlora", "activation=qlora_default"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
-    ["model=falcon_7b"], ["model=llama2_13b"], ["row=loran_relu_official"], ["row=loran_sigmoid_official"],
+    ["experiment=study_test"],     ["model=falcon_7b"], ["model=llama2_13b"], ["row=loran_relu_official"], ["row=loran_sigmoid_official"],
 ])
 def test_named_options_compose_check_and_build(overrides, tmp_path):
     """The options the enumerating test reaches only indirectly, each named: composed, checked, adapter and
@@ -146,3 +146,12 @@ def test_named_options_compose_check_and_build(overrides, tmp_path):
     check_config(cfg)
     build_peft_config(cfg)
     assert build_training_args(cfg, tmp_path / "out").run_name == cfg.cell
+
+
+def test_study_test_split_is_the_screening_scored_on_test():
+    """Settings chosen on the screening's validation split carry over: the test-split experiment differs from it in
+    the split scored and nothing else (so the two experiments' cells differ only by that key)."""
+    screen = flatten(identity(cfg_of("experiment=study_sinter_screen")))
+    test = flatten(identity(cfg_of("experiment=study_test")))
+    assert {k for k in screen.keys() | test.keys() if screen.get(k) != test.get(k)} == {"dataset.eval_split"}
+    assert (screen["dataset.eval_split"], test["dataset.eval_split"]) == ("validation", "test")
