@@ -72,7 +72,7 @@ study-sinter: $(STAMP)
 	  $(PY) train.py -m experiment=study_test activation=identity seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sinter activation.params.amp=0.05,0.5 \
 	    activation.params.omega=1e4 seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r
 
 ## Study, ranks 1-8 on the test split: LoRA, Sinter (amp 0.05, omega 1e4), Sine-LoRA (omega from validation), DoRA.
 RANK_SEEDS ?= 0
@@ -86,7 +86,7 @@ study-rank: $(STAMP)
 	  $(PY) train.py -m experiment=study_test adapter=dora adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sine activation.params.omega=$(SINE_OMEGA) \
 	    adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r
 
 ## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
 ## rewrite that was not built; ~12 min on 2 cores (results/bench.md).

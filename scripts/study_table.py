@@ -2,6 +2,7 @@
 
     python scripts/study_table.py study_sinter_screen                     # accuracy vs activation.name=identity
     python scripts/study_table.py study_sinter_screen --plan 5,836        # + the MDE of 5 seeds x 836 examples
+    python scripts/study_table.py study_test --pair-by adapter.peft.r     # each rank against LoRA at that rank
 
 Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown.
 """
@@ -29,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--control", type=key_value, action="append", default=None, metavar="KEY=VALUE",
                         help="identity keys of the control configuration (default: activation.name=identity)")
+    parser.add_argument("--pair-by", action="append", default=[], metavar="KEY",
+                        help="compare each configuration with the control that has its value of KEY (e.g. a rank)")
     parser.add_argument("--plan", default=None, help="SEEDS,EXAMPLES: also the MDE a run of that size would have")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
@@ -37,7 +40,8 @@ def main(argv=None) -> None:
     plan = tuple(int(v) for v in args.plan.split(",")) if args.plan else None
     try:
         records = load_records(results / "runs" / args.experiment)
-        rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan)
+        rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
+                          pair_by=tuple(args.pair_by))
     except (CorruptRecord, ValueError) as err:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, args.metric, f"{args.experiment}: {len(records)} successful runs",

@@ -70,3 +70,31 @@ def test_the_script_writes_the_table(records, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "results/screen.md").read_text() == proc.stdout.rstrip("\n") + "\n"
     assert len((tmp_path / "results/screen.csv").read_text().splitlines()) == 4
+
+
+def test_pair_by_compares_each_rank_with_lora_at_that_rank():
+    """A rank study: each configuration against the control of its own rank, ranks in numeric order (2 < 16), and
+    a configuration whose control has not run yet listed without a comparison."""
+    rng = np.random.default_rng(1)
+
+    def at_rank(activation, r, seed, correct):
+        rec = record(activation, {}, seed, correct)
+        rec["identity"]["adapter"] = {"peft": {"r": r}}
+        rec["trainable_params"] = 100 * r
+        rec["cell"] += f".r{r}"
+        return rec
+
+    lora = {r: rng.integers(0, 2, 100) for r in (2, 16)}
+    sine = {2: lora[2].copy(), 16: 1 - lora[16]}     # equal to LoRA at r = 2; every example flipped at r = 16
+    records = [at_rank("identity", r, 0, lora[r]) for r in (2, 16)] + \
+              [at_rank("sine", r, 0, sine[r]) for r in (2, 16)] + [at_rank("sine", 4, 0, lora[2])]
+    rows = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=200, pair_by=("adapter.peft.r",))
+    assert [(r["configuration"], r["control"]) for r in rows] == [
+        ("name=identity, r=2", True), ("name=sine, r=2", False), ("name=sine, r=4", False),
+        ("name=identity, r=16", True), ("name=sine, r=16", False)]
+    assert [r.get("versus") for r in rows] == [None, "name=identity, r=2", None, None, "name=identity, r=16"]
+    assert rows[1]["delta"] == 0 and rows[1]["scores_differ"] == 0
+    assert rows[4]["delta"] == pytest.approx(1 - 2 * lora[16].mean()) and rows[4]["scores_differ"] == 1
+    assert "delta" not in rows[2] and [r["trainable_params"] for r in rows] == [200, 200, 400, 1600, 1600]
+    table = to_markdown(rows, "accuracy", "t", 5)
+    assert "| name=sine, r=4 | 1 | 400 | " in table and "no control yet" in table

@@ -44,33 +44,62 @@ def matches(group: dict[str, Any], control: dict[str, str]) -> bool:
 
 
 def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, str], n_boot: int = 2000,
-               plan: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """One row per configuration, the control first; `plan` = (seeds, examples) adds the MDE such a run would have."""
+               plan: tuple[int, int] | None = None, pair_by: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One row per configuration, each control followed by the configurations compared with it.
+
+    Without `pair_by` one configuration must match `control`. With `pair_by` (e.g. ``("adapter.peft.r",)``) each
+    configuration is compared with the control that has its values of those keys (LoRA at the same rank), and a
+    configuration whose control has not run yet gets no comparison. `plan` = (seeds, examples) adds the MDE such a
+    run would have.
+    """
     groups = configurations(records)
     controls = [g for g in groups if matches(g, control)]
-    if len(controls) != 1:
+    if not pair_by and len(controls) != 1:
         raise ValueError(f"control {control} matches {len(controls)} configurations, not one: "
                          f"{[g['label'] for g in controls] or [g['label'] for g in groups]}")
-    base = controls[0]
-    base_scores = scores_by_seed(base["records"], metric)
+
+    def paired_values(group: dict[str, Any]) -> dict[str, str]:
+        identity = flatten(group["records"][0]["identity"])
+        return {k: str(identity.get(k)) for k in pair_by}
+
+    def control_of(group: dict[str, Any]) -> dict[str, Any] | None:
+        found = [c for c in controls if paired_values(c) == paired_values(group)]
+        if len(found) > 1:
+            raise ValueError(f"control {control} at {paired_values(group)} matches {len(found)} configurations: "
+                             f"{[c['label'] for c in found]}")
+        return found[0] if found else None
+
+    def order(group: dict[str, Any]) -> tuple:
+        values = paired_values(group)
+        return tuple(_number_first(values[k]) for k in pair_by) + (group not in controls, group["label"])
+
     rows = []
-    for group in [base] + [g for g in groups if g is not base]:
-        runs = group["records"]
-        row = {"configuration": group["label"], "control": group is base, "seeds": [r["choices"]["seed"] for r in runs],
+    for group in sorted(groups, key=order):
+        runs, base = group["records"], control_of(group)
+        row = {"configuration": group["label"], "control": group in controls, "seeds": [r["choices"]["seed"] for r in runs],
                "n_eval": runs[0].get("n_eval"), "eval_split": runs[0].get("eval_split"),
+               "trainable_params": runs[0].get("trainable_params"),
                metric: statistics.fmean(r["metrics"][metric] for r in runs),
                "energy_beyond_r": statistics.fmean(r["update_spectrum"]["energy_beyond_r"] for r in runs
                                                    if r.get("update_spectrum")) if any(
                    r.get("update_spectrum") for r in runs) else None}
-        if group is not base:
-            result = compare(scores_by_seed(runs, metric), base_scores, n_boot=n_boot)
-            row.update(delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high, mde=result.mde,
-                       significant=result.significant, scores_differ=result.discordant,
+        if base is not None and group is not base:
+            result = compare(scores_by_seed(runs, metric), scores_by_seed(base["records"], metric), n_boot=n_boot)
+            row.update(versus=base["label"], delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high,
+                       mde=result.mde, significant=result.significant, scores_differ=result.discordant,
                        texts_differ=changed_predictions(runs, base["records"]), pairs=len(result.seeds))
             if plan:
                 row["planned_mde"] = planned_mde(result.components, *plan)
         rows.append(row)
     return rows
+
+
+def _number_first(value: str) -> tuple:
+    """Sort key: numbers by value, before other strings."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -82,19 +111,22 @@ def _pct(x: float | None, signed: bool = False) -> str:
 def to_markdown(rows: list[dict[str, Any]], metric: str, title: str, n_configurations: int) -> str:
     """The study table in percent; the note says how many configurations the experiment holds."""
     plan = any("planned_mde" in r for r in rows)
-    head = (f"| configuration | seeds | {metric} | vs control [95% CI] | MDE | scores differ | texts differ | "
+    head = (f"| configuration | seeds | trainable | {metric} | vs control [95% CI] | MDE | scores differ | texts differ | "
             f"energy beyond r |" + (" planned MDE |" if plan else ""))
     lines = [f"# {title}", "",
              f"{n_configurations} configurations in this experiment (every one is listed). Differences are paired "
              "by seed and example: two-way bootstrap over seeds and examples, 95% percentile interval (* = excludes "
              "0); MDE = minimal detectable effect at 80% power (2.80 x bootstrap SE). Values in percent; energy "
-             "beyond r is the share of the middle adapted layer's update energy beyond rank r.", "",
+             "beyond r is the share of the middle adapted layer's update energy beyond rank r; trainable = trainable "
+             "parameters. Each configuration is compared with the control listed above it.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        vs = "control" if r["control"] else (f"{_pct(r['delta'], True)} [{_pct(r['ci_low'], True)}, "
-                                             f"{_pct(r['ci_high'], True)}]" + ("*" if r["significant"] else ""))
+        vs = "control" if r["control"] else "no control yet" if "delta" not in r else (
+            f"{_pct(r['delta'], True)} [{_pct(r['ci_low'], True)}, {_pct(r['ci_high'], True)}]"
+            + ("*" if r["significant"] else ""))
         energy = "-" if r["energy_beyond_r"] is None else f"{r['energy_beyond_r']:.2e}"
-        cells = [r["configuration"], str(len(r["seeds"])), _pct(r[metric]), vs, _pct(r.get("mde")),
+        trainable = "-" if r.get("trainable_params") is None else f"{r['trainable_params']:,}"
+        cells = [r["configuration"], str(len(r["seeds"])), trainable, _pct(r[metric]), vs, _pct(r.get("mde")),
                  _pct(r.get("scores_differ")), _pct(r.get("texts_differ")), energy]
         if plan:
             cells.append(_pct(r.get("planned_mde")))
