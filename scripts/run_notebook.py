@@ -1,7 +1,8 @@
-"""Execute notebooks/table2.ipynb in place (outputs saved) and write its figures to results/figures/.
+"""Execute a notebook in place (outputs saved; default notebooks/table2.ipynb); it writes its figures to results/figures/.
 
     python scripts/run_notebook.py                      # LORAN_EXPERIMENT=table2_mini by default
     LORAN_EXPERIMENT=table2 python scripts/run_notebook.py
+    python scripts/run_notebook.py notebooks/study.ipynb   # the study's heatmaps and accuracy-vs-parameters figure
 """
 import sys
 from pathlib import Path

@@ -38,3 +38,43 @@ def test_notebook_runs_on_small_records(tmp_path, monkeypatch, write_fake_record
     assert f"{len(ROWS) * 6} successful runs" in "".join(o.get("text", "") for o in outputs)
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
     assert figures == ["grid_delta_vs_qlora.png", "grid_loss.png", "grid_metrics.png", "grid_update_spectrum.png"]
+
+
+def _study_record(runs, activation, params, r, seed, correct):
+    identity = {"activation": {"name": activation, "params": params}, "adapter": {"peft": {"r": r}}, "seed": "<seed>"}
+    cell = f"{activation}{sorted(params.items())}.r{r}.seed{seed}"
+    rec = {"status": "ok", "cell": cell, "identity": identity, "n_eval": len(correct), "eval_split": "test",
+           "choices": {"seed": seed}, "metrics": {"accuracy": float(sum(correct) / len(correct))},
+           "trainable_params": 1000 * r, "update_spectrum": {"energy_beyond_r": 1e-3 * params.get("amp", 0)},
+           "predictions": [{"id": f"n{i}", "prediction": str(c), "accuracy": float(c)} for i, c in enumerate(correct)]}
+    (runs / cell).mkdir(parents=True)
+    (runs / cell / "record.json").write_text(__import__("json").dumps(rec))
+
+
+def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeypatch):
+    """The study notebook on records the test writes: a 2 x 2 screening grid and two methods at two ranks."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    base = [int(v) for v in rng.integers(0, 2, 50)]
+    for seed in (0, 1):
+        _study_record(tmp_path / "results/runs/screen", "identity", {}, 8, seed, base)
+        for amp in (0.05, 0.5):
+            for omega in (100.0, 1e4):
+                flipped = [1 - c if i < 10 * amp * (omega > 1e3) else c for i, c in enumerate(base)]
+                _study_record(tmp_path / "results/runs/screen", "sinter", {"amp": amp, "omega": omega}, 8, seed, flipped)
+        for r in (1, 8):
+            _study_record(tmp_path / "results/runs/test", "identity", {}, r, seed, base)
+            _study_record(tmp_path / "results/runs/test", "sine", {"omega": 300.0}, r, seed, base[::-1])
+    monkeypatch.setenv("LORAN_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("LORAN_SCREEN", "screen")
+    monkeypatch.setenv("LORAN_TEST", "test")
+    out = tmp_path / "executed.ipynb"
+    run_notebook.main(REPO / "notebooks/study.ipynb", out)
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert "screen: 10 successful runs" in text and "test: 8 successful runs" in text
+    assert "| name=sinter, amp=0.5, omega=10000.0 | 2 | 8,000 | " in text   # 5 of 50 flipped, both seeds
+    figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
+    assert figures == ["screen_heatmaps.png", "test_accuracy_vs_parameters.png"]

@@ -98,3 +98,13 @@ def test_pair_by_compares_each_rank_with_lora_at_that_rank():
     assert "delta" not in rows[2] and [r["trainable_params"] for r in rows] == [200, 200, 400, 1600, 1600]
     table = to_markdown(rows, "accuracy", "t", 5)
     assert "| name=sine, r=4 | 1 | 400 | " in table and "no control yet" in table
+
+
+def test_each_configuration_has_its_own_interval(records):
+    """The per-configuration 95% interval (two-way bootstrap of its own mean) against the normal-theory one: with
+    two seeds of 200 coin-flip examples it spans about 2 x 1.96 x sqrt(p (1 - p) / 400) around the mean, plus the
+    seed spread."""
+    control = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=2000)[0]
+    half = 1.96 * np.sqrt(control["accuracy"] * (1 - control["accuracy"]) / 400)
+    assert control["accuracy_low"] < control["accuracy"] < control["accuracy_high"]
+    assert (control["accuracy_high"] - control["accuracy_low"]) / 2 == pytest.approx(half, rel=0.35)

@@ -101,6 +101,11 @@ def compare(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], n_bo
                       seeds=seeds, n_examples=n_i, discordant=float((d != 0).mean()), components=components(d))
 
 
+def level(a: dict[int, dict[str, float]], n_boot: int = 2000, seed: int = 0) -> Comparison:
+    """One configuration's own mean with the same two-way bootstrap: its difference to a model scoring 0 everywhere."""
+    return compare(a, {s: dict.fromkeys(scores, 0.0) for s, scores in a.items()}, n_boot=n_boot, seed=seed)
+
+
 def scores_by_seed(records: list[dict[str, Any]], metric: str) -> dict[int, dict[str, float]]:
     """{seed: {example id: score}} from records that kept their predictions (one record per seed)."""
     out: dict[int, dict[str, float]] = {}

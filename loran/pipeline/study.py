@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loran.pipeline.cells import flatten
-from loran.pipeline.paired import changed_predictions, compare, planned_mde, scores_by_seed
+from loran.pipeline.paired import changed_predictions, compare, level, planned_mde, scores_by_seed
 
 
 def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -76,10 +76,12 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
     rows = []
     for group in sorted(groups, key=order):
         runs, base = group["records"], control_of(group)
-        row = {"configuration": group["label"], "control": group in controls, "seeds": [r["choices"]["seed"] for r in runs],
+        own = level(scores_by_seed(runs, metric), n_boot=n_boot)
+        row = {"configuration": group["label"], "values": group["values"], "control": group in controls, "seeds": [r["choices"]["seed"] for r in runs],
                "n_eval": runs[0].get("n_eval"), "eval_split": runs[0].get("eval_split"),
                "trainable_params": runs[0].get("trainable_params"),
                metric: statistics.fmean(r["metrics"][metric] for r in runs),
+               f"{metric}_low": own.ci_low, f"{metric}_high": own.ci_high,
                "energy_beyond_r": statistics.fmean(r["update_spectrum"]["energy_beyond_r"] for r in runs
                                                    if r.get("update_spectrum")) if any(
                    r.get("update_spectrum") for r in runs) else None}
@@ -143,4 +145,4 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
