@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     plan = tuple(int(v) for v in args.plan.split(",")) if args.plan else None
     try:
         records = load_records(results / "runs" / args.experiment)
+        if not records:
+            sys.exit(f"no table written: no successful run record under {results / 'runs' / args.experiment}")
         rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
                           pair_by=tuple(args.pair_by))
     except (CorruptRecord, ValueError) as err:

@@ -37,12 +37,12 @@ def records():
 
 def test_configurations_are_labelled_by_what_varies(records):
     labels = [g["label"] for g in configurations(records)]
-    assert labels == ["name=identity", "name=sinter, amp=0.5, omega=100.0", "name=sinter, amp=5e-05, omega=10000.0"]
+    assert labels == ["name=identity", "name=sinter, amp=5e-05, omega=10000.0", "name=sinter, amp=0.5, omega=100.0"]
 
 
 def test_each_configuration_against_the_control(records):
     rows = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=500, plan=(5, 800))
-    control, strong, released = rows[0], rows[1], rows[2]
+    control, released, strong = rows[0], rows[1], rows[2]
     assert control["control"] and control["configuration"] == "name=identity"
     ident = [r for r in records if r["identity"]["activation"]["name"] == "identity"]
     expected = np.mean([sum(1 - p["accuracy"] for p in r["predictions"][:40]) / 200 for r in ident])
@@ -58,6 +58,13 @@ def test_each_configuration_against_the_control(records):
 def test_the_control_must_be_one_configuration(records):
     with pytest.raises(ValueError, match=r"control \{'activation.name': 'sinter'\} matches 2 configurations"):
         study_rows(records, "accuracy", {"activation.name": "sinter"})
+
+
+def test_the_script_refuses_an_empty_experiment(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no successful run record under" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_script_writes_the_table(records, tmp_path):

@@ -33,8 +33,10 @@ def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, members in groups.items():
         values = {k: flats[key][k] for k in shown if k in flats[key]}
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or "(one configuration)"
-        out.append({"label": label, "values": values, "records": sorted(members, key=lambda r: r["choices"]["seed"])})
-    return sorted(out, key=lambda g: g["label"])
+        order = tuple(_number_first(str(flats[key].get(k, ""))) for k in shown)
+        out.append({"label": label, "values": values, "order": order,
+                    "records": sorted(members, key=lambda r: r["choices"]["seed"])})
+    return sorted(out, key=lambda g: g["order"])
 
 
 def matches(group: dict[str, Any], control: dict[str, str]) -> bool:
@@ -71,7 +73,7 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
 
     def order(group: dict[str, Any]) -> tuple:
         values = paired_values(group)
-        return tuple(_number_first(values[k]) for k in pair_by) + (group not in controls, group["label"])
+        return tuple(_number_first(values[k]) for k in pair_by) + (group not in controls, group["order"])
 
     rows = []
     for group in sorted(groups, key=order):
