@@ -192,3 +192,49 @@ def test_call_plan_counts_the_tree_in_every_call():
     assert kit.call_plan(3 * mib, 34 * mib, [56 * mib], limit_mib=64, margin_mib=6)[0][2] is False
     assert kit.call_plan(3 * mib, 55 * mib, [], limit_mib=64, margin_mib=6) == [
         ("last (wheels + check)", 58 * mib, True)]
+
+
+def _device_copy(tmp_path) -> Path:
+    """The parts of the repository the last device call uses, as the run tool copies them (no .git)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    for folder in ("scripts", "loran"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "requirements-gpu-kit.txt", repo)
+    return repo
+
+
+def _device_run(repo, tmp_path, *args):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "out"), "GPU_KIT_SITE": str(tmp_path / "site")}
+    return subprocess.run(["bash", str(repo / "scripts" / "gpu_device_run.sh"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_device_run_installs_the_kit_then_runs_the_check_from_the_repository_root(tmp_path):
+    repo = _device_copy(tmp_path)
+    wheels = repo / ".whl"
+    wheels.mkdir()
+    wheel = _fake_wheel(wheels)
+    (wheels / "SHA256SUMS").write_text(f"{kit.sha256(wheel)}  {wheel.name}\n")
+    (wheels / "COMMIT").write_text("0123abc\n")
+    done = _device_run(repo, tmp_path, "--skip", "cell")
+    # here there is no CUDA: the check says so (exit 3) after the kit installed; SmolLM2 was never stashed
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "gpu-device-run: gpu_check.py exit 3" in done.stdout and "no CUDA device" in done.stderr
+    log = (tmp_path / "out" / "kit.log").read_text()
+    assert "1 wheels installed" in log and "SmolLM2 not installed (no chunk kept" in log
+    assert (tmp_path / "site" / "fakepkg" / "__init__.py").is_file()
+
+
+def test_device_run_stops_when_the_kit_is_missing_or_altered(tmp_path):
+    repo = _device_copy(tmp_path)
+    done = _device_run(repo, tmp_path)
+    assert done.returncode == 5 and "no wheels in" in done.stdout, done.stdout
+    wheels = repo / ".whl"
+    wheels.mkdir()
+    wheel = _fake_wheel(wheels)
+    (wheels / "SHA256SUMS").write_text(f"{'0' * 64}  {wheel.name}\n")
+    done = _device_run(repo, tmp_path)
+    assert done.returncode == 5 and "differ from SHA256SUMS" in done.stdout, done.stdout
