@@ -1,15 +1,18 @@
 """LoranConfig rejects bad values with a message naming the field and what is allowed."""
 import math
+import re
 
 import pytest
 
-from loran import LoranConfig
+from loran import ACTIVATIONS, LoranConfig
+
+UNKNOWN = "no_such_activation"  # not a registered name, whatever the registry holds
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "softplus"}, r"activation='softplus' is unknown; allowed values: \['cos', 'gaussian', 'identity'"),
+        ({"activation": UNKNOWN}, re.escape(f"activation={UNKNOWN!r} is unknown; allowed values: {sorted(ACTIVATIONS)}")),
         ({"r": 0}, r"r=0 must be a positive integer"),
         ({"r": -4}, r"r=-4 must be a positive integer"),
         ({"r": 2.5}, r"r=2.5 must be a positive integer"),

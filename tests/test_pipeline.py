@@ -13,6 +13,7 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from loran.activations import ACTIVATIONS as REGISTERED
 from loran.pipeline.checks import ConfigError
 from loran.pipeline.run import run_cell
 
@@ -60,6 +61,15 @@ def test_every_combination_composes_and_builds(model, dataset):
         assert spec.input_field and spec.target_field
         name = f"{dataset}.{model}.{adapter}-{activation or ('none' if adapter == 'qlora' else 'sinter')}.seed0"
         assert re.fullmatch(re.escape(name) + r"\.[0-9a-f]{8}", cfg.cell), cfg.cell
+
+
+def test_every_registered_activation_has_its_yaml_and_every_yaml_a_registered_activation():
+    """Adding an activation is its entry in loran.activations.ACTIVATIONS (f and f') plus one YAML, named as the entry."""
+    missing = sorted(set(REGISTERED) - set(ACTIVATIONS))
+    assert not missing, f"add configs/activation/<name>.yaml (name, params, start) for the registered {missing}"
+    for name in ACTIVATIONS:
+        node = OmegaConf.load(CONFIGS / "activation" / f"{name}.yaml")
+        assert node.name == name and name in REGISTERED, f"configs/activation/{name}.yaml names {node.name!r}"
 
 
 def test_defaults_are_the_embedded_loran_sinter_cell():
@@ -141,7 +151,8 @@ def test_train_py_writes_an_offline_wandb_run(workdir):
         (["dataset.n_train=0"], r"dataset.n_train=0 \(int\) must be a positive integer or null"),
         (["adapter.peft.lora_dropout=1.5"], r"adapter.peft.lora_dropout=1.5 \(float\) must be a number in \[0, 1\)"),
         (["adapter=qlora", "activation=relu"], r"adapter=qlora takes no activation, but activation=relu"),
-        (["activation.name=softplus"], r"activation='softplus' is unknown; allowed values: \['cos', 'gaussian'"),
+        (["activation.name=no_such_activation"],
+         re.escape(f"activation='no_such_activation' is unknown; allowed values: {sorted(REGISTERED)}")),
         (["activation.params.amp=-1"], r"activation_kwargs.amp=-1 must be finite and >= 0"),
         (["model.target_modules=[q_proj,qkv]"], r"\['qkv'\] not found in model tiny; its linear layers are "),
         (["dataset.prompt.input_field=body"], r"dataset=bbc_news: .*'body'.*available"),
