@@ -30,6 +30,7 @@ from typing import Literal
 from peft import LoraConfig
 
 from loran.activations import Activation, activation_params, validate_activation
+from loran.layers import CUSTOM_MODULES
 
 PEFT_TYPE = "LORAN"
 UPDATE_DTYPES = ("float32", "autocast")
@@ -75,8 +76,6 @@ class LoranConfig(LoraConfig):
         self.activation_kwargs = {**activation_params(self.activation), **dict(self.activation_kwargs or {})}
         self._check_peft_options()  # before LoraConfig's own checks, which need e.g. scipy for LoftQ
         super().__post_init__()
-        from loran.layers import CUSTOM_MODULES  # late import: layers imports this module
-
         self._register_custom_module(CUSTOM_MODULES)
 
     def _check_peft_options(self) -> None:

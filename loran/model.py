@@ -15,7 +15,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from loran.config import PEFT_TYPE, LoranConfig
-from loran.layers import COVERED, LORAN_LAYERS, unpacked_4bit, uncovered_message
+from loran.layers import COVERED, LORAN_LAYERS, LoranVariant, unpacked_4bit, uncovered_message
 
 # add_weighted_adapter combinations that work on the layers' actual updates (get_delta_weight) and refactor the
 # result by SVD; the others combine the factors A and B, which is LoRA's update only when f is linear.
@@ -145,8 +145,6 @@ def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.fl
     dequantised W0 plus the update, in `dtype`, so the merged model computes what the unmerged one did.
     Layers that were not adapted keep their (possibly quantised) type.
     """
-    from loran.layers import LoranVariant
-
     for name, layer in loran_layers(peft_model):
         base = layer.get_base_layer()
         if layer.merged:
