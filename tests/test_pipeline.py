@@ -1,6 +1,7 @@
 """The experiment pipeline: every config composes, train.py runs a cell end to end, bad input stops early."""
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from loran.activations import ACTIVATIONS as REGISTERED
-from loran.pipeline.checks import ConfigError
+from loran import LoranConfig
+from loran.config import LORA_FIELDS
+from loran.pipeline.checks import ConfigError, check_config
 from loran.pipeline.run import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +167,26 @@ def test_bad_input_stops_before_training_and_leaves_results_clean(workdir, overr
         run_cell(cfg_of([*SMALL, *overrides], results))
     assert not results.exists() or not any(results.rglob("*"))
     assert not (workdir / "outputs").exists() or not any((workdir / "outputs").rglob("checkpoint-*"))
+
+
+# Bad values for each of loran.config.LORA_FIELDS (a new field there needs its cases here).
+BAD_LORA_VALUES = {"r": [0, -4, 2.5, True], "lora_alpha": [0, -1.0, math.inf], "lora_dropout": [1.5, -0.1, 1]}
+
+
+@pytest.mark.parametrize("adapter", ["loran", "qlora", "dora"])
+def test_the_pipeline_checks_lora_sizes_by_the_adapters_own_rules(adapter):
+    """adapter.peft's r, lora_alpha and lora_dropout are refused before loading with the field, its type and what it
+    must be, by the same rule and words as LoranConfig itself (loran.config.LORA_FIELDS), for PEFT's LoraConfig too."""
+    assert set(BAD_LORA_VALUES) == set(LORA_FIELDS)
+    for name, values in BAD_LORA_VALUES.items():
+        for value in values:
+            _, description = LORA_FIELDS[name]
+            with pytest.raises(ConfigError) as err:
+                check_config(cfg_of([f"adapter={adapter}", f"adapter.peft.{name}={value}"]))
+            assert str(err.value) == f"adapter.peft.{name}={value!r} ({type(value).__name__}) must be {description}"
+            with pytest.raises(ValueError) as err:
+                LoranConfig(target_modules=["q_proj"], **{name: value})
+            assert str(err.value) == f"{name}={value!r} must be {description}"
 
 
 def test_empty_split_is_refused(workdir):

@@ -18,6 +18,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from loran.config import LORA_FIELDS
 from loran.pipeline.cells import check_name
 
 
@@ -27,10 +28,6 @@ class ConfigError(ValueError):
 
 def _positive(value) -> bool:
     return value is None or value > 0
-
-
-def _fraction(value) -> bool:
-    return 0 <= value < 1
 
 
 def _seed(value) -> bool:
@@ -45,7 +42,7 @@ def _finite_positive(value) -> bool:
     return math.isfinite(value) and value > 0
 
 
-BOOL, INT, NUMBER, OPTIONAL_INT = (bool,), (int,), (int, float), (int, type(None))
+BOOL, INT, NUMBER, OPTIONAL_INT, ANY = (bool,), (int,), (int, float), (int, type(None)), (object,)
 # field -> (allowed types, extra condition, description). A present field is checked; an absent one is not.
 TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "seed": (INT, _seed, "an integer in [0, 2**32)"),
@@ -53,9 +50,8 @@ TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "skip_existing": (BOOL, None, "true or false"),
     "dataset.n_train": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
     "dataset.n_eval": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
-    "adapter.peft.r": (INT, _positive, "a positive integer"),
-    "adapter.peft.lora_alpha": (NUMBER, _finite_positive, "a positive number"),
-    "adapter.peft.lora_dropout": (NUMBER, _fraction, "a number in [0, 1)"),
+    # LoRA's sizes, by the adapter's own rules (loran.config.LORA_FIELDS; a bool is refused as not a number there)
+    **{f"adapter.peft.{name}": (ANY, valid, description) for name, (valid, description) in LORA_FIELDS.items()},
     "trainer.resume": (BOOL, None, "true or false"),
     "trainer.eval_batch_size": (INT, _positive, "a positive integer"),
     "trainer.args.per_device_train_batch_size": (INT, _positive, "a positive integer"),
