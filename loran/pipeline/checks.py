@@ -76,6 +76,14 @@ KNOWN_KEYS: dict[str, set[str]] = {
 }
 
 
+# Settings with one switch: a key that would switch the same thing a second time -> the switch.
+ONE_SWITCH: dict[str, str] = {
+    f"trainer.args.{key}": "model.load.gradient_checkpointing"
+    for key in ("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+                "gradient_checkpointing_kwargs")
+}
+
+
 def _choices() -> dict[str, list[str]]:
     from loran.pipeline.base_models import DTYPES, QUANTIZATIONS  # late: transformers is slow to import
 
@@ -153,6 +161,15 @@ def check_targets(cfg: DictConfig) -> None:
                 raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{_did_you_mean(hint)}")
 
 
+def check_one_switch(cfg: DictConfig) -> None:
+    """A setting with one switch is not switched a second time elsewhere (the two could disagree)."""
+    for key, switch in ONE_SWITCH.items():
+        value = _select(cfg, key)
+        if not (isinstance(value, str) and value == "<absent>"):
+            raise ConfigError(f"{key}={to_plain(value)!r}: this is switched by {switch} only (the model's loader "
+                              f"applies it); set that instead")
+
+
 def check_target_list(cfg: DictConfig) -> None:
     """model.target_modules is a non-empty list of module names (or one regex string)."""
     targets = _select(cfg, "model.target_modules")
@@ -197,6 +214,7 @@ def check_config(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     check_types(cfg)
     check_choices(cfg)
+    check_one_switch(cfg)
     check_target_list(cfg)
     check_names(cfg)
     check_targets(cfg)
