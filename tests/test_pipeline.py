@@ -120,7 +120,7 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
     for key in ("rouge1", "rouge2", "rougeL"):
         assert sum(p[key] for p in predictions) / 4 == pytest.approx(record["metrics"][key], abs=1e-12)
     assert record["trainable_params"] == 2 * 2 * 8 * 64 + 2 * 8 * (64 + 32)  # q: 64->64, v: 64->32, r=8
-    rows = list(csv.DictReader(open(results / "runs/e2e.csv")))
+    rows = list(csv.DictReader(open(results / "runs/e2e_cells.csv")))
     assert len(rows) == 1 and rows[0]["cell"] == first["cell"] and float(rows[0]["rouge1"]) == round(
         first["metrics"]["rouge1"], 6)
 
@@ -131,7 +131,7 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
 
     # Running the finished cell again is skipped: no second row.
     run_cell(cfg_of(base, results))
-    assert len(list(csv.DictReader(open(results / "runs/e2e.csv")))) == 1
+    assert len(list(csv.DictReader(open(results / "runs/e2e_cells.csv")))) == 1
 
 
 def test_train_py_writes_an_offline_wandb_run(workdir):
@@ -144,7 +144,7 @@ def test_train_py_writes_an_offline_wandb_run(workdir):
     assert "accuracy=" in proc.stdout
     runs = list((workdir / "outputs/wb").glob("*/wandb/offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
-    assert len(list(csv.DictReader(open(workdir / "results/runs/wb.csv")))) == 1
+    assert len(list(csv.DictReader(open(workdir / "results/runs/wb_cells.csv")))) == 1
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def rows(results, experiment="default"):
-    path = results / "runs" / f"{experiment}.csv"
+    path = results / "runs" / f"{experiment}_cells.csv"
     return list(csv.DictReader(open(path))) if path.exists() else []
 
 

@@ -3,7 +3,7 @@
 ``run_cell(cfg)`` is what ``python train.py`` calls with the Hydra config. Every object is built from the
 config with ``hydra.utils.instantiate``; this file orders the steps and writes the outputs:
   - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed or diverged run records why)
-  - <results_dir>/runs/<experiment>.csv                 (rebuilt from the successful records: one row each)
+  - <results_dir>/runs/<experiment>_cells.csv           (rebuilt from the successful records: one row each)
   - a W&B run (group = experiment), offline when no API key is set
 The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
@@ -35,7 +35,7 @@ from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_co
 from loran.pipeline.evaluation import evaluate
 from loran.pipeline.preemption import Preempted, PreemptionCallback
 from loran.pipeline.records import (
-    CorruptRecord, cell_lock, choices, environment, git_revision, read_record, rebuild_table, write_record,
+    CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record, rebuild_table, write_record,
 )
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tracking import finish_wandb, start_wandb
@@ -49,7 +49,7 @@ class Diverged(RuntimeError):
 
 
 def cell_paths(cfg: DictConfig) -> dict[str, Path]:
-    """Where this cell's record, lock, run table and working folder live."""
+    """Where this cell's record, lock, per-cell CSV and working folder live."""
     runs = Path(cfg.results_dir) / "runs"
     try:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -58,7 +58,7 @@ def cell_paths(cfg: DictConfig) -> dict[str, Path]:
     return {"record": runs / cfg.experiment_name / cfg.cell / "record.json",
             "lock": runs / cfg.experiment_name / f"{cfg.cell}.lock",
             "runs": runs / cfg.experiment_name,
-            "table": runs / f"{cfg.experiment_name}.csv",
+            "cells_csv": cells_csv(cfg.results_dir, cfg.experiment_name),
             "out_dir": out_dir}
 
 
@@ -125,7 +125,7 @@ def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
     if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
         return None
     if is_main_process():
-        rebuild_table(paths["runs"], paths["table"])
+        rebuild_table(paths["runs"], paths["cells_csv"])
     log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
     return existing
 
@@ -215,7 +215,7 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
     finally:
         preemption.restore()
     write_record(paths["record"], record)
-    rebuild_table(paths["runs"], paths["table"])
+    rebuild_table(paths["runs"], paths["cells_csv"])
     finish_wandb(wandb_run, record)
     log.info("%s: %s", cfg.cell, record["metrics"])
     return record
