@@ -95,7 +95,7 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
         if dest.is_dir():
             return dest
         start = time.perf_counter()
-        print(f"loran: converting {SMOLLM2_GGUF} to a float32 checkpoint in {dest} (once, ~15-30 s)", flush=True)
+        print(f"loran: converting {SMOLLM2_GGUF} to a float32 checkpoint in {dest} (once)", flush=True)
         model, tokenizer = load_smollm2_gguf()
         tmp = root / f".{SMOLLM2_DIRNAME}-{uuid.uuid4().hex[:8]}"
         try:
