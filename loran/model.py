@@ -141,7 +141,7 @@ def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.fl
     """Merge the active adapters into a full-precision copy of each adapted layer and unload PEFT.
 
     On a 4-bit base, PEFT's ``merge_and_unload`` requantises W0 + s f(BA) to NF4, which moves the outputs
-    (see the README for the measured gap). Here each adapted layer becomes an ``nn.Linear`` holding the
+    (results/adapter_measurements.md has the measured gap). Here each adapted layer becomes an ``nn.Linear`` holding the
     dequantised W0 plus the update, in `dtype`, so the merged model computes what the unmerged one did.
     Layers that were not adapted keep their (possibly quantised) type.
     """

@@ -1,5 +1,6 @@
-"""The runner's contract (README, "What a run writes"): distinct cells per configuration, checks before loading,
-no result from a run that is not one, one process per cell, one row per finished cell, and recoverable faults."""
+"""The runner's contract (loran/pipeline/run.py's docstring; the README summarises it): distinct cells per
+configuration, checks before loading, no result from a run that is not one, one process per cell, one row per
+finished cell, and recoverable faults."""
 import csv
 import json
 import math

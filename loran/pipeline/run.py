@@ -8,6 +8,28 @@ config with ``hydra.utils.instantiate``; this file orders the steps and writes t
 The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
 last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
+
+The contract in full (tests/test_run_contract.py checks it; the README has the summary):
+- Checked before anything is loaded (exit code 2, nothing written under results/; check_config's checks, in
+  loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere (`+anything=1`; a typo in trainer.args gets a "did
+  you mean"), types and ranges (seed in [0, 2**32), zero_shot a boolean, positive batch sizes, accumulation steps
+  and learning rate, max_steps a positive integer or -1, LoRA's r / lora_alpha / lora_dropout by the adapter's own
+  rules), closed choices (model.load.quantization, model.load.dtype), an empty model.target_modules, folder names
+  (experiment_name=../x, /tmp/x or a name with / are refused), an unwritable results_dir, a second checkpointing
+  switch in trainer.args; then (in run_cell) the adapter and TrainingArguments themselves. Target modules missing from the model
+  and dataset columns are checked right after loading, also with exit code 2 and nothing under results/.
+- Not a result, not a row: zero training steps are refused up front; a non-finite loss or gradient norm stops
+  training at the first logged step that shows it (NaN stays NaN in the record's history; no checkpoint of the NaN
+  weights), the record says "diverged", exit code 3.
+- One process per cell: a second launch of a running cell stops at once (exit code 4) without touching its record;
+  the lock (<results_dir>/runs/<experiment>/<cell>.lock, git-ignored) is an flock, released if its process dies.
+- Skip and resume: a cell whose record says "ok" is skipped (and its row restored if a crash lost it); otherwise
+  training resumes from the newest complete checkpoint (every file present and readable; a truncated newest one is
+  moved aside as checkpoint-N.incomplete with a warning).
+- Signals: SIGTERM, SIGUSR1/2 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the
+  signal (143, 130); the same command resumes. A second Ctrl-C stops at once.
+- A corrupt record.json stops the cell (exit code 2) naming the file; move it away to redo the cell.
+  scripts/build_table.py refuses to pool records whose configs differ in more than the seed, naming the keys.
 """
 from __future__ import annotations
 
