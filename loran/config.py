@@ -36,7 +36,6 @@ PEFT_TYPE = "LORAN"
 UPDATE_DTYPES = ("float32", "autocast")
 
 
-
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -140,9 +140,9 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
 def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Merge the active adapters into a full-precision copy of each adapted layer and unload PEFT.
 
-    On a 4-bit base, PEFT's ``merge_and_unload`` requantises W0 + s f(BA) to NF4, which moves the outputs
-    (results/adapter_measurements.md has the measured gap). Here each adapted layer becomes an ``nn.Linear`` holding the
-    dequantised W0 plus the update, in `dtype`, so the merged model computes what the unmerged one did.
+    On a 4-bit base, PEFT's ``merge_and_unload`` requantises W0 + s f(BA) to NF4, which moves the outputs (measured:
+    results/adapter_measurements.md). Here each adapted layer becomes an ``nn.Linear`` holding the dequantised W0
+    plus the update, in `dtype`, so the merged model computes what the unmerged one did.
     Layers that were not adapted keep their (possibly quantised) type.
     """
     for name, layer in loran_layers(peft_model):

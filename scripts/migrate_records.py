@@ -13,7 +13,8 @@ old code behaved as that value does (say why in the commit). Likewise --changed 
 stored value was OLD and is today's value now (a class swapped for one that computes the same; say how that
 was verified). Only when everything agrees is the record moved
 to its cell folder and given config_hash, identity and a "migrated" note (kept for every migration); a record
-that today's configs cannot reproduce is left as it is and listed (exit code 1). The per-cell CSV (results/runs/<experiment>_cells.csv) is then rebuilt.
+that today's configs cannot reproduce is left as it is and listed (exit code 1). The per-cell CSV
+(results/runs/<experiment>_cells.csv) is then rebuilt.
 """
 import argparse
 import json

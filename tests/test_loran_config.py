@@ -12,7 +12,8 @@ UNKNOWN = "no_such_activation"  # not a registered name, whatever the registry h
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": UNKNOWN}, re.escape(f"activation={UNKNOWN!r} is unknown; allowed values: {sorted(ACTIVATIONS)}")),
+        ({"activation": UNKNOWN},
+         re.escape(f"activation={UNKNOWN!r} is unknown; allowed values: {sorted(ACTIVATIONS)}")),
         ({"r": 0}, r"r=0 must be a positive integer"),
         ({"r": -4}, r"r=-4 must be a positive integer"),
         ({"r": 2.5}, r"r=2.5 must be a positive integer"),

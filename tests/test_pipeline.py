@@ -67,7 +67,7 @@ def test_every_combination_composes_and_builds(model, dataset):
 
 
 def test_every_registered_activation_has_its_yaml_and_every_yaml_a_registered_activation():
-    """Adding an activation is its entry in loran.activations.ACTIVATIONS (f and f') plus one YAML, named as the entry."""
+    """Adding an activation is its entry in loran.activations.ACTIVATIONS (f and f') plus one YAML named after it."""
     missing = sorted(set(REGISTERED) - set(ACTIVATIONS))
     assert not missing, f"add configs/activation/<name>.yaml (name, params, start) for the registered {missing}"
     for name in ACTIVATIONS:
