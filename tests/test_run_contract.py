@@ -172,6 +172,17 @@ def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(
     assert not (workdir / "results").exists()
 
 
+def test_train_py_refuses_a_bad_activation_with_exit_code_2_and_makes_no_folder(workdir):
+    """The adapter's own checks (LoranConfig: the activation and its parameters) run in check_config, so a single run
+    stops before Hydra makes its output folder."""
+    proc = subprocess.run([PY, str(REPO / "train.py"), *SMALL, "activation.params.amp=-1",
+                           f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error: adapter=loran, activation=sinter: activation_kwargs.amp=-1 must be finite" in proc.stderr
+    assert not (workdir / "outputs").exists() and not (workdir / "results").exists()
+
+
 # --- 5. a run that is not a result is not recorded as one ------------------------------------------------------
 class PoisonAtStep(TrainerCallback):
     """Sets every trainable weight to NaN after step 3, as an exploding update would."""

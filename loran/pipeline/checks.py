@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -190,6 +191,20 @@ def check_activation_choice(cfg: DictConfig) -> None:
         )
 
 
+def cause(err: Exception) -> str:
+    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
+    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
+
+
+def build_peft_config(cfg: DictConfig):
+    """The adapter's PEFT config (LoraConfig or LoranConfig), which checks its own values (the activation and its
+    parameters: loran.activations; the PEFT options: loran.config); a bad value becomes a ConfigError."""
+    try:
+        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
+
+
 def check_names(cfg: DictConfig) -> None:
     """experiment_name and the cell name are single folder names, so nothing is written outside its folder."""
     for field in ("experiment_name", "dataset.name", "model.name", "adapter.name", "activation.name", "cell"):
@@ -219,6 +234,7 @@ def check_config(cfg: DictConfig) -> None:
     check_names(cfg)
     check_targets(cfg)
     check_activation_choice(cfg)
+    build_peft_config(cfg)  # the adapter's own checks, so a single run stops before Hydra makes its folder
     check_writable(cfg)
 
 

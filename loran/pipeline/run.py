@@ -11,13 +11,14 @@ last complete checkpoint, and a cell whose record says "ok" is skipped. One proc
 
 The contract in full (tests/test_run_contract.py checks it; the README has the summary):
 - Checked before anything is loaded (exit code 2, nothing written under results/; check_config's checks, in
-  loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere (`+anything=1`; a typo in trainer.args gets a "did
-  you mean"), types and ranges (seed in [0, 2**32), zero_shot a boolean, positive batch sizes, accumulation steps
-  and learning rate, max_steps a positive integer or -1, LoRA's r / lora_alpha / lora_dropout by the adapter's own
-  rules), closed choices (model.load.quantization, model.load.dtype), an empty model.target_modules, folder names
-  (experiment_name=../x, /tmp/x or a name with / are refused), an unwritable results_dir, a second checkpointing
-  switch in trainer.args; then (in run_cell) the adapter and TrainingArguments themselves. Target modules missing from the model
-  and dataset columns are checked right after loading, also with exit code 2 and nothing under results/.
+  loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere
+  (`+anything=1`; a typo in trainer.args gets a "did you mean"), types and ranges (seed in [0, 2**32), zero_shot a
+  boolean, positive batch sizes, accumulation steps and learning rate, max_steps a positive integer or -1, LoRA's r /
+  lora_alpha / lora_dropout by the adapter's own rules), closed choices (model.load.quantization, model.load.dtype),
+  an empty model.target_modules, folder names (experiment_name=../x, /tmp/x or a name with / are refused), an
+  unwritable results_dir, a second checkpointing switch in trainer.args, and the adapter's config itself (its own
+  checks: the activation and its parameters); then (in run_cell) TrainingArguments. Target modules missing from the model and dataset columns are checked right after
+  loading, also with exit code 2 and nothing under results/.
 - Not a result, not a row: zero training steps are refused up front; a non-finite loss or gradient norm stops
   training at the first logged step that shows it (NaN stays NaN in the record's history; no checkpoint of the NaN
   weights), the record says "diverged", exit code 3.
@@ -52,7 +53,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from loran.pipeline.cells import config_hash, identity
-from loran.pipeline.checks import ConfigError, check_config, check_target_modules, to_plain
+from loran.pipeline.checks import (
+    ConfigError, build_peft_config, cause, check_config, check_target_modules, to_plain,
+)
 from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_columns
 from loran.pipeline.evaluation import evaluate
 from loran.pipeline.preemption import Preempted, PreemptionCallback
@@ -89,19 +92,6 @@ def _overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []
-
-
-def cause(err: Exception) -> str:
-    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
-    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
-
-
-def build_peft_config(cfg: DictConfig):
-    """The adapter's PEFT config (LoraConfig or LoranConfig); a bad value becomes a ConfigError."""
-    try:
-        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
-    except (ValueError, TypeError, InstantiationException) as err:
-        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
 
 
 def build_training_args(cfg: DictConfig, out_dir: Path):
