@@ -44,7 +44,7 @@ reproduce-table2: $(STAMP)
 	$(PY) train.py -m experiment=table2 hydra/launcher=$(LAUNCHER); status=$$?; \
 	$(PY) scripts/build_table.py table2; exit $$status
 
-## The same grid at CPU scale on the embedded model and data (2 h 31 min measured on 2 cores, README).
+## The same grid at CPU scale on the embedded model and data (2 h 31 min measured on 2 cores: results/table2_mini_report.md).
 reproduce-table2-mini: $(STAMP)
 	$(PY) train.py -m experiment=table2_mini; status=$$?; \
 	$(PY) scripts/build_table.py table2_mini; exit $$status

@@ -25,14 +25,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from peft import LoraConfig
 
 from loran.activations import Activation, activation_params, validate_activation
+from loran.layers import CUSTOM_MODULES
 
 PEFT_TYPE = "LORAN"
 UPDATE_DTYPES = ("float32", "autocast")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What LoRA's size fields must be, defined once: LoranConfig checks itself against it, and the experiment pipeline
+# (loran.pipeline.checks) checks adapter.peft against it before anything is loaded, whatever the adapter's class.
+LORA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _integer(v) and v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
 
 # Inits that leave W0 alone and start from B A = 0 (so f(0) - f(0) = 0: the model starts at the base). The others
 # (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) move W0 by -s B A, which only LoRA's linear update cancels; MiCA is a variant.
@@ -75,8 +93,6 @@ class LoranConfig(LoraConfig):
         self.activation_kwargs = {**activation_params(self.activation), **dict(self.activation_kwargs or {})}
         self._check_peft_options()  # before LoraConfig's own checks, which need e.g. scipy for LoftQ
         super().__post_init__()
-        from loran.layers import CUSTOM_MODULES  # late import: layers imports this module
-
         self._register_custom_module(CUSTOM_MODULES)
 
     def _check_peft_options(self) -> None:
@@ -98,13 +114,9 @@ class LoranConfig(LoraConfig):
                              "LoRA. Use target_modules")
 
     def _check_lora_fields(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be a positive integer")
-        alpha = self.lora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"lora_alpha={alpha!r} must be a finite number > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        for name, (valid, description) in LORA_FIELDS.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {description}")
         if not isinstance(self.memory_efficient, bool):
             raise ValueError(f"memory_efficient={self.memory_efficient!r} must be true or false")
         if not isinstance(self.update_dtype, str) or self.update_dtype not in UPDATE_DTYPES:

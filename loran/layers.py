@@ -6,6 +6,9 @@ how the update is formed from A and B, which is exactly what a ``LoraVariant`` o
 unmerge). ``LoraConfig._register_custom_module`` routes each base layer type to a thin subclass of PEFT's
 own LoRA layer whose only change is to pick ``LoranVariant`` for a ``LoranConfig``.
 
+This module does not import loran.config (the config imports it, for ``CUSTOM_MODULES``): a layer recognises a
+LoranConfig by its variant flag ``loran``, as PEFT recognises its own variants by theirs (``use_dora``, ...).
+
 Per adapter, the layer holds ``loran_activation[name]`` (an ``Activation``), ``loran_memory_efficient[name]``
 (which autograd path to use) and ``loran_update_dtype[name]`` (the precision policy, see loran/config.py).
 
@@ -20,6 +23,7 @@ import warnings
 
 import bitsandbytes as bnb
 import torch
+from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
@@ -33,7 +37,6 @@ from loran.activations import Activation
 from loran.autograd import (
     Adapter, DenseWeight, WeightFn, delta_weight, loran_linear, loran_update, lowrank_update, reference_update,
 )
-from loran.config import LoranConfig
 
 # The values on which an activation must leave z and f'(z) = 1 unchanged, bit for bit, to count as the identity:
 # 0 and +-m 2^k for 8 mantissas m in [1, 2) and every k in [-100, 30], in float32 and float64 (|B A| of a trained
@@ -73,7 +76,7 @@ class LoranVariant(LoraVariant):
         return False
 
     @staticmethod
-    def init(module: LoraLayer, adapter_name: str, config: LoranConfig, **kwargs) -> None:
+    def init(module: LoraLayer, adapter_name: str, config: LoraConfig, **kwargs) -> None:
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported by LoRAN; set lora_bias=False")
         module.loran_activation[adapter_name] = config.build_activation()
@@ -215,7 +218,7 @@ class LoranLayerMixin:
         return super().update_layer(*args, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
-        if isinstance(config, LoranConfig):
+        if getattr(config, "loran", False):  # LoranConfig's LoRA-variant flag, read as PEFT reads e.g. use_dora
             return LoranVariant()
         return super().resolve_lora_variant(config=config, **kwargs)
 
@@ -263,7 +266,7 @@ class LoranLayerMixin:
 class LoranLinear(LoranLayerMixin, LoraLinear):
     """LoRAN on nn.Linear (any d_out x d_in)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> None:
         if config.fan_in_fan_out:  # as PEFT's own dispatch: nn.Linear stores (d_out, d_in)
             warnings.warn("fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False.")
             config.fan_in_fan_out = False
@@ -273,7 +276,7 @@ class LoranLinear(LoranLayerMixin, LoraLinear):
 class LoranConv1D(LoranLayerMixin, LoraLinear):
     """LoRAN on transformers' Conv1D (GPT-2 style), whose weight is stored (d_in, d_out)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> None:
         if not config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out=False but the target is Conv1D; setting fan_in_fan_out=True.")
             config.fan_in_fan_out = True
@@ -313,7 +316,7 @@ COVERED: dict[type[nn.Module], type[nn.Module]] = {
 COVERED_NAMES = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
 
 
-def refuse_uncovered(target: nn.Module, adapter_name: str, config: LoranConfig, target_name: str = "", **kwargs):
+def refuse_uncovered(target: nn.Module, adapter_name: str, config: LoraConfig, target_name: str = "", **kwargs):
     """Stands last in the LoranConfig's custom modules: every other layer type would get PEFT's plain LoRA layer."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     raise ValueError(uncovered_message(target_name, base))

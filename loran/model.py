@@ -15,7 +15,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from loran.config import PEFT_TYPE, LoranConfig
-from loran.layers import COVERED, LORAN_LAYERS, unpacked_4bit, uncovered_message
+from loran.layers import COVERED, LORAN_LAYERS, LoranVariant, unpacked_4bit, uncovered_message
 
 # add_weighted_adapter combinations that work on the layers' actual updates (get_delta_weight) and refactor the
 # result by SVD; the others combine the factors A and B, which is LoRA's update only when f is linear.
@@ -140,13 +140,11 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
 def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Merge the active adapters into a full-precision copy of each adapted layer and unload PEFT.
 
-    On a 4-bit base, PEFT's ``merge_and_unload`` requantises W0 + s f(BA) to NF4, which moves the outputs
-    (see the README for the measured gap). Here each adapted layer becomes an ``nn.Linear`` holding the
-    dequantised W0 plus the update, in `dtype`, so the merged model computes what the unmerged one did.
+    On a 4-bit base, PEFT's ``merge_and_unload`` requantises W0 + s f(BA) to NF4, which moves the outputs (measured:
+    results/adapter_measurements.md). Here each adapted layer becomes an ``nn.Linear`` holding the dequantised W0
+    plus the update, in `dtype`, so the merged model computes what the unmerged one did.
     Layers that were not adapted keep their (possibly quantised) type.
     """
-    from loran.layers import LoranVariant
-
     for name, layer in loran_layers(peft_model):
         base = layer.get_base_layer()
         if layer.merged:

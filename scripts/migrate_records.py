@@ -13,7 +13,8 @@ old code behaved as that value does (say why in the commit). Likewise --changed 
 stored value was OLD and is today's value now (a class swapped for one that computes the same; say how that
 was verified). Only when everything agrees is the record moved
 to its cell folder and given config_hash, identity and a "migrated" note (kept for every migration); a record
-that today's configs cannot reproduce is left as it is and listed (exit code 1). The run table is then rebuilt.
+that today's configs cannot reproduce is left as it is and listed (exit code 1). The per-cell CSV
+(results/runs/<experiment>_cells.csv) is then rebuilt.
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from loran.pipeline.cells import NOT_RESULT, config_hash, flatten, identity
-from loran.pipeline.records import git_revision, read_record, rebuild_table, write_record
+from loran.pipeline.records import cells_csv, git_revision, read_record, rebuild_table, write_record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -85,7 +86,7 @@ def main() -> None:
         except ValueError as err:
             failures += 1
             print(f"{path.parent.name}: NOT migrated: {err}", file=sys.stderr)
-    rows = rebuild_table(runs, runs.parent / f"{args.experiment}.csv")
+    rows = rebuild_table(runs, cells_csv(args.results, args.experiment))
     print(json.dumps({"records": len(list(runs.glob('*/record.json'))), "not_migrated": failures, "table_rows": rows}))
     sys.exit(1 if failures else 0)
 

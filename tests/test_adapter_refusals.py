@@ -177,7 +177,8 @@ def test_full_precision_merge_of_a_repacked_nf4_weight():
 
 
 def test_requantising_merge_of_a_repacked_nf4_weight():
-    """PEFT's merge requantises to NF4 (README: it moves the outputs); after a repack it must move them no further."""
+    """PEFT's merge requantises to NF4 (results/adapter_measurements.md: it moves the outputs); after a repack it must
+    move them no further."""
     y = wide_nf4(False)(XW).detach()
     gaps = []
     for repacked in (False, True):

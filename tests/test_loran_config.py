@@ -1,21 +1,26 @@
 """LoranConfig rejects bad values with a message naming the field and what is allowed."""
 import math
+import re
 
 import pytest
 
-from loran import LoranConfig
+from loran import ACTIVATIONS, LoranConfig
+
+UNKNOWN = "no_such_activation"  # not a registered name, whatever the registry holds
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "softplus"}, r"activation='softplus' is unknown; allowed values: \['cos', 'gaussian', 'identity'"),
+        ({"activation": UNKNOWN},
+         re.escape(f"activation={UNKNOWN!r} is unknown; allowed values: {sorted(ACTIVATIONS)}")),
         ({"r": 0}, r"r=0 must be a positive integer"),
         ({"r": -4}, r"r=-4 must be a positive integer"),
         ({"r": 2.5}, r"r=2.5 must be a positive integer"),
         ({"lora_alpha": 0}, r"lora_alpha=0 must be a finite number > 0"),
         ({"lora_alpha": math.inf}, r"lora_alpha=inf must be a finite number > 0"),
-        ({"lora_dropout": 1.0}, r"lora_dropout=1.0 must be in \[0, 1\)"),
+        ({"lora_dropout": 1.0}, r"lora_dropout=1.0 must be a number in \[0, 1\)"),
+        ({"lora_dropout": "0.1"}, r"lora_dropout='0.1' must be a number in \[0, 1\)"),
         ({"activation_kwargs": {"amp": math.nan}}, r"activation_kwargs.amp=nan must be finite and >= 0"),
         ({"activation_kwargs": {"amp": math.inf}}, r"activation_kwargs.amp=inf must be finite and >= 0"),
         ({"activation_kwargs": {"omega": -1.0}}, r"activation_kwargs.omega=-1.0 must be finite and >= 0"),

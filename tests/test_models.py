@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from loran.pipeline import base_models as models
+from loran import LoranConfig
 from loran.pipeline.generation import generate
+from loran.pipeline.training import wrap_model
 
 LOAD_GGUF = models.load_smollm2_gguf  # the real loader, before any test patches it
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -86,6 +88,15 @@ def test_load_local_folder(tmp_path, smollm2_dir):
     model, tokenizer = models.load_causal_lm(str(tmp_path), dtype="bfloat16", gradient_checkpointing=True)
     assert model.dtype == torch.bfloat16 and model.is_activation_checkpointing
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_kbit_preparation_keeps_the_loaders_gradient_checkpointing(smollm2_dir, checkpointing):
+    """model.load.gradient_checkpointing is the one switch: PEFT's k-bit preparation (wrap_model) does not change it."""
+    nf4, _ = models.load_causal_lm("smollm2-135m", quantization="nf4", gradient_checkpointing=checkpointing,
+                                   cache_dir=str(smollm2_dir.parent))
+    wrapped = wrap_model(nf4, LoranConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    assert wrapped.get_base_model().is_activation_checkpointing is checkpointing
 
 
 def test_nf4_load(smollm2_dir, smollm2_float):

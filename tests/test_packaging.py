@@ -28,3 +28,43 @@ def test_importing_the_adapter_pulls_in_nothing_of_the_pipeline():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """For each module of the loran package, the loran modules it imports anywhere (module level or inside a function,
+    where a late import would hide a cycle)."""
+    import ast
+
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (REPO / "loran").rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[module] = {name for name in imported if name in files and name != module}
+    return graph
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    """No import cycle among loran's modules (config.py and layers.py used to import each other, one of them late)."""
+    graph, state, path = _module_imports(), {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for child in sorted(graph[module]):
+            if state.get(child) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(child):] + [child]))
+            if child not in state:
+                visit(child)
+        path.pop()
+        state[module] = "done"
+
+    assert {"loran.config", "loran.layers"} <= set(graph) and "loran.layers" in graph["loran.config"]
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

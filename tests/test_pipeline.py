@@ -1,6 +1,7 @@
 """The experiment pipeline: every config composes, train.py runs a cell end to end, bad input stops early."""
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,7 +14,10 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from loran.pipeline.checks import ConfigError
+from loran.activations import ACTIVATIONS as REGISTERED
+from loran import LoranConfig
+from loran.config import LORA_FIELDS
+from loran.pipeline.checks import ConfigError, check_config
 from loran.pipeline.run import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +66,15 @@ def test_every_combination_composes_and_builds(model, dataset):
         assert re.fullmatch(re.escape(name) + r"\.[0-9a-f]{8}", cfg.cell), cfg.cell
 
 
+def test_every_registered_activation_has_its_yaml_and_every_yaml_a_registered_activation():
+    """Adding an activation is its entry in loran.activations.ACTIVATIONS (f and f') plus one YAML named after it."""
+    missing = sorted(set(REGISTERED) - set(ACTIVATIONS))
+    assert not missing, f"add configs/activation/<name>.yaml (name, params, start) for the registered {missing}"
+    for name in ACTIVATIONS:
+        node = OmegaConf.load(CONFIGS / "activation" / f"{name}.yaml")
+        assert node.name == name and name in REGISTERED, f"configs/activation/{name}.yaml names {node.name!r}"
+
+
 def test_defaults_are_the_embedded_loran_sinter_cell():
     cfg = cfg_of()
     assert (cfg.model.name, cfg.dataset.name, cfg.adapter.name, cfg.activation.name) == \
@@ -107,7 +120,7 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
     for key in ("rouge1", "rouge2", "rougeL"):
         assert sum(p[key] for p in predictions) / 4 == pytest.approx(record["metrics"][key], abs=1e-12)
     assert record["trainable_params"] == 2 * 2 * 8 * 64 + 2 * 8 * (64 + 32)  # q: 64->64, v: 64->32, r=8
-    rows = list(csv.DictReader(open(results / "runs/e2e.csv")))
+    rows = list(csv.DictReader(open(results / "runs/e2e_cells.csv")))
     assert len(rows) == 1 and rows[0]["cell"] == first["cell"] and float(rows[0]["rouge1"]) == round(
         first["metrics"]["rouge1"], 6)
 
@@ -118,7 +131,7 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
 
     # Running the finished cell again is skipped: no second row.
     run_cell(cfg_of(base, results))
-    assert len(list(csv.DictReader(open(results / "runs/e2e.csv")))) == 1
+    assert len(list(csv.DictReader(open(results / "runs/e2e_cells.csv")))) == 1
 
 
 def test_train_py_writes_an_offline_wandb_run(workdir):
@@ -131,7 +144,7 @@ def test_train_py_writes_an_offline_wandb_run(workdir):
     assert "accuracy=" in proc.stdout
     runs = list((workdir / "outputs/wb").glob("*/wandb/offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
-    assert len(list(csv.DictReader(open(workdir / "results/runs/wb.csv")))) == 1
+    assert len(list(csv.DictReader(open(workdir / "results/runs/wb_cells.csv")))) == 1
 
 
 @pytest.mark.parametrize(
@@ -141,7 +154,8 @@ def test_train_py_writes_an_offline_wandb_run(workdir):
         (["dataset.n_train=0"], r"dataset.n_train=0 \(int\) must be a positive integer or null"),
         (["adapter.peft.lora_dropout=1.5"], r"adapter.peft.lora_dropout=1.5 \(float\) must be a number in \[0, 1\)"),
         (["adapter=qlora", "activation=relu"], r"adapter=qlora takes no activation, but activation=relu"),
-        (["activation.name=softplus"], r"activation='softplus' is unknown; allowed values: \['cos', 'gaussian'"),
+        (["activation.name=no_such_activation"],
+         re.escape(f"activation='no_such_activation' is unknown; allowed values: {sorted(REGISTERED)}")),
         (["activation.params.amp=-1"], r"activation_kwargs.amp=-1 must be finite and >= 0"),
         (["model.target_modules=[q_proj,qkv]"], r"\['qkv'\] not found in model tiny; its linear layers are "),
         (["dataset.prompt.input_field=body"], r"dataset=bbc_news: .*'body'.*available"),
@@ -153,6 +167,26 @@ def test_bad_input_stops_before_training_and_leaves_results_clean(workdir, overr
         run_cell(cfg_of([*SMALL, *overrides], results))
     assert not results.exists() or not any(results.rglob("*"))
     assert not (workdir / "outputs").exists() or not any((workdir / "outputs").rglob("checkpoint-*"))
+
+
+# Bad values for each of loran.config.LORA_FIELDS (a new field there needs its cases here).
+BAD_LORA_VALUES = {"r": [0, -4, 2.5, True], "lora_alpha": [0, -1.0, math.inf], "lora_dropout": [1.5, -0.1, 1]}
+
+
+@pytest.mark.parametrize("adapter", ["loran", "qlora", "dora"])
+def test_the_pipeline_checks_lora_sizes_by_the_adapters_own_rules(adapter):
+    """adapter.peft's r, lora_alpha and lora_dropout are refused before loading with the field, its type and what it
+    must be, by the same rule and words as LoranConfig itself (loran.config.LORA_FIELDS), for PEFT's LoraConfig too."""
+    assert set(BAD_LORA_VALUES) == set(LORA_FIELDS)
+    for name, values in BAD_LORA_VALUES.items():
+        for value in values:
+            _, description = LORA_FIELDS[name]
+            with pytest.raises(ConfigError) as err:
+                check_config(cfg_of([f"adapter={adapter}", f"adapter.peft.{name}={value}"]))
+            assert str(err.value) == f"adapter.peft.{name}={value!r} ({type(value).__name__}) must be {description}"
+            with pytest.raises(ValueError) as err:
+                LoranConfig(target_modules=["q_proj"], **{name: value})
+            assert str(err.value) == f"{name}={value!r} must be {description}"
 
 
 def test_empty_split_is_refused(workdir):

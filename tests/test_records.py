@@ -17,7 +17,7 @@ def ok_record(cell, **metrics):
 def _finish(runs, barrier, i):
     barrier.wait()  # all processes finish at the same moment
     write_record(runs / f"cell{i}" / "record.json", {**ok_record(f"cell{i}", accuracy=i / 10), "notes": "x" * 2000})
-    rebuild_table(runs, runs.parent / "e.csv")
+    rebuild_table(runs, runs.parent / "e_cells.csv")
 
 
 def test_eight_cells_finishing_at_once_leave_eight_intact_rows(tmp_path):
@@ -30,7 +30,7 @@ def test_eight_cells_finishing_at_once_leave_eight_intact_rows(tmp_path):
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs)
-    rows = list(csv.DictReader(open(tmp_path / "runs/e.csv", newline="")))
+    rows = list(csv.DictReader(open(tmp_path / "runs/e_cells.csv", newline="")))
     assert [r["cell"] for r in rows] == [f"cell{i}" for i in range(8)]  # ordered by finished_at
     assert [float(r["accuracy"]) for r in rows] == [i / 10 for i in range(8)]
 
@@ -41,7 +41,7 @@ def test_the_table_holds_exactly_the_successful_records_whatever_was_there_befor
     write_record(runs / "a1/record.json", ok_record("a1", accuracy=0.5))
     write_record(runs / "b2/record.json", ok_record("b2", rouge1=0.25))
     write_record(runs / "c3/record.json", {**ok_record("c3"), "status": "diverged", "metrics": None})
-    table = tmp_path / "runs/e.csv"
+    table = tmp_path / "runs/e_cells.csv"
     table.write_text("cell,accuracy\nghost,0.99\nghost,0.99\n")
     assert rebuild_table(runs, table) == 2
     rows = list(csv.DictReader(open(table, newline="")))
@@ -60,7 +60,7 @@ def test_a_corrupt_record_is_named_and_left_out_of_the_run_table(tmp_path):
     (runs / "list/record.json").write_text("[1, 2]")
     with pytest.raises(CorruptRecord, match=r"list/record.json holds a list, not a record"):
         read_record(runs / "list/record.json")
-    assert rebuild_table(runs, tmp_path / "runs/e.csv") == 1
+    assert rebuild_table(runs, tmp_path / "runs/e_cells.csv") == 1
 
 
 def test_a_failed_record_write_keeps_the_previous_record_whole(tmp_path):

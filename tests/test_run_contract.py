@@ -1,5 +1,6 @@
-"""The runner's contract (README, "What a run writes"): distinct cells per configuration, checks before loading,
-no result from a run that is not one, one process per cell, one row per finished cell, and recoverable faults."""
+"""The runner's contract (loran/pipeline/run.py's docstring; the README summarises it): distinct cells per
+configuration, checks before loading, no result from a run that is not one, one process per cell, one row per
+finished cell, and recoverable faults."""
 import csv
 import json
 import math
@@ -14,14 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 import loran.pipeline.base_models
 import loran.pipeline.run
-from loran.pipeline.checks import ConfigError
+from loran.pipeline.checks import ONE_SWITCH, ConfigError
 from loran.pipeline.records import CellBusy, cell_lock
-from loran.pipeline.run import Diverged, cell_paths, run_cell
-from loran.pipeline.training import checkpoint_problem, claim_out_dir, last_checkpoint
+from loran.pipeline.run import Diverged, build_peft_config, cell_paths, run_cell
+from loran.pipeline.training import build_trainer, checkpoint_problem, claim_out_dir, last_checkpoint, training_args
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -42,7 +45,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def rows(results, experiment="default"):
-    path = results / "runs" / f"{experiment}.csv"
+    path = results / "runs" / f"{experiment}_cells.csv"
     return list(csv.DictReader(open(path))) if path.exists() else []
 
 
@@ -70,6 +73,20 @@ def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
     assert outs == sorted(r["cell"] for r in records)  # two checkpoint folders, one per configuration
 
 
+@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradient_checkpointing_is_the_models_switch_alone(tmp_path, trainer, checkpointing):
+    """model.load.gradient_checkpointing decides, under either trainer: the trainer groups have no switch of their own
+    and building the Trainer neither adds nor removes it (for PEFT's k-bit preparation: tests/test_models.py)."""
+    cfg = cfg_of(f"trainer={trainer}", "trainer.args.use_cpu=true", *SMALL,
+                 f"model.load.gradient_checkpointing={str(checkpointing).lower()}")
+    assert not any(OmegaConf.select(cfg, key) is not None for key in ONE_SWITCH)
+    model, tokenizer = instantiate(cfg.model.load, _convert_="all")
+    assert model.is_activation_checkpointing is checkpointing
+    built = build_trainer(training_args(cfg, tmp_path), model, build_peft_config(cfg), tokenizer, [])
+    assert built.model.get_base_model().is_activation_checkpointing is checkpointing
+
+
 def test_a_checkpoint_folder_is_resumed_only_by_the_configuration_that_wrote_it(tmp_path):
     claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")
     claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")  # the same configuration: fine
@@ -79,7 +96,8 @@ def test_a_checkpoint_folder_is_resumed_only_by_the_configuration_that_wrote_it(
 
 # --- 3. every trainer and experiment config runs ----------------------------------------------------------------
 @pytest.mark.parametrize("overrides", [
-    ["trainer=gpu", "trainer.args.use_cpu=true"],                        # bf16 autocast, paged AdamW (CPU fallback)
+    ["trainer=gpu", "trainer.args.use_cpu=true",                         # bf16 autocast, paged AdamW (CPU fallback)
+     "model.load.gradient_checkpointing=true"],                          # as the 7B/13B models train
     ["experiment=table2", "trainer.args.use_cpu=true", "row=loran_sinter"],  # r=64, dropout 0.2, trainer=gpu
     ["experiment=table2_mini", "row=qlora"],
     ["adapter=dora"],                                                   # the study's DoRA arm
@@ -112,6 +130,10 @@ def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides)
     (["experiment_name=/tmp/x"], r"experiment_name='/tmp/x' must be a plain folder name"),
     (["experiment_name=''"], r"experiment_name='' must be a plain folder name"),
     (["dataset.name=a/b"], r"dataset.name='a/b' must be a plain folder name"),
+    (["+trainer.args.activation_checkpointing=true"], r"trainer.args.activation_checkpointing=True: this is switched "
+                                                      r"by model.load.gradient_checkpointing only"),
+    (["trainer=gpu", "trainer.args.use_cpu=true", "+trainer.args.gradient_checkpointing=false"],
+     r"trainer.args.gradient_checkpointing=False: this is switched by model.load.gradient_checkpointing only"),
 ])
 def test_bad_values_stop_before_loading_and_write_nothing(workdir, monkeypatch, overrides, message):
     def no_loading(*args, **kwargs):
@@ -148,6 +170,17 @@ def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(
     assert "configuration error: experiment_name='../escaped' must be a plain folder name" in proc.stderr
     assert not (workdir / "escaped").exists() and not (workdir / "outputs").exists()
     assert not (workdir / "results").exists()
+
+
+def test_train_py_refuses_a_bad_activation_with_exit_code_2_and_makes_no_folder(workdir):
+    """The adapter's own checks (LoranConfig: the activation and its parameters) run in check_config, so a single run
+    stops before Hydra makes its output folder."""
+    proc = subprocess.run([PY, str(REPO / "train.py"), *SMALL, "activation.params.amp=-1",
+                           f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error: adapter=loran, activation=sinter: activation_kwargs.amp=-1 must be finite" in proc.stderr
+    assert not (workdir / "outputs").exists() and not (workdir / "results").exists()
 
 
 # --- 5. a run that is not a result is not recorded as one ------------------------------------------------------

@@ -28,7 +28,7 @@ def record_of(results: Path, experiment: str) -> list[dict]:
 
 
 def csv_rows(results: Path, experiment: str) -> list[str]:
-    path = results / "runs" / f"{experiment}.csv"
+    path = results / "runs" / f"{experiment}_cells.csv"
     return path.read_text().splitlines()[1:] if path.exists() else []
 
 

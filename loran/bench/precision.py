@@ -1,6 +1,6 @@
 """What bf16 autocast does to Sinter at the released amp under each precision policy (LoranConfig.update_dtype).
 
-    python -m loran.bench.precision            # prints one JSON line per policy (README, "Precision")
+    python -m loran.bench.precision            # prints one JSON line per policy (results/adapter_measurements.md)
 
 One adapted layer, the same weights for every row: A as LoRA initialises it, B at a trained-like scale (N(0, 0.02^2)),
 x ~ N(0, 1), under CPU bf16 autocast in train mode without dropout. Sinter (amp 5e-5, omega 1e4) is compared with the

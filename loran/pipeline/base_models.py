@@ -95,7 +95,7 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
         if dest.is_dir():
             return dest
         start = time.perf_counter()
-        print(f"loran: converting {SMOLLM2_GGUF} to a float32 checkpoint in {dest} (once, ~15-30 s)", flush=True)
+        print(f"loran: converting {SMOLLM2_GGUF} to a float32 checkpoint in {dest} (once)", flush=True)
         model, tokenizer = load_smollm2_gguf()
         tmp = root / f".{SMOLLM2_DIRNAME}-{uuid.uuid4().hex[:8]}"
         try:
@@ -173,9 +173,15 @@ def load_causal_lm(
     keep_4bit_weights_packed(model)
     log.info("loaded %s (quantization=%s, dtype=%s, pad=%r)", name_or_path, quantization, dtype, pad)
     if gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen base and no input grads (LoRA, QLoRA).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model, tokenizer
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Gradient checkpointing, the one switch for it (model.load.gradient_checkpointing): the Trainer and PEFT's
+    k-bit preparation are not asked to switch it again. Non-reentrant: it works with a frozen base and no input
+    grads (LoRA, QLoRA)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def keep_4bit_weights_packed(model: torch.nn.Module) -> None:
@@ -197,6 +203,7 @@ def tiny_causal_lm(
     num_kv_heads: int = 2,
     initializer_range: float = 0.02,
     cache_dir: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """A tiny random LlamaForCausalLM (GQA: v_proj is non-square) with the real SmolLM2 tokenizer; for tests."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint(cache_dir))
@@ -219,4 +226,6 @@ def tiny_causal_lm(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        checkpoint_activations(model)
     return model, tokenizer

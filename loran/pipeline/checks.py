@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from loran.config import LORA_FIELDS
 from loran.pipeline.cells import check_name
 
 
@@ -27,10 +29,6 @@ class ConfigError(ValueError):
 
 def _positive(value) -> bool:
     return value is None or value > 0
-
-
-def _fraction(value) -> bool:
-    return 0 <= value < 1
 
 
 def _seed(value) -> bool:
@@ -45,7 +43,7 @@ def _finite_positive(value) -> bool:
     return math.isfinite(value) and value > 0
 
 
-BOOL, INT, NUMBER, OPTIONAL_INT = (bool,), (int,), (int, float), (int, type(None))
+BOOL, INT, NUMBER, OPTIONAL_INT, ANY = (bool,), (int,), (int, float), (int, type(None)), (object,)
 # field -> (allowed types, extra condition, description). A present field is checked; an absent one is not.
 TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "seed": (INT, _seed, "an integer in [0, 2**32)"),
@@ -53,9 +51,8 @@ TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "skip_existing": (BOOL, None, "true or false"),
     "dataset.n_train": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
     "dataset.n_eval": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
-    "adapter.peft.r": (INT, _positive, "a positive integer"),
-    "adapter.peft.lora_alpha": (NUMBER, _finite_positive, "a positive number"),
-    "adapter.peft.lora_dropout": (NUMBER, _fraction, "a number in [0, 1)"),
+    # LoRA's sizes, by the adapter's own rules (loran.config.LORA_FIELDS; a bool is refused as not a number there)
+    **{f"adapter.peft.{name}": (ANY, valid, description) for name, (valid, description) in LORA_FIELDS.items()},
     "trainer.resume": (BOOL, None, "true or false"),
     "trainer.eval_batch_size": (INT, _positive, "a positive integer"),
     "trainer.args.per_device_train_batch_size": (INT, _positive, "a positive integer"),
@@ -77,6 +74,14 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "trainer": {"eval_batch_size", "resume", "args"},
     "logger": {"report_to", "project", "group", "tags"},
     "row": {"name", "label", "order"},
+}
+
+
+# Settings with one switch: a key that would switch the same thing a second time -> the switch.
+ONE_SWITCH: dict[str, str] = {
+    f"trainer.args.{key}": "model.load.gradient_checkpointing"
+    for key in ("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+                "gradient_checkpointing_kwargs")
 }
 
 
@@ -157,6 +162,15 @@ def check_targets(cfg: DictConfig) -> None:
                 raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{_did_you_mean(hint)}")
 
 
+def check_one_switch(cfg: DictConfig) -> None:
+    """A setting with one switch is not switched a second time elsewhere (the two could disagree)."""
+    for key, switch in ONE_SWITCH.items():
+        value = _select(cfg, key)
+        if not (isinstance(value, str) and value == "<absent>"):
+            raise ConfigError(f"{key}={to_plain(value)!r}: this is switched by {switch} only (the model's loader "
+                              f"applies it); set that instead")
+
+
 def check_target_list(cfg: DictConfig) -> None:
     """model.target_modules is a non-empty list of module names (or one regex string)."""
     targets = _select(cfg, "model.target_modules")
@@ -175,6 +189,20 @@ def check_activation_choice(cfg: DictConfig) -> None:
             f"QLoRA is plain LoRA on the quantised base; for a non-linear update use adapter=loran "
             f"activation={cfg.activation.name}, or drop the activation override."
         )
+
+
+def cause(err: Exception) -> str:
+    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
+    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
+
+
+def build_peft_config(cfg: DictConfig):
+    """The adapter's PEFT config (LoraConfig or LoranConfig), which checks its own values (the activation and its
+    parameters: loran.activations; the PEFT options: loran.config); a bad value becomes a ConfigError."""
+    try:
+        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
 
 
 def check_names(cfg: DictConfig) -> None:
@@ -201,10 +229,12 @@ def check_config(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     check_types(cfg)
     check_choices(cfg)
+    check_one_switch(cfg)
     check_target_list(cfg)
     check_names(cfg)
     check_targets(cfg)
     check_activation_choice(cfg)
+    build_peft_config(cfg)  # the adapter's own checks, so a single run stops before Hydra makes its folder
     check_writable(cfg)
 
 

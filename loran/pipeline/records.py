@@ -1,7 +1,8 @@
-"""Run records: one self-describing JSON per cell; the run table is rebuilt from the records.
+"""Run records: one self-describing JSON per cell; the per-cell CSV is rebuilt from the records.
 
 Both writes are atomic (a temporary file in the same folder, then ``os.replace``), so an interrupted run
-or a crash never leaves half a record or half a table. The run table <results>/runs/<experiment>.csv is
+or a crash never leaves half a record or half a table. The per-cell CSV <results>/runs/<experiment>_cells.csv
+(``cells_csv``; not the summary table <results>/<experiment>.csv that scripts/build_table.py writes) is
 a function of the successful records (one row each, rebuilt under a file lock whenever a cell finishes or
 is found finished), so a process that dies between its record and its row loses no row. A cell's lock
 (``cell_lock``) lets one process at a time run it.
@@ -87,8 +88,13 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
             "git_commit": (record["git"] or {}).get("commit"), "finished_at": record["finished_at"]}
 
 
+def cells_csv(results_dir: str | Path, experiment: str) -> Path:
+    """The per-cell CSV of an experiment, one row per successful record: <results_dir>/runs/<experiment>_cells.csv."""
+    return Path(results_dir) / "runs" / f"{experiment}_cells.csv"
+
+
 def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
-    """Write the run table from every successful record under runs_dir (oldest first); return its row count.
+    """Write the per-cell CSV `table` from every successful record under runs_dir (oldest first); return its row count.
 
     Records are read under the table's lock, so of several cells finishing at once the last writer sees them
     all. An unreadable record is left out with a warning here (it must not fail another cell's run); the
@@ -102,7 +108,7 @@ def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
             try:
                 record = read_record(path)
             except CorruptRecord as err:
-                log.warning("run table: %s", err)
+                log.warning("per-cell CSV: %s", err)
                 continue
             if record.get("status") == "ok":
                 rows.append(table_row(record))

@@ -3,11 +3,34 @@
 ``run_cell(cfg)`` is what ``python train.py`` calls with the Hydra config. Every object is built from the
 config with ``hydra.utils.instantiate``; this file orders the steps and writes the outputs:
   - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed or diverged run records why)
-  - <results_dir>/runs/<experiment>.csv                 (rebuilt from the successful records: one row each)
+  - <results_dir>/runs/<experiment>_cells.csv           (rebuilt from the successful records: one row each)
   - a W&B run (group = experiment), offline when no API key is set
 The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
 last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
+
+The contract in full (tests/test_run_contract.py checks it; the README has the summary):
+- Checked before anything is loaded (exit code 2, nothing written under results/; check_config's checks, in
+  loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere
+  (`+anything=1`; a typo in trainer.args gets a "did you mean"), types and ranges (seed in [0, 2**32), zero_shot a
+  boolean, positive batch sizes, accumulation steps and learning rate, max_steps a positive integer or -1, LoRA's r /
+  lora_alpha / lora_dropout by the adapter's own rules), closed choices (model.load.quantization, model.load.dtype),
+  an empty model.target_modules, folder names (experiment_name=../x, /tmp/x or a name with / are refused), an
+  unwritable results_dir, a second checkpointing switch in trainer.args, and the adapter's config itself (its own
+  checks: the activation and its parameters); then (in run_cell) TrainingArguments. Target modules missing from the model and dataset columns are checked right after
+  loading, also with exit code 2 and nothing under results/.
+- Not a result, not a row: zero training steps are refused up front; a non-finite loss or gradient norm stops
+  training at the first logged step that shows it (NaN stays NaN in the record's history; no checkpoint of the NaN
+  weights), the record says "diverged", exit code 3.
+- One process per cell: a second launch of a running cell stops at once (exit code 4) without touching its record;
+  the lock (<results_dir>/runs/<experiment>/<cell>.lock, git-ignored) is an flock, released if its process dies.
+- Skip and resume: a cell whose record says "ok" is skipped (and its row restored if a crash lost it); otherwise
+  training resumes from the newest complete checkpoint (every file present and readable; a truncated newest one is
+  moved aside as checkpoint-N.incomplete with a warning).
+- Signals: SIGTERM, SIGUSR1/2 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the
+  signal (143, 130); the same command resumes. A second Ctrl-C stops at once.
+- A corrupt record.json stops the cell (exit code 2) naming the file; move it away to redo the cell.
+  scripts/build_table.py refuses to pool records whose configs differ in more than the seed, naming the keys.
 """
 from __future__ import annotations
 
@@ -30,12 +53,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from loran.pipeline.cells import config_hash, identity
-from loran.pipeline.checks import ConfigError, check_config, check_target_modules, to_plain
+from loran.pipeline.checks import (
+    ConfigError, build_peft_config, cause, check_config, check_target_modules, to_plain,
+)
 from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_columns
 from loran.pipeline.evaluation import evaluate
 from loran.pipeline.preemption import Preempted, PreemptionCallback
 from loran.pipeline.records import (
-    CorruptRecord, cell_lock, choices, environment, git_revision, read_record, rebuild_table, write_record,
+    CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record, rebuild_table, write_record,
 )
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tracking import finish_wandb, start_wandb
@@ -49,7 +74,7 @@ class Diverged(RuntimeError):
 
 
 def cell_paths(cfg: DictConfig) -> dict[str, Path]:
-    """Where this cell's record, lock, run table and working folder live."""
+    """Where this cell's record, lock, per-cell CSV and working folder live."""
     runs = Path(cfg.results_dir) / "runs"
     try:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -58,7 +83,7 @@ def cell_paths(cfg: DictConfig) -> dict[str, Path]:
     return {"record": runs / cfg.experiment_name / cfg.cell / "record.json",
             "lock": runs / cfg.experiment_name / f"{cfg.cell}.lock",
             "runs": runs / cfg.experiment_name,
-            "table": runs / f"{cfg.experiment_name}.csv",
+            "cells_csv": cells_csv(cfg.results_dir, cfg.experiment_name),
             "out_dir": out_dir}
 
 
@@ -67,19 +92,6 @@ def _overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []
-
-
-def cause(err: Exception) -> str:
-    """The message of the error a Hydra instantiation wrapped (or of `err` itself)."""
-    return str(err.__cause__) if isinstance(err, InstantiationException) and err.__cause__ else str(err)
-
-
-def build_peft_config(cfg: DictConfig):
-    """The adapter's PEFT config (LoraConfig or LoranConfig); a bad value becomes a ConfigError."""
-    try:
-        return instantiate(cfg.adapter.peft, target_modules=to_plain(cfg.model.target_modules), _convert_="all")
-    except (ValueError, TypeError, InstantiationException) as err:
-        raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
 
 
 def build_training_args(cfg: DictConfig, out_dir: Path):
@@ -125,7 +137,7 @@ def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
     if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
         return None
     if is_main_process():
-        rebuild_table(paths["runs"], paths["table"])
+        rebuild_table(paths["runs"], paths["cells_csv"])
     log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
     return existing
 
@@ -215,7 +227,7 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
     finally:
         preemption.restore()
     write_record(paths["record"], record)
-    rebuild_table(paths["runs"], paths["table"])
+    rebuild_table(paths["runs"], paths["cells_csv"])
     finish_wandb(wandb_run, record)
     log.info("%s: %s", cfg.cell, record["metrics"])
     return record

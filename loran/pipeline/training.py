@@ -31,16 +31,17 @@ def training_args(cfg: DictConfig, out_dir: Path) -> TrainingArguments:
                        _convert_="all")
 
 
-def wrap_model(model, peft_config, gradient_checkpointing: bool):
-    """Prepare a quantised base for training (fp32 norms, input grads) and add the adapter."""
+def wrap_model(model, peft_config):
+    """Prepare a quantised base for training (fp32 norms) and add the adapter. Gradient checkpointing is left as the
+    loader set it (model.load.gradient_checkpointing, non-reentrant, so no input grads are needed)."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, peft_config)
 
 
 def build_trainer(args: TrainingArguments, model, peft_config, tokenizer, train_data) -> Trainer:
     """A Trainer for the cell, with the divergence stop installed (trainer.divergence)."""
-    model = wrap_model(model, peft_config, bool(args.activation_checkpointing))
+    model = wrap_model(model, peft_config)
     trainer = Trainer(model=model, args=args, train_dataset=train_data,
                       data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
     trainer.divergence = DivergenceStop()
