@@ -50,6 +50,8 @@ def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/sweep",
                                           f"hydra.searchpath=[file://{tmp_path}/extra]"], return_hydra_config=True)
+    # the process-wide HydraConfig is put back after the test (later tests read it as "outside a Hydra app")
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
     HydraConfig.instance().set_config(cfg)
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
