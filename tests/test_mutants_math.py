@@ -769,3 +769,93 @@ def test_update_backward_with_a_bf16_result(eager):
         grads.append([x.grad, A.grad, B.grad, r.grad])
     for got, ref in zip(*grads):
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mutants of the second run (autograd, layers): each test names the mutant it kills.
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_nf4_merge_passes_its_arguments_to_pefts_merge(how):
+    """Mutants: LoranLinear4bit.merge calling super().merge without *args, or without **kwargs (adapter_names lost:
+    every active adapter merged)."""
+    from test_loran_peft import SINTER as SINTER_KW, _quantise
+
+    base = Proj(16, 16)
+    base.q_proj, base.is_loaded_in_4bit = _quantise(base.q_proj, "nf4"), True
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], **SINTER_KW)
+    model = get_loran_model(base, LoranConfig(**config))
+    model.add_adapter("b", LoranConfig(**config))
+    layer = model.base_model.model.q_proj
+    layer.set_adapter(["default", "b"])
+    with pytest.warns(UserWarning, match="rounding errors"):
+        if how == "positional":
+            layer.merge(False, ["b"])
+        else:
+            layer.merge(adapter_names=["b"])
+    assert layer.merged_adapters == ["b"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float64])
+def test_reference_update_in_a_given_dtype(dtype):
+    """Mutants: reference_update's `dtype is None` test inverted, `/ scaling`, and x, A, B, act or dtype not passed on
+    in its dtype branch (the path of update_dtype=autocast with memory_efficient=False). Independent reference: the
+    same products written out in that dtype (dtype None: float32, compared with float64)."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(41)
+    x, A, B = torch.randn(4, 6, generator=gen), torch.randn(3, 6, generator=gen) * 0.5, torch.randn(5, 3, generator=gen)
+    y = la.reference_update(x, A, B, 2.5, act, dtype=dtype)
+    z = (B.double() @ A.double())
+    exact = 2.5 * x.double() @ (z + 0.5 * z * torch.sin(30 * z)).T
+    if dtype is None:
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        assert y.dtype == dtype
+        zd = B.to(dtype) @ A.to(dtype)
+        assert torch.equal(y, (x.to(dtype) @ (zd + 0.5 * zd * torch.sin(30 * zd)).T) * 2.5)
+        torch.testing.assert_close(y.double(), exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+def test_get_delta_weight_has_the_adapter_dtype_and_plain_lora_keeps_its_own():
+    """Mutants: get_delta_weight not cast to the adapter's dtype (.to(None): float32 from a bf16 adapter), and a
+    plain LoRA adapter's delta asked for with adapter None. References: s f(B A) in bf16, and PEFT's s B A."""
+    from peft import LoraConfig
+
+    from loran.activations import Activation
+
+    model = get_loran_model(Proj(), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                                activation_kwargs=SINTER))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    layer = model.base_model.model.q_proj
+    gen = torch.Generator().manual_seed(42)
+    for lin in layer.lora_B.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=gen) * 0.5
+    A, B = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
+    torch.testing.assert_close(layer.get_delta_weight("plain"), 3.0 * B @ A)
+    layer.lora_A["default"].to(torch.bfloat16)
+    layer.lora_B["default"].to(torch.bfloat16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.bfloat16
+    expected = 3.0 * Activation("sinter", SINTER).f(B.float() @ A.float())
+    assert torch.equal(delta, expected.bfloat16())
+
+
+def test_uncovered_layer_message_in_full_and_naming_the_base_of_a_tuner_layer():
+    """Mutants: the text of uncovered_message, and refuse_uncovered naming a wrapping tuner layer's own type instead
+    of its base layer's (`isinstance(target, BaseTunerLayer) and False`)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import Embedding as LoraEmbedding
+
+    config = LoranConfig(r=2, target_modules=["emb"], activation="sinter", activation_kwargs=SINTER)
+    wrapped = LoraEmbedding(nn.Embedding(10, 16), "x", config=LoraConfig(r=2), r=2, lora_alpha=4)
+    with pytest.raises(ValueError) as err:
+        LoraModel._create_new_module(config, "x", wrapped, target_name="emb")
+    assert str(err.value) == (
+        "target module 'emb' is a torch.nn.modules.sparse.Embedding: LoRAN covers torch.nn.Linear, transformers "
+        "Conv1D, bitsandbytes Linear4bit and Linear8bitLt only (PEFT would build a plain LoRA layer there). Remove it "
+        "from target_modules, or adapt it with a separate peft.LoraConfig adapter")
