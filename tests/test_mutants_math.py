@@ -859,3 +859,50 @@ def test_uncovered_layer_message_in_full_and_naming_the_base_of_a_tuner_layer():
         "target module 'emb' is a torch.nn.modules.sparse.Embedding: LoRAN covers torch.nn.Linear, transformers "
         "Conv1D, bitsandbytes Linear4bit and Linear8bitLt only (PEFT would build a plain LoRA layer there). Remove it "
         "from target_modules, or adapt it with a separate peft.LoraConfig adapter")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float64])
+def test_delta_weight_dtype(dtype):
+    """Mutants: _up never widening (`or True`: bf16 factors stay bf16), delta_weight's `dtype is None` test inverted,
+    and B, A or B A not passed on in its dtype branch. Reference: f(B A) written out in float32 / bf16 / float64
+    (bf16 factors, except float32 ones for float64, so that every cast matters)."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(43)
+    low = torch.float32 if dtype == torch.float64 else torch.bfloat16
+    A, B = (torch.randn(3, 6, generator=gen) * 0.5).to(low), torch.randn(5, 3, generator=gen).to(low)
+    x = torch.randn(4, 6, generator=gen).to(low)  # reference_update casts x as well
+    got = la.delta_weight(A, B, act, dtype)
+    wide = torch.float32 if dtype is None else dtype
+    z = B.to(wide) @ A.to(wide)
+    assert got.dtype == wide
+    assert torch.equal(got, z + 0.5 * z * torch.sin(30 * z))
+    y = la.reference_update(x, A, B, 2.0, act, dtype)
+    assert torch.equal(y, (x.to(wide) @ got.T) * 2.0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("needs", ["xAB", "x", "A", "B", "AB"])
+def test_lowrank_update_values_and_gradients(x_dtype, dtype, needs):
+    """lowrank_update = s (x A^T) B^T in `dtype`, autograd keeping x in its own dtype: output and every gradient
+    against plain autograd on copies widened to `dtype` (s = 2.5, so a dropped or inverted s shows; leading dims
+    (2, 3) and r < d_in, d_out, so a wrong reshape or transpose does too)."""
+    gen = torch.Generator().manual_seed(44)
+    x0 = torch.randn(2, 3, 6, generator=gen).to(x_dtype)
+    A0, B0 = torch.randn(2, 6, generator=gen), torch.randn(5, 2, generator=gen)
+    g = torch.randn(2, 3, 5, generator=gen, dtype=dtype)
+    x, A, B = (t.clone().requires_grad_(n in needs) for t, n in ((x0, "x"), (A0, "A"), (B0, "B")))
+    y = la.lowrank_update(x, A, B, 2.5, dtype)
+    assert y.dtype == dtype and y.shape == (2, 3, 5)
+    rx, rA, rB = (t.to(dtype).requires_grad_(n in needs) for t, n in ((x0, "x"), (A0, "A"), (B0, "B")))
+    ref = ((rx @ rA.T) @ rB.T) * 2.5
+    torch.testing.assert_close(y, ref)
+    (y * g).sum().backward()
+    (ref * g).sum().backward()
+    for got, want, like in ((x.grad, rx.grad, x0), (A.grad, rA.grad, A0), (B.grad, rB.grad, B0)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == like.dtype and got.shape == like.shape
+            torch.testing.assert_close(got, want.to(like.dtype))
