@@ -906,3 +906,51 @@ def test_lowrank_update_values_and_gradients(x_dtype, dtype, needs):
         if want is not None:
             assert got.dtype == like.dtype and got.shape == like.shape
             torch.testing.assert_close(got, want.to(like.dtype))
+
+
+class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every mm / addmm / addmm_ (under a dispatch mode the kernels run eagerly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("sizes, chunk, block", [((1, 2), 1, 2), ((3, 2), 3, 3), ((None, None), 2, 4)])
+def test_update_works_in_the_row_chunks_and_blocks_it_is_given(monkeypatch, sizes, chunk, block):
+    """The memory bound: W (6 x 5) is formed `chunk` rows at a time (B[rows] A: (chunk, 5)) and used `block` rows
+    at a time (x W[block]^T: (4, block)); block_rows is at least chunk_rows; the defaults come from CHUNK_ELEMENTS
+    and BLOCK_ELEMENTS (patched to 10 and 20: 2 and 4 rows of d_in = 5). Mutants: chunk_rows / block_rows not passed
+    on (loran_update, _LoranLinear), _sizes and _blocks. The values are checked against reference_update too."""
+    from loran.activations import Activation
+
+    monkeypatch.setattr(la, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(la, "BLOCK_ELEMENTS", 20)
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(45)
+    x0, A0, B0 = torch.randn(4, 5, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(6, 3, generator=gen)
+    g = torch.randn(4, 6, generator=gen)
+    x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+    with _MatmulShapes() as fwd:
+        y = la.loran_update(x, A, B, 2.0, act, chunk_rows=sizes[0], block_rows=sizes[1])
+    with _MatmulShapes() as bwd:
+        y.backward(g)
+    blocks = [range(i, min(i + block, 6)) for i in range(0, 6, block)]
+    chunks = [[min(chunk, len(b) - j) for j in range(0, len(b), chunk)] for b in blocks]
+    assert fwd.shapes == [s for b, c in zip(blocks, chunks) for s in [(n, 5) for n in c] + [(4, len(b))]]
+    expected_bwd = []
+    for i, (b, c) in enumerate(zip(blocks, chunks)):  # G, Z per chunk, dL/dx (+)=, dL/dB[block], dL/dA +=
+        expected_bwd += [(len(b), 5)] + [(n, 5) for n in c] + [(4, 5), (len(b), 3), (3, 5)]
+    assert bwd.shapes == expected_bwd, (bwd.shapes, expected_bwd)
+    rx, rA, rB = (t.clone().requires_grad_() for t in (x0, A0, B0))
+    ref = la.reference_update(rx, rA, rB, 2.0, act)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    for got, want in ((x.grad, rx.grad), (A.grad, rA.grad), (B.grad, rB.grad)):
+        torch.testing.assert_close(got, want)
