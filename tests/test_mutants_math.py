@@ -954,3 +954,23 @@ def test_update_works_in_the_row_chunks_and_blocks_it_is_given(monkeypatch, size
     torch.testing.assert_close(y, ref)
     for got, want in ((x.grad, rx.grad), (A.grad, rA.grad), (B.grad, rB.grad)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_every_buffer_lives_on_the_input_device(monkeypatch, with_base):
+    """On the meta device (which needs no GPU), forward and backward with several row blocks: a buffer allocated
+    without device=x.device lands on the CPU and the meta ops refuse it. Mutants: `device=x.device` dropped from
+    the torch.empty of W blocks (forward, backward) or of the output. Autocast cannot be set for meta: switched off."""
+    import contextlib
+
+    from loran.activations import Activation
+
+    monkeypatch.setattr(la, "_no_autocast", lambda device_type: contextlib.nullcontext())
+    act = Activation("sinter", SINTER)
+    x, A, B = (torch.empty(*shape, device="meta", requires_grad=True) for shape in ((4, 5), (3, 5), (6, 3)))
+    W = torch.empty(6, 5, device="meta")
+    weight_fn = (lambda dt: la.DenseWeight(W, False)) if with_base else None
+    y = la.loran_linear(x, weight_fn, None, [la.Adapter(A, B, 2.0, act)], chunk_rows=1, block_rows=2)
+    assert y.device.type == "meta" and y.shape == (4, 6)
+    y.backward(torch.empty(4, 6, device="meta"))
+    assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (x, A, B))
