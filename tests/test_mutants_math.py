@@ -974,3 +974,31 @@ def test_every_buffer_lives_on_the_input_device(monkeypatch, with_base):
     assert y.device.type == "meta" and y.shape == (4, 6)
     y.backward(torch.empty(4, 6, device="meta"))
     assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (x, A, B))
+
+
+def test_three_adapters_forward_and_backward(eager):
+    """loran_linear with three adapters (sinter, tanh, identity) on a base weight with a bias: output and every
+    gradient against plain autograd. Mutant: the adapters' A walked with step 3 (`ab[0::3]`, as many as with 1 or 2
+    adapters, one pair short with 3)."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear, reference_update
+
+    gen = torch.Generator().manual_seed(46)
+    W, b = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    acts = [Activation("sinter", SINTER), Activation("tanh"), Activation("identity")]
+    raw = [(torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64))
+           for _ in acts]
+    x0, g = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    runs = []
+    for fast in (True, False):
+        ads = [Adapter(A.clone().requires_grad_(), B.clone().requires_grad_(), 0.5 + i, act)
+               for i, ((A, B), act) in enumerate(zip(raw, acts))]
+        x = x0.clone().requires_grad_()
+        if fast:
+            y = loran_linear(x, lambda dt: DenseWeight(W, False), b, ads)
+        else:
+            y = x @ W.T + b + sum(reference_update(x, a.A, a.B, a.scaling, a.act) for a in ads)
+        y.backward(g)
+        runs.append([y.detach(), x.grad] + [t.grad for a in ads for t in (a.A, a.B)])
+    for got, ref in zip(*runs):
+        torch.testing.assert_close(got, ref)
