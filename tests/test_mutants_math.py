@@ -1002,3 +1002,16 @@ def test_three_adapters_forward_and_backward(eager):
         runs.append([y.detach(), x.grad] + [t.grad for a in ads for t in (a.A, a.B)])
     for got, ref in zip(*runs):
         torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_default_sizes_of_the_compiled_and_the_eager_kernels(compiled):
+    """_sizes' defaults (module docstring): eager chunks of CHUNK_ELEMENTS (2**16) elements, a fused kernel takes
+    COMPILED_CHUNK_ELEMENTS (2**22), blocks of BLOCK_ELEMENTS (2**22), a block never below a chunk. Mutant: the
+    compiled chunk size never chosen (`compiled and False`), which the matmul-shape test cannot see (no compile
+    under a dispatch mode)."""
+    d_in = 1000
+    chunk = (2**22 if compiled else 2**16) // d_in
+    assert la._sizes((None, None), d_in, compiled) == (chunk, 2**22 // d_in)
+    assert la._sizes((7, None), d_in, compiled) == (7, 2**22 // d_in)
+    assert la._sizes((None, 3), d_in, compiled) == (chunk, chunk)
