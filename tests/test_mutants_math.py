@@ -1015,3 +1015,25 @@ def test_default_sizes_of_the_compiled_and_the_eager_kernels(compiled):
     assert la._sizes((None, None), d_in, compiled) == (chunk, 2**22 // d_in)
     assert la._sizes((7, None), d_in, compiled) == (7, 2**22 // d_in)
     assert la._sizes((None, 3), d_in, compiled) == (chunk, chunk)
+
+
+@pytest.mark.parametrize("with_result", [False, True])
+@pytest.mark.parametrize("dt, bias_dt", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_result_and_a_bias_of_another_dtype_are_both_added(eager, with_result, dt, bias_dt):
+    """loran_linear(result=r, bias=b) = r + x (W0 + s f(B A))^T + b, with b in another dtype than x, W0, A, B and r
+    (the bias is cast to the compute dtype). Mutants: the bias replacing the result (`acc is None or True`),
+    subtracted, or not cast (with or without a result)."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(47)
+    x, W = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    A, B = torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    b, r = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    z = B @ A
+    expected = x @ (W + 1.5 * (z + 0.5 * z * torch.sin(30 * z))).T + b + (r if with_result else 0)
+    y = loran_linear(x.to(dt), lambda d: DenseWeight(W.to(d), False), b.to(bias_dt), [Adapter(A.to(dt), B.to(dt), 1.5, act)],
+                     result=r.to(dt) if with_result else None)
+    assert y.dtype == dt
+    torch.testing.assert_close(y, expected.to(dt), rtol=1e-5, atol=1e-5)
