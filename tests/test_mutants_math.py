@@ -1037,3 +1037,16 @@ def test_result_and_a_bias_of_another_dtype_are_both_added(eager, with_result, d
                      result=r.to(dt) if with_result else None)
     assert y.dtype == dt
     torch.testing.assert_close(y, expected.to(dt), rtol=1e-5, atol=1e-5)
+
+
+def test_the_variant_refuses_lora_bias_with_its_message():
+    """LoranConfig refuses lora_bias=True; LoranVariant.init is the backstop for a config changed afterwards.
+    Mutants: its message replaced or re-cased."""
+    from loran.layers import LoranVariant
+
+    model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"]))
+    config = LoranConfig(r=2, target_modules=["q_proj"])
+    config.lora_bias = True
+    with pytest.raises(ValueError) as err:
+        LoranVariant.init(model.base_model.model.q_proj, "other", config)
+    assert str(err.value) == "lora_bias=True is not supported by LoRAN; set lora_bias=False"
