@@ -1050,3 +1050,10 @@ def test_the_variant_refuses_lora_bias_with_its_message():
     with pytest.raises(ValueError) as err:
         LoranVariant.init(model.base_model.model.q_proj, "other", config)
     assert str(err.value) == "lora_bias=True is not supported by LoRAN; set lora_bias=False"
+
+
+def test_loran_linear_without_adapters_is_refused_with_its_message():
+    """Mutants: the message of loran_linear's refusal replaced or re-cased."""
+    with pytest.raises(ValueError) as err:
+        la.loran_linear(torch.zeros(2, 3), None, None, [])
+    assert str(err.value) == "loran_linear needs at least one adapter"
