@@ -1057,3 +1057,23 @@ def test_loran_linear_without_adapters_is_refused_with_its_message():
     with pytest.raises(ValueError) as err:
         la.loran_linear(torch.zeros(2, 3), None, None, [])
     assert str(err.value) == "loran_linear needs at least one adapter"
+
+
+def test_loran_linear_output_dtype(eager):
+    """Docstring of loran_linear: the output has x's dtype when W0 is given, result's when result is given (bf16 x,
+    float32 compute). Mutants: the final cast dropped, made unconditional or inverted."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear
+
+    gen = torch.Generator().manual_seed(48)
+    x, W = torch.randn(4, 5, generator=gen).bfloat16(), torch.randn(6, 5, generator=gen)
+    A, B, r = torch.randn(2, 5, generator=gen), torch.randn(6, 2, generator=gen), torch.randn(4, 6, generator=gen)
+    ads = [Adapter(A, B, 1.5, Activation("sinter", SINTER))]
+    y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads)
+    z = B @ A
+    full = x.float() @ (W + 1.5 * (z + 0.5 * z * torch.sin(30 * z))).T
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, full.bfloat16())
+    y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, result=r)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, r + full)
