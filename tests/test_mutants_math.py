@@ -769,3 +769,311 @@ def test_update_backward_with_a_bf16_result(eager):
         grads.append([x.grad, A.grad, B.grad, r.grad])
     for got, ref in zip(*grads):
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mutants of the second run (autograd, layers): each test names the mutant it kills.
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_nf4_merge_passes_its_arguments_to_pefts_merge(how):
+    """Mutants: LoranLinear4bit.merge calling super().merge without *args, or without **kwargs (adapter_names lost:
+    every active adapter merged)."""
+    from test_loran_peft import SINTER as SINTER_KW, _quantise
+
+    base = Proj(16, 16)
+    base.q_proj, base.is_loaded_in_4bit = _quantise(base.q_proj, "nf4"), True
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], **SINTER_KW)
+    model = get_loran_model(base, LoranConfig(**config))
+    model.add_adapter("b", LoranConfig(**config))
+    layer = model.base_model.model.q_proj
+    layer.set_adapter(["default", "b"])
+    with pytest.warns(UserWarning, match="rounding errors"):
+        if how == "positional":
+            layer.merge(False, ["b"])
+        else:
+            layer.merge(adapter_names=["b"])
+    assert layer.merged_adapters == ["b"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float64])
+def test_reference_update_in_a_given_dtype(dtype):
+    """Mutants: reference_update's `dtype is None` test inverted, `/ scaling`, and x, A, B, act or dtype not passed on
+    in its dtype branch (the path of update_dtype=autocast with memory_efficient=False). Independent reference: the
+    same products written out in that dtype (dtype None: float32, compared with float64)."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(41)
+    x, A, B = torch.randn(4, 6, generator=gen), torch.randn(3, 6, generator=gen) * 0.5, torch.randn(5, 3, generator=gen)
+    y = la.reference_update(x, A, B, 2.5, act, dtype=dtype)
+    z = (B.double() @ A.double())
+    exact = 2.5 * x.double() @ (z + 0.5 * z * torch.sin(30 * z)).T
+    if dtype is None:
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        assert y.dtype == dtype
+        zd = B.to(dtype) @ A.to(dtype)
+        assert torch.equal(y, (x.to(dtype) @ (zd + 0.5 * zd * torch.sin(30 * zd)).T) * 2.5)
+        torch.testing.assert_close(y.double(), exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+def test_get_delta_weight_has_the_adapter_dtype_and_plain_lora_keeps_its_own():
+    """Mutants: get_delta_weight not cast to the adapter's dtype (.to(None): float32 from a bf16 adapter), and a
+    plain LoRA adapter's delta asked for with adapter None. References: s f(B A) in bf16, and PEFT's s B A."""
+    from peft import LoraConfig
+
+    from loran.activations import Activation
+
+    model = get_loran_model(Proj(), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                                activation_kwargs=SINTER))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    layer = model.base_model.model.q_proj
+    gen = torch.Generator().manual_seed(42)
+    for lin in layer.lora_B.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=gen) * 0.5
+    A, B = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
+    torch.testing.assert_close(layer.get_delta_weight("plain"), 3.0 * B @ A)
+    layer.lora_A["default"].to(torch.bfloat16)
+    layer.lora_B["default"].to(torch.bfloat16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.bfloat16
+    expected = 3.0 * Activation("sinter", SINTER).f(B.float() @ A.float())
+    assert torch.equal(delta, expected.bfloat16())
+
+
+def test_uncovered_layer_message_in_full_and_naming_the_base_of_a_tuner_layer():
+    """Mutants: the text of uncovered_message, and refuse_uncovered naming a wrapping tuner layer's own type instead
+    of its base layer's (`isinstance(target, BaseTunerLayer) and False`)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import Embedding as LoraEmbedding
+
+    config = LoranConfig(r=2, target_modules=["emb"], activation="sinter", activation_kwargs=SINTER)
+    wrapped = LoraEmbedding(nn.Embedding(10, 16), "x", config=LoraConfig(r=2), r=2, lora_alpha=4)
+    with pytest.raises(ValueError) as err:
+        LoraModel._create_new_module(config, "x", wrapped, target_name="emb")
+    assert str(err.value) == (
+        "target module 'emb' is a torch.nn.modules.sparse.Embedding: LoRAN covers torch.nn.Linear, transformers "
+        "Conv1D, bitsandbytes Linear4bit and Linear8bitLt only (PEFT would build a plain LoRA layer there). Remove it "
+        "from target_modules, or adapt it with a separate peft.LoraConfig adapter")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float64])
+def test_delta_weight_dtype(dtype):
+    """Mutants: _up never widening (`or True`: bf16 factors stay bf16), delta_weight's `dtype is None` test inverted,
+    and B, A or B A not passed on in its dtype branch. Reference: f(B A) written out in float32 / bf16 / float64
+    (bf16 factors, except float32 ones for float64, so that every cast matters)."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(43)
+    low = torch.float32 if dtype == torch.float64 else torch.bfloat16
+    A, B = (torch.randn(3, 6, generator=gen) * 0.5).to(low), torch.randn(5, 3, generator=gen).to(low)
+    x = torch.randn(4, 6, generator=gen).to(low)  # reference_update casts x as well
+    got = la.delta_weight(A, B, act, dtype)
+    wide = torch.float32 if dtype is None else dtype
+    z = B.to(wide) @ A.to(wide)
+    assert got.dtype == wide
+    assert torch.equal(got, z + 0.5 * z * torch.sin(30 * z))
+    y = la.reference_update(x, A, B, 2.0, act, dtype)
+    assert torch.equal(y, (x.to(wide) @ got.T) * 2.0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("needs", ["xAB", "x", "A", "B", "AB"])
+def test_lowrank_update_values_and_gradients(x_dtype, dtype, needs):
+    """lowrank_update = s (x A^T) B^T in `dtype`, autograd keeping x in its own dtype: output and every gradient
+    against plain autograd on copies widened to `dtype` (s = 2.5, so a dropped or inverted s shows; leading dims
+    (2, 3) and r < d_in, d_out, so a wrong reshape or transpose does too)."""
+    gen = torch.Generator().manual_seed(44)
+    x0 = torch.randn(2, 3, 6, generator=gen).to(x_dtype)
+    A0, B0 = torch.randn(2, 6, generator=gen), torch.randn(5, 2, generator=gen)
+    g = torch.randn(2, 3, 5, generator=gen, dtype=dtype)
+    x, A, B = (t.clone().requires_grad_(n in needs) for t, n in ((x0, "x"), (A0, "A"), (B0, "B")))
+    y = la.lowrank_update(x, A, B, 2.5, dtype)
+    assert y.dtype == dtype and y.shape == (2, 3, 5)
+    rx, rA, rB = (t.to(dtype).requires_grad_(n in needs) for t, n in ((x0, "x"), (A0, "A"), (B0, "B")))
+    ref = ((rx @ rA.T) @ rB.T) * 2.5
+    torch.testing.assert_close(y, ref)
+    (y * g).sum().backward()
+    (ref * g).sum().backward()
+    for got, want, like in ((x.grad, rx.grad, x0), (A.grad, rA.grad, A0), (B.grad, rB.grad, B0)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == like.dtype and got.shape == like.shape
+            torch.testing.assert_close(got, want.to(like.dtype))
+
+
+class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every mm / addmm / addmm_ (under a dispatch mode the kernels run eagerly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("sizes, chunk, block", [((1, 2), 1, 2), ((3, 2), 3, 3), ((None, None), 2, 4)])
+def test_update_works_in_the_row_chunks_and_blocks_it_is_given(monkeypatch, sizes, chunk, block):
+    """The memory bound: W (6 x 5) is formed `chunk` rows at a time (B[rows] A: (chunk, 5)) and used `block` rows
+    at a time (x W[block]^T: (4, block)); block_rows is at least chunk_rows; the defaults come from CHUNK_ELEMENTS
+    and BLOCK_ELEMENTS (patched to 10 and 20: 2 and 4 rows of d_in = 5). Mutants: chunk_rows / block_rows not passed
+    on (loran_update, _LoranLinear), _sizes and _blocks. The values are checked against reference_update too."""
+    from loran.activations import Activation
+
+    monkeypatch.setattr(la, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(la, "BLOCK_ELEMENTS", 20)
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(45)
+    x0, A0, B0 = torch.randn(4, 5, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(6, 3, generator=gen)
+    g = torch.randn(4, 6, generator=gen)
+    x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+    with _MatmulShapes() as fwd:
+        y = la.loran_update(x, A, B, 2.0, act, chunk_rows=sizes[0], block_rows=sizes[1])
+    with _MatmulShapes() as bwd:
+        y.backward(g)
+    blocks = [range(i, min(i + block, 6)) for i in range(0, 6, block)]
+    chunks = [[min(chunk, len(b) - j) for j in range(0, len(b), chunk)] for b in blocks]
+    assert fwd.shapes == [s for b, c in zip(blocks, chunks) for s in [(n, 5) for n in c] + [(4, len(b))]]
+    expected_bwd = []
+    for i, (b, c) in enumerate(zip(blocks, chunks)):  # G, Z per chunk, dL/dx (+)=, dL/dB[block], dL/dA +=
+        expected_bwd += [(len(b), 5)] + [(n, 5) for n in c] + [(4, 5), (len(b), 3), (3, 5)]
+    assert bwd.shapes == expected_bwd, (bwd.shapes, expected_bwd)
+    rx, rA, rB = (t.clone().requires_grad_() for t in (x0, A0, B0))
+    ref = la.reference_update(rx, rA, rB, 2.0, act)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    for got, want in ((x.grad, rx.grad), (A.grad, rA.grad), (B.grad, rB.grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_every_buffer_lives_on_the_input_device(monkeypatch, with_base):
+    """On the meta device (which needs no GPU), forward and backward with several row blocks: a buffer allocated
+    without device=x.device lands on the CPU and the meta ops refuse it. Mutants: `device=x.device` dropped from
+    the torch.empty of W blocks (forward, backward) or of the output. Autocast cannot be set for meta: switched off."""
+    import contextlib
+
+    from loran.activations import Activation
+
+    monkeypatch.setattr(la, "_no_autocast", lambda device_type: contextlib.nullcontext())
+    act = Activation("sinter", SINTER)
+    x, A, B = (torch.empty(*shape, device="meta", requires_grad=True) for shape in ((4, 5), (3, 5), (6, 3)))
+    W = torch.empty(6, 5, device="meta")
+    weight_fn = (lambda dt: la.DenseWeight(W, False)) if with_base else None
+    y = la.loran_linear(x, weight_fn, None, [la.Adapter(A, B, 2.0, act)], chunk_rows=1, block_rows=2)
+    assert y.device.type == "meta" and y.shape == (4, 6)
+    y.backward(torch.empty(4, 6, device="meta"))
+    assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (x, A, B))
+
+
+def test_three_adapters_forward_and_backward(eager):
+    """loran_linear with three adapters (sinter, tanh, identity) on a base weight with a bias: output and every
+    gradient against plain autograd. Mutant: the adapters' A walked with step 3 (`ab[0::3]`, as many as with 1 or 2
+    adapters, one pair short with 3)."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear, reference_update
+
+    gen = torch.Generator().manual_seed(46)
+    W, b = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    acts = [Activation("sinter", SINTER), Activation("tanh"), Activation("identity")]
+    raw = [(torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64))
+           for _ in acts]
+    x0, g = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    runs = []
+    for fast in (True, False):
+        ads = [Adapter(A.clone().requires_grad_(), B.clone().requires_grad_(), 0.5 + i, act)
+               for i, ((A, B), act) in enumerate(zip(raw, acts))]
+        x = x0.clone().requires_grad_()
+        if fast:
+            y = loran_linear(x, lambda dt: DenseWeight(W, False), b, ads)
+        else:
+            y = x @ W.T + b + sum(reference_update(x, a.A, a.B, a.scaling, a.act) for a in ads)
+        y.backward(g)
+        runs.append([y.detach(), x.grad] + [t.grad for a in ads for t in (a.A, a.B)])
+    for got, ref in zip(*runs):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_default_sizes_of_the_compiled_and_the_eager_kernels(compiled):
+    """_sizes' defaults (module docstring): eager chunks of CHUNK_ELEMENTS (2**16) elements, a fused kernel takes
+    COMPILED_CHUNK_ELEMENTS (2**22), blocks of BLOCK_ELEMENTS (2**22), a block never below a chunk. Mutant: the
+    compiled chunk size never chosen (`compiled and False`), which the matmul-shape test cannot see (no compile
+    under a dispatch mode)."""
+    d_in = 1000
+    chunk = (2**22 if compiled else 2**16) // d_in
+    assert la._sizes((None, None), d_in, compiled) == (chunk, 2**22 // d_in)
+    assert la._sizes((7, None), d_in, compiled) == (7, 2**22 // d_in)
+    assert la._sizes((None, 3), d_in, compiled) == (chunk, chunk)
+
+
+@pytest.mark.parametrize("with_result", [False, True])
+@pytest.mark.parametrize("dt, bias_dt", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_result_and_a_bias_of_another_dtype_are_both_added(eager, with_result, dt, bias_dt):
+    """loran_linear(result=r, bias=b) = r + x (W0 + s f(B A))^T + b, with b in another dtype than x, W0, A, B and r
+    (the bias is cast to the compute dtype). Mutants: the bias replacing the result (`acc is None or True`),
+    subtracted, or not cast (with or without a result)."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear
+
+    act = Activation("sinter", SINTER)
+    gen = torch.Generator().manual_seed(47)
+    x, W = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    A, B = torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    b, r = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    z = B @ A
+    expected = x @ (W + 1.5 * (z + 0.5 * z * torch.sin(30 * z))).T + b + (r if with_result else 0)
+    y = loran_linear(x.to(dt), lambda d: DenseWeight(W.to(d), False), b.to(bias_dt), [Adapter(A.to(dt), B.to(dt), 1.5, act)],
+                     result=r.to(dt) if with_result else None)
+    assert y.dtype == dt
+    torch.testing.assert_close(y, expected.to(dt), rtol=1e-5, atol=1e-5)
+
+
+def test_the_variant_refuses_lora_bias_with_its_message():
+    """LoranConfig refuses lora_bias=True; LoranVariant.init is the backstop for a config changed afterwards.
+    Mutants: its message replaced or re-cased."""
+    from loran.layers import LoranVariant
+
+    model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"]))
+    config = LoranConfig(r=2, target_modules=["q_proj"])
+    config.lora_bias = True
+    with pytest.raises(ValueError) as err:
+        LoranVariant.init(model.base_model.model.q_proj, "other", config)
+    assert str(err.value) == "lora_bias=True is not supported by LoRAN; set lora_bias=False"
+
+
+def test_loran_linear_without_adapters_is_refused_with_its_message():
+    """Mutants: the message of loran_linear's refusal replaced or re-cased."""
+    with pytest.raises(ValueError) as err:
+        la.loran_linear(torch.zeros(2, 3), None, None, [])
+    assert str(err.value) == "loran_linear needs at least one adapter"
+
+
+def test_loran_linear_output_dtype(eager):
+    """Docstring of loran_linear: the output has x's dtype when W0 is given, result's when result is given (bf16 x,
+    float32 compute). Mutants: the final cast dropped, made unconditional or inverted."""
+    from loran.activations import Activation
+    from loran.autograd import Adapter, DenseWeight, loran_linear
+
+    gen = torch.Generator().manual_seed(48)
+    x, W = torch.randn(4, 5, generator=gen).bfloat16(), torch.randn(6, 5, generator=gen)
+    A, B, r = torch.randn(2, 5, generator=gen), torch.randn(6, 2, generator=gen), torch.randn(4, 6, generator=gen)
+    ads = [Adapter(A, B, 1.5, Activation("sinter", SINTER))]
+    y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads)
+    z = B @ A
+    full = x.float() @ (W + 1.5 * (z + 0.5 * z * torch.sin(30 * z))).T
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, full.bfloat16())
+    y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, result=r)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, r + full)
