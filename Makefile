@@ -77,7 +77,8 @@ study-sinter: $(STAMP)
 ## Study, ranks 1-8 on the test split: LoRA, Sinter (amp 0.05, omega 1e4), Sine-LoRA (omega from validation), DoRA.
 RANK_SEEDS ?= 0
 RANKS ?= 1,2,4,8
-SINE_OMEGA ?= 300      # chosen on validation (study-sine-omega, seed 0: 100 -> 94.26, 300 -> 95.22, 1000 -> 93.78)
+# Sine-LoRA's omega, chosen on validation (study-sine-omega, seed 0: 100 -> 94.26, 300 -> 95.22, 1000 -> 93.78)
+SINE_OMEGA ?= 300
 study-rank: $(STAMP)
 	for seed in $(RANK_SEEDS); do \
 	  $(PY) train.py -m experiment=study_test activation=identity adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
