@@ -34,15 +34,14 @@ def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = {k: flats[key][k] for k in shown if k in flats[key]}
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or "(one configuration)"
         order = tuple(_number_first(str(flats[key].get(k, ""))) for k in shown)
-        out.append({"label": label, "values": values, "order": order,
+        out.append({"label": label, "values": values, "order": order, "flat": flats[key],
                     "records": sorted(members, key=lambda r: r["choices"]["seed"])})
     return sorted(out, key=lambda g: g["order"])
 
 
 def matches(group: dict[str, Any], control: dict[str, str]) -> bool:
     """True when every key=value of `control` holds in the group's identity."""
-    identity = flatten(group["records"][0]["identity"])
-    return all(str(identity.get(k)) == v for k, v in control.items())
+    return all(str(group["flat"].get(k)) == v for k, v in control.items())
 
 
 def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, str], n_boot: int = 2000,
@@ -56,13 +55,14 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
     """
     groups = configurations(records)
     controls = [g for g in groups if matches(g, control)]
+    is_control = {id(g) for g in controls}
+    scores = {id(g): scores_by_seed(g["records"], metric) for g in groups}
     if not pair_by and len(controls) != 1:
         raise ValueError(f"control {control} matches {len(controls)} configurations, not one: "
                          f"{[g['label'] for g in controls] or [g['label'] for g in groups]}")
 
     def paired_values(group: dict[str, Any]) -> dict[str, str]:
-        identity = flatten(group["records"][0]["identity"])
-        return {k: str(identity.get(k)) for k in pair_by}
+        return {k: str(group["flat"].get(k)) for k in pair_by}
 
     def control_of(group: dict[str, Any]) -> dict[str, Any] | None:
         found = [c for c in controls if paired_values(c) == paired_values(group)]
@@ -73,13 +73,14 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
 
     def order(group: dict[str, Any]) -> tuple:
         values = paired_values(group)
-        return tuple(_number_first(values[k]) for k in pair_by) + (group not in controls, group["order"])
+        return tuple(_number_first(values[k]) for k in pair_by) + (id(group) not in is_control, group["order"])
 
     rows = []
     for group in sorted(groups, key=order):
         runs, base = group["records"], control_of(group)
-        own = level(scores_by_seed(runs, metric), n_boot=n_boot)
-        row = {"configuration": group["label"], "values": group["values"], "control": group in controls, "seeds": [r["choices"]["seed"] for r in runs],
+        own = level(scores[id(group)], n_boot=n_boot)
+        row = {"configuration": group["label"], "values": group["values"], "control": id(group) in is_control,
+               "seeds": [r["choices"]["seed"] for r in runs],
                "n_eval": runs[0].get("n_eval"), "eval_split": runs[0].get("eval_split"),
                "trainable_params": runs[0].get("trainable_params"),
                metric: statistics.fmean(r["metrics"][metric] for r in runs),
@@ -88,7 +89,7 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
                                                    if r.get("update_spectrum")) if any(
                    r.get("update_spectrum") for r in runs) else None}
         if base is not None and group is not base:
-            result = compare(scores_by_seed(runs, metric), scores_by_seed(base["records"], metric), n_boot=n_boot)
+            result = compare(scores[id(group)], scores[id(base)], n_boot=n_boot)
             row.update(versus=base["label"], delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high,
                        mde=result.mde, significant=result.significant, scores_differ=result.discordant,
                        texts_differ=changed_predictions(runs, base["records"]), pairs=len(result.seeds))
