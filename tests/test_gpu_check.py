@@ -86,12 +86,21 @@ def test_cell_figures_say_whether_the_loss_fell():
     assert check.cell_figures(record)["loss_falling"] is False
 
 
+def assert_time_ratio_matches_the_times(fig):
+    """time_ratio comes from the unrounded times; the printed times are rounded to 1e-3 ms, so the ratio
+    recomputed from them may differ by that rounding (CI once saw 0.976/6.122 = 0.1594 -> 0.159 vs 0.160)."""
+    loran, qlora = fig["loran_ms"], fig["qlora_ms"]
+    assert qlora > 0
+    slack = 5e-4 + (loran / qlora) * (5e-4 / max(loran, 1e-3) + 5e-4 / qlora)
+    assert abs(fig["time_ratio"] - loran / qlora) <= slack, (fig["time_ratio"], loran / qlora, slack)
+
+
 def test_layer_bench_smallest_form_on_the_cpu():
     fig = gpu.layer_bench(d=32, r=4, tokens=8, device="cpu", warmup=0, repeats=2)
     bench_adapter = gpu.bench_adapter
     macs = [bench_adapter.multiply_adds(m, 32, 4, 8, 0.0) for m in ("loran", "lora")]
     assert fig["mac_ratio"] == round(macs[0] / macs[1], 3)
-    assert fig["time_ratio"] == round(fig["loran_ms"] / fig["qlora_ms"], 3) and fig["qlora_ms"] > 0
+    assert_time_ratio_matches_the_times(fig)
     assert fig["qlora_peak_mib"] > 0 and fig["loran_peak_mib"] > 0
 
 
@@ -104,5 +113,6 @@ def test_block_bench_smallest_form_on_the_cpu_with_an_nf4_base():
     fig = gpu.block_bench(shape, r=4, dropout=0.2, batch=2, seq=8, device="cpu", warmup=0, repeats=1)
     # B = 0: both rows start at the base model, so their first losses agree exactly
     assert fig["first_loss_qlora"] == fig["first_loss_loran"] and torch.isfinite(torch.tensor(fig["first_loss_loran"]))
-    assert 1 < fig["mac_ratio"] < 2 and fig["time_ratio"] == round(fig["loran_ms"] / fig["qlora_ms"], 3)
+    assert 1 < fig["mac_ratio"] < 2
+    assert_time_ratio_matches_the_times(fig)
     assert fig["qlora_peak_mib"] > 0
