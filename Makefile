@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank bench gpu-check gpu-kit clean-venv
+.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale bench gpu-check gpu-kit clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,9 @@ study-sine-omega: $(STAMP)
 	$(PY) train.py -m experiment=study_sinter_screen activation=sine activation.params.omega=100,300,1000 seed=0; \
 	status=$$?; $(PY) scripts/study_table.py study_sinter_screen; exit $$status
 
+## The study's control: LoRA (the identity) at the default lora_alpha (study-sine-scale adds LoRA at other scales).
+STUDY_CONTROL = --control activation.name=identity --control adapter.peft.lora_alpha=16
+
 ## Study, confirmation on the test split (836 articles): LoRA and the two Sinter settings that changed predictions
 ## on validation (amp 0.05 and 0.5 at omega 1e4), seed by seed (about 7 min a cell on 2 idle cores).
 STUDY_SEEDS ?= 0 1 2
@@ -72,7 +75,7 @@ study-sinter: $(STAMP)
 	  $(PY) train.py -m experiment=study_test activation=identity seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sinter activation.params.amp=0.05,0.5 \
 	    activation.params.omega=1e4 seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
 
 ## Study, ranks 1-8 on the test split: LoRA, Sinter (amp 0.05, omega 1e4), Sine-LoRA (omega from validation), DoRA.
 RANK_SEEDS ?= 0
@@ -87,7 +90,17 @@ study-rank: $(STAMP)
 	  $(PY) train.py -m experiment=study_test adapter=dora adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sine activation.params.omega=$(SINE_OMEGA) \
 	    adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+
+## Study, Sine-LoRA's step-size control: LoRA with lora_alpha x omega / g (sin(omega z) / g = (omega / g) z near 0), so
+## that a Sine-LoRA gain can be told from a larger update scale. 16 = lora_alpha (adapter/qlora.yaml), 24 = g.
+SINE_ALPHA = $(shell awk 'BEGIN { print 16 * $(SINE_OMEGA) / 24 }')
+SCALE_RANKS ?= 8
+study-sine-scale: $(STAMP)
+	for seed in $(RANK_SEEDS); do \
+	  $(PY) train.py -m experiment=study_test activation=identity adapter.peft.lora_alpha=$(SINE_ALPHA) \
+	    adapter.peft.r=$(SCALE_RANKS) seed=$$seed || exit $$?; \
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
 
 ## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
 ## rewrite that was not built; ~12 min on 2 cores (results/bench.md).

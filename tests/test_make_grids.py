@@ -1,0 +1,86 @@
+"""Every grid the Makefile launches, as make would launch it: its train.py commands composed and checked cell by
+cell (each sweep value a distinct cell), and its table commands pointed at the experiment those cells write to."""
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loran.pipeline.checks import check_config
+from tests.test_cells import REPO, cfg_of
+
+GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
+         "study-rank", "study-sine-scale"]
+TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py"}
+
+
+def make_calls(target: str, tmp_path: Path) -> list[list[str]]:
+    """The argument lists make passes to $(PY) for `target`, recorded by a stand-in interpreter (STAMP emptied, so
+    make neither builds nor needs the venv)."""
+    log, fake = tmp_path / "calls.jsonl", tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "-s", "-C", str(REPO), target, f"PY={fake}", "STAMP="], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "MAKEFLAGS": ""})
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """A -m command's override lists, one per cell: comma sweeps expanded (no Makefile value holds a comma
+    otherwise); Hydra's own groups (hydra/launcher=...) left out, they choose where a cell runs, not what it is."""
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides
+            if not o.startswith("hydra/")]
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target", GRIDS)
+def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(target, tmp_path):
+    calls = make_calls(target, tmp_path)
+    trains = [c[1:] for c in calls if c[0] == "train.py"]
+    tables = [c for c in calls if c[0] in TABLE_SCRIPTS]
+    assert trains and tables and len(trains) + len(tables) == len(calls), calls
+    experiments = set()
+    for args in trains:
+        assert args[0] == "-m", args  # a grid is a multirun: Hydra's launcher, resumable cell by cell
+        cells = []
+        for overrides in expand(args[1:]):
+            cfg = cfg_of(*overrides, f"results_dir={tmp_path}")
+            check_config(cfg)
+            cells.append(cfg.cell)
+            experiments.add(cfg.experiment_name)
+        assert len(set(cells)) == len(cells), f"{target}: a sweep value that names no new cell in {args}"
+    assert {t[1] for t in tables} == experiments, (tables, experiments)
+
+
+def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_control_present(tmp_path):
+    """study-sine-scale runs LoRA at lora_alpha 200 next to the control (LoRA at 16): the control the Makefile gives
+    the study tables picks exactly one configuration per rank, and the scale control is compared with it (with the
+    old default control, activation.name=identity alone, the table refuses: two controls at r = 8)."""
+    from loran.pipeline.cells import identity
+    from loran.pipeline.study import study_rows
+
+    (call,) = [c for c in make_calls("study-rank", tmp_path) if c[0] == "scripts/study_table.py"]
+    control = dict(c.split("=", 1) for c in call[call.index("--control") + 1::2])
+    assert control == {"activation.name": "identity", "adapter.peft.lora_alpha": "16"}
+
+    def record(*overrides):
+        cfg = cfg_of("experiment=study_test", "adapter.peft.r=8", *overrides)
+        return {"cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": 0}, "trainable_params": 1,
+                "metrics": {"accuracy": 0.5}, "predictions": [{"id": "a", "prediction": "x", "accuracy": 1.0},
+                                                              {"id": "b", "prediction": "y", "accuracy": 0.0}]}
+
+    records = [record("activation=identity"), record("activation=identity", "adapter.peft.lora_alpha=200"),
+               record("adapter=dora")]
+    rows = study_rows(records, "accuracy", control, pair_by=("adapter.peft.r",), n_boot=10)
+    assert [r["control"] for r in rows] == [True, False, False]
+    assert all(r["versus"] == rows[0]["configuration"] for r in rows[1:])
+    assert "lora_alpha=16" in rows[0]["configuration"]
+    with pytest.raises(ValueError, match="matches 2 configurations"):
+        study_rows(records, "accuracy", {"activation.name": "identity"}, pair_by=("adapter.peft.r",), n_boot=10)
