@@ -16,7 +16,7 @@ import loran.autograd as la
 from loran import ACTIVATIONS, LoranConfig, get_loran_model, load_loran, loran_layers
 from loran.official import import_official_adapter
 from loran.pipeline.spectrum import update_spectrum
-from loran.pipeline.tables import T975, paired_difference, t975
+from loran.pipeline.tables import T80, T975, paired_difference, t80, t975
 
 
 @pytest.fixture
@@ -192,13 +192,30 @@ def test_official_import_applies_f_as_the_official_code(tmp_path, af, defaults):
 def _t_quantile(df: int, p: float = 0.975) -> float:
     """Inverse of the t CDF, F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2, by mpmath root finding."""
     cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
-    return float(mpmath.findroot(lambda t: cdf(t) - p, 2.0 if df > 2 else 5.0))
+    return float(mpmath.findroot(lambda t: cdf(t) - p, 1.0 if p < 0.9 else 2.0 if df > 2 else 5.0))
 
 
 @pytest.mark.parametrize("df", sorted(T975))
 def test_every_tabulated_t_quantile_is_right_to_three_decimals(df):
     """Planted: T975[4] = 2.576 (or any other entry) -> fails; only df = 2 was checked before."""
     assert abs(T975[df] - _t_quantile(df)) < 6e-4, (df, T975[df], _t_quantile(df))
+
+
+@pytest.mark.parametrize("df", sorted(T80))
+def test_every_tabulated_power_quantile_is_right_to_three_decimals(df):
+    assert sorted(T80) == sorted(T975)
+    assert abs(T80[df] - _t_quantile(df, 0.80)) < 6e-4, (df, T80[df], _t_quantile(df, 0.80))
+
+
+def test_the_minimal_detectable_effect_of_a_paired_t_test():
+    """(t_.975 + t_.80) x SE of the paired differences, every df looked up at n - 1 (5 seeds: df 4; 40: beyond 30)."""
+    for n in (2, 3, 5, 12, 40):
+        values, base = {s: 0.5 + 0.01 * (s % 3) + 0.002 * s for s in range(n)}, {s: 0.5 for s in range(n)}
+        d = np.array([values[s] - base[s] for s in range(n)])
+        df, se = n - 1, d.std(ddof=1) / math.sqrt(n)
+        expected = ((1.96 + 0.8416) if df > 30 else (_t_quantile(df) + _t_quantile(df, 0.80))) * se
+        assert paired_difference(values, base)["mde"] == pytest.approx(expected, rel=2e-3), n
+    assert t80(31) == 0.842 and t80(11) == T80[11] and t80(22) == T80[20]
 
 
 def test_t975_uses_the_nearest_tabulated_df_at_or_below():
@@ -289,7 +306,7 @@ def test_table_entries_in_full(grid):
     missing = _entry(table, "loran-sinter", "rouge2")
     assert missing == {"row": "loran-sinter", "label": "LoRAN (Sinter)", "metric": "rouge2", "paper": "",
                        "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
-                       "pairs": 0, "significant": None, "seeds": []}
+                       "mde": None, "pairs": 0, "significant": None, "seeds": []}
     base = _entry(table, "qlora-none", "accuracy")
     assert base["delta"] is None and base["pairs"] == 0 and base["seeds"] == [0, 1, 2]  # no difference to itself
     two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std and a paired interval with df = 1
@@ -306,19 +323,20 @@ EXPECTED_MD = """\
 # Grid
 
 Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, [95% t interval]; \
-* = the interval excludes 0. `-` = no successful run for that cell.
+* = the interval excludes 0; MDE = minimal detectable effect at 80% power of that paired t test, (t.975 + t.80) x SE \
+(0 when a row equals QLoRA on every seed: no seed-to-seed noise is seen then). `-` = no successful run for that cell.
 
 | row | rouge1 | rouge2 | rougeL | accuracy | paper |
 |---|---|---|---|---|---|
 | QLoRA | - | - | - | 81.00 +- 1.00 (3) | - / - / - / 80.1 |
 | LoRAN (Sigmoid) | - | - | - | 83.50 +- 0.71 (2) | - / - / - / - |
-| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85] | |
+| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85], MDE 7.04 | |
 | LoRAN (ReLU) | - | - | - | 71.33 +- 1.53 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]* | |
+| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]*, MDE 4.73 | |
 | LoRAN (Tanh) | 25.00 +- 0.00 (3) | - | - | 81.00 +- 2.65 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30] | |
+| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30], MDE 5.36 | |
 | LoRAN (Sinter) | - | - | - | 86.00 +- 1.00 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]* | |
+| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]*, MDE 3.10 | |
 | LoRAN (identity = LoRA control) | - | - | - | 90.00 (1) | - / - / - / - |
 | LoRAN (Sigmoid, official start) | - | - | - | - | - / - / - / - |
 | LoRAN (ReLU, official start) | - | - | - | - | - / - / - / - |
@@ -335,13 +353,13 @@ def test_markdown_and_csv_in_full(grid, tmp_path):
     assert to_markdown(table, "Grid") == EXPECTED_MD
     write_csv(table, tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,pairs,significant,paper"
-    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,0,,"
-    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,0,,80.1")
+    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,mde,pairs,significant,paper"
+    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,,0,,"
+    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,,0,,80.1")
     relu = next(x for x in lines if x.startswith("loran-relu,LoRAN (ReLU),accuracy,"))
     fields = relu.split(",")
-    assert (fields[5], fields[9], fields[10], fields[11]) == ("3", "3", "True", "")
-    assert [float(v) for v in fields[6:9]] == pytest.approx([-0.0966667, -0.1346, -0.0587], abs=1e-4)
+    assert (fields[5], fields[10], fields[11], fields[12]) == ("3", "3", "True", "")
+    assert [float(v) for v in fields[6:10]] == pytest.approx([-0.0966667, -0.1346, -0.0587, 0.0473], abs=1e-4)
     assert len(lines) == 1 + 8 * 4
 
 

@@ -43,11 +43,24 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         20: 2.086, 25: 2.060, 30: 2.042}
 
 
+# One-sided 80% quantiles of Student's t (the power term of a minimal detectable effect), same degrees of freedom.
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879,
+       11: 0.876, 12: 0.873, 13: 0.870, 14: 0.868, 15: 0.866, 16: 0.865, 17: 0.863, 18: 0.862, 19: 0.861,
+       20: 0.860, 25: 0.856, 30: 0.854}
+
+
 def t975(df: int) -> float:
     """t quantile for a 95% two-sided interval (nearest tabulated df at or below; 1.96 beyond 30)."""
     if df > 30:
         return 1.96
     return T975[max(k for k in T975 if k <= df)]
+
+
+def t80(df: int) -> float:
+    """t quantile for 80% power (nearest tabulated df at or below; 0.842 beyond 30)."""
+    if df > 30:
+        return 0.842
+    return T80[max(k for k in T80 if k <= df)]
 
 
 class MixedConfigs(ValueError):
@@ -108,14 +121,17 @@ def summarize(values: dict[int, float]) -> dict[str, Any]:
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
-    """Difference to the baseline over shared seeds, with a 95% t interval (None with fewer than 2 pairs)."""
+    """Difference to the baseline over shared seeds, with a 95% t interval and the minimal detectable effect at 80%
+    power of that paired t test, (t_.975 + t_.80) x SE (None with fewer than 2 pairs)."""
     seeds = sorted(set(values) & set(baseline))
     if len(seeds) < 2:
         return None
     diffs = [values[s] - baseline[s] for s in seeds]
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = t975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return {"delta": mean, "ci_low": mean - half, "ci_high": mean + half, "pairs": len(diffs),
+    se, df = sd / math.sqrt(len(diffs)), len(diffs) - 1
+    half = t975(df) * se
+    return {"delta": mean, "ci_low": mean - half, "ci_high": mean + half, "mde": (t975(df) + t80(df)) * se,
+            "pairs": len(diffs),
             "significant": (mean - half > 0) or (mean + half < 0)}
 
 
@@ -139,7 +155,7 @@ def build(records: list[dict[str, Any]], paper: dict[tuple[str, str], str] | Non
             values = cells.get((row, metric), {})
             entry = {"row": row, "label": label, "metric": metric, "paper": paper.get((row, metric), ""),
                      "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
-                     "pairs": 0, "significant": None, "seeds": sorted(values)}
+                     "mde": None, "pairs": 0, "significant": None, "seeds": sorted(values)}
             if values:
                 entry.update(summarize(values))
                 if row != BASELINE and (diff := paired_difference(values, cells.get((BASELINE, metric), {}))):
@@ -162,7 +178,9 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
     head = "| row | " + " | ".join(METRICS) + " | paper |"
     lines = [f"# {title}", "",
              "Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, "
-             "[95% t interval]; * = the interval excludes 0. `-` = no successful run for that cell.", "",
+             "[95% t interval]; * = the interval excludes 0; MDE = minimal detectable effect at 80% power of that "
+             "paired t test, (t.975 + t.80) x SE (0 when a row equals QLoRA on every seed: no seed-to-seed noise "
+             "is seen then). `-` = no successful run for that cell.", "",
              head, "|" + "---|" * (len(METRICS) + 2)]
     for row, label in ROWS:
         cells, deltas = [], []
@@ -175,7 +193,7 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
             else:
                 mark = "*" if e["significant"] else ""
                 deltas.append(f'{_fmt(e["delta"], signed=True)} [{_fmt(e["ci_low"], signed=True)}, '
-                              f'{_fmt(e["ci_high"], signed=True)}]{mark}')
+                              f'{_fmt(e["ci_high"], signed=True)}]{mark}, MDE {_fmt(e["mde"])}')
         paper = " / ".join(by_row[row][m]["paper"] or "-" for m in METRICS)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper} |")
         if any(deltas):
@@ -185,8 +203,8 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
 
 def write_csv(table: list[dict[str, Any]], path: str | Path) -> None:
     """The long-format table: one line per (row, metric); missing values are empty, never 0."""
-    columns = ["row", "label", "metric", "mean", "std", "n", "delta", "ci_low", "ci_high", "pairs", "significant",
-               "paper"]
+    columns = ["row", "label", "metric", "mean", "std", "n", "delta", "ci_low", "ci_high", "mde", "pairs",
+               "significant", "paper"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
