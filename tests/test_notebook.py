@@ -36,13 +36,19 @@ def test_notebook_runs_on_small_records(tmp_path, monkeypatch, write_fake_record
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert f"{len(ROWS) * 6} successful runs" in "".join(o.get("text", "") for o in outputs)
+    # head to head at r = 8: Sine-LoRA against LoRA at lora_alpha 200, equal on the first 25 examples only
+    sine, scaled = np.array(base[::-1]), np.array(base[::-1][:25] + base[25:])
+    head = [line for line in text.splitlines() if line.startswith("| 8 | name=identity, lora_alpha=200 | name=sine")]
+    assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
+    assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
     assert figures == ["grid_delta_vs_qlora.png", "grid_loss.png", "grid_metrics.png", "grid_update_spectrum.png"]
 
 
-def _study_record(runs, activation, params, r, seed, correct):
-    identity = {"activation": {"name": activation, "params": params}, "adapter": {"peft": {"r": r}}, "seed": "<seed>"}
-    cell = f"{activation}{sorted(params.items())}.r{r}.seed{seed}"
+def _study_record(runs, activation, params, r, seed, correct, alpha=16):
+    identity = {"activation": {"name": activation, "params": params}, "adapter": {"peft": {"r": r, "lora_alpha": alpha}},
+                "seed": "<seed>"}
+    cell = f"{activation}{sorted(params.items())}.r{r}.a{alpha}.seed{seed}"
     rec = {"status": "ok", "cell": cell, "identity": identity, "n_eval": len(correct), "eval_split": "test",
            "choices": {"seed": seed}, "metrics": {"accuracy": float(sum(correct) / len(correct))},
            "trainable_params": 1000 * r, "update_spectrum": {"energy_beyond_r": 1e-3 * params.get("amp", 0)},
@@ -65,6 +71,7 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
         for r in (1, 8):
             _study_record(tmp_path / "results/runs/test", "identity", {}, r, seed, base)
             _study_record(tmp_path / "results/runs/test", "sine", {"omega": 300.0}, r, seed, base[::-1])
+        _study_record(tmp_path / "results/runs/test", "identity", {}, 8, seed, base[::-1][:25] + base[25:], alpha=200)
     monkeypatch.setenv("LORAN_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("LORAN_SCREEN", "screen")
     monkeypatch.setenv("LORAN_TEST", "test")
@@ -74,7 +81,12 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
-    assert "screen: 10 successful runs" in text and "test: 8 successful runs" in text
+    assert "screen: 10 successful runs" in text and "test: 10 successful runs" in text
     assert "| name=sinter, amp=0.5, omega=10000.0 | 2 | 8,000 | " in text   # 5 of 50 flipped, both seeds
+    # head to head at r = 8: Sine-LoRA against LoRA at lora_alpha 200, equal on the first 25 examples only
+    sine, scaled = np.array(base[::-1]), np.array(base[::-1][:25] + base[25:])
+    head = [line for line in text.splitlines() if line.startswith("| 8 | name=identity, lora_alpha=200 | name=sine")]
+    assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
+    assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
     assert figures == ["screen_heatmaps.png", "test_accuracy_vs_parameters.png"]
