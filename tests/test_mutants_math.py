@@ -1077,3 +1077,63 @@ def test_loran_linear_output_dtype(eager):
     y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, result=r)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, r + full)
+
+
+def test_load_rows_reads_every_yaml_file_in_the_order_it_gives(tmp_path):
+    """ROWS is computed once at import, so the tests of the table never run load_rows on a folder of their own.
+    Eight rows whose `order` is a permutation unrelated to their file names (and to the folder's listing order),
+    and a file that is not YAML. Mutants: no files found (glob pattern changed), not sorted by `order`, errors."""
+    from loran.pipeline.tables import load_rows
+
+    orders = [5, 2, 7, 0, 3, 6, 1, 4]
+    for i, order in enumerate(orders):
+        (tmp_path / f"r{i}.yaml").write_text(f"row:\n  name: row{i}\n  label: 'Row {i}'\n  order: {order}\n")
+    (tmp_path / "notes.txt").write_text("row:\n  name: not-a-row\n  label: x\n  order: -1\n")
+    expected = [(f"row{i}", f"Row {i}") for i in sorted(range(len(orders)), key=lambda i: orders[i])]
+    assert load_rows(tmp_path) == expected
+
+
+def test_row_key_prefers_the_rows_own_name():
+    """A record's row is its `row` choice when it has one (rows whose name is not "<adapter>-<activation>", e.g.
+    "loran-relu-official"); only older records fall back to the pair. Mutant: the `row` key misspelt."""
+    from loran.pipeline.tables import row_key
+
+    assert row_key({"choices": {"row": "loran-relu-official", "adapter": "loran", "activation": "relu"}}) \
+        == "loran-relu-official"
+    assert row_key({"choices": {"adapter": "loran", "activation": "relu"}}) == "loran-relu"
+
+
+def _identity_record(cell, identity):
+    return {"cell": cell, "identity": identity}
+
+
+def test_one_config_check_messages_in_full():
+    """The two MixedConfigs messages, word for word: the records without identity, and every differing key
+    ("; "-separated, absent keys shown as "<absent>") with every record (", "-separated). Mutants: text replaced
+    or re-cased, the separators changed, the record list dropped, the <absent> marker changed."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config([{"cell": "c1"}, _identity_record("c2", {"a": 1})], "r / m")
+    assert str(err.value) == ("r / m: records ['c1'] carry no config identity (written before cells were hashed), so "
+                              "they cannot be shown to share a config; run scripts/migrate_records.py")
+    records = [_identity_record("c2", {"lr": 0.1, "opt": {"name": "adam"}, "x": 1}),
+               _identity_record("c1", {"lr": 0.2, "opt": {"name": "sgd"}})]
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config(records, "r / m")
+    assert str(err.value) == (
+        'r / m would pool records whose configs differ in more than the seed (lr: 0.1 vs 0.2; opt.name: "adam" vs '
+        '"sgd"; x: "<absent>" vs 1); records: c1, c2. Give each configuration its own experiment_name, or move the '
+        "extra records out of the folder.")
+
+
+def test_one_config_check_tells_absent_from_null_and_ignores_key_order():
+    """A key set to null in one config and absent from the other is a difference (the two can mean different
+    defaults); the same dicts inside a list, with their keys in another order, are not. Mutants: the absent marker
+    replaced by None (null == absent), json.dumps without sort_keys (key order counts)."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs, match=r'x: "<absent>" vs null'):
+        check_one_config([_identity_record("c1", {"a": 1, "x": None}), _identity_record("c2", {"a": 1})], "r / m")
+    check_one_config([_identity_record("c1", {"sched": [{"step": 1, "gamma": 0.5}]}),
+                      _identity_record("c2", {"sched": [{"gamma": 0.5, "step": 1}]})], "r / m")
