@@ -1137,3 +1137,54 @@ def test_one_config_check_tells_absent_from_null_and_ignores_key_order():
         check_one_config([_identity_record("c1", {"a": 1, "x": None}), _identity_record("c2", {"a": 1})], "r / m")
     check_one_config([_identity_record("c1", {"sched": [{"step": 1, "gamma": 0.5}]}),
                       _identity_record("c2", {"sched": [{"gamma": 0.5, "step": 1}]})], "r / m")
+
+
+class _NotAWeight:
+    """An object torch.load must refuse under weights_only=True (not on its allowlist)."""
+
+
+def test_official_weights_saved_on_a_gpu_load_on_the_cpu(tmp_path, monkeypatch):
+    """An official adapter_model.bin saved from CUDA tensors (its storages tagged "cuda:0") reads on a CPU-only machine,
+    into CPU tensors, on any machine. The tags are written as a CUDA save writes them. Mutants: map_location="cpu"
+    dropped (on a CPU-only machine torch.load raises; on a GPU machine the tensors land on the GPU)."""
+    import torch.serialization as ts
+
+    from loran.official import _read_weights
+
+    state = {"m.mlora_A": torch.randn(2, 3, generator=torch.Generator().manual_seed(3))}
+    with monkeypatch.context() as m:
+        m.setattr(ts, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, tmp_path / "adapter_model.bin")
+    assert b"cuda:0" in (tmp_path / "adapter_model.bin").read_bytes()
+    got = _read_weights(tmp_path)
+    assert set(got) == set(state) and got["m.mlora_A"].device.type == "cpu"
+    torch.testing.assert_close(got["m.mlora_A"], state["m.mlora_A"], rtol=0, atol=0)
+
+
+def test_official_weights_are_read_weights_only_whatever_the_environment(tmp_path, monkeypatch):
+    """adapter_model.bin is a pickle from elsewhere: it is read with weights_only=True even where the environment
+    (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1) turns torch.load's default off. Mutants: weights_only=True dropped or None."""
+    import pickle
+
+    from loran.official import _read_weights
+
+    torch.save({"m.mlora_A": torch.zeros(2, 3), "extra": _NotAWeight()}, tmp_path / "adapter_model.bin")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError):
+        _read_weights(tmp_path)
+
+
+def test_weights_are_matched_to_their_whole_module_path():
+    """The module of "<prefix>.<module>.lora_A.weight" is everything between PEFT's prefix and the last ".lora_":
+    a module whose own name contains ".lora_" is still recognised, and a regex target_modules (matched against the
+    whole module path) sees the path without the prefix. Mutants: split at the first ".lora_", prefix not removed."""
+    from loran.official import OfficialAdapterError, check_weights_are_targeted
+
+    w = torch.zeros(2, 3)
+    config = LoranConfig(r=2, target_modules=["lora_gate"])
+    check_weights_are_targeted(config, {"base_model.model.encoder.lora_gate.lora_A.weight": w,
+                                        "base_model.model.encoder.lora_gate.lora_B.weight": w})
+    config = LoranConfig(r=2, target_modules=r"model\.layers\.\d+\.self_attn\.q_proj")
+    check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": w})
+    with pytest.raises(OfficialAdapterError, match="module 'model.layers.0.self_attn.k_proj' is not targeted"):
+        check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": w})
