@@ -1188,3 +1188,87 @@ def test_weights_are_matched_to_their_whole_module_path():
     check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": w})
     with pytest.raises(OfficialAdapterError, match="module 'model.layers.0.self_attn.k_proj' is not targeted"):
         check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": w})
+
+
+def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
+    """The torch.compile machinery (_Kernels) with torch.compile replaced by a recorder, so that it runs in
+    milliseconds (under mutmut a real compile fails after minutes, and tests/test_compiled_kernels.py checks a real
+    one): which modes and sizes compile, the options and kernels given to torch.compile, compiled once, kernel 0 for
+    the weight and 1 for the gradient, eager kernels when not compiling, and a failed compile: one warning with the
+    error's type and first line, eager from then on. Mutants of use_compiled, _get, _call, weight and grad."""
+    import logging
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    def fake_compile(fn=None, **opts):
+        calls.append((fn, opts))
+        return lambda *args: calls.append(("compiled", fn, args))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(la, "_weight_kernel", lambda *args: calls.append(("eager weight", args)))
+    monkeypatch.setattr(la, "_grad_kernel", lambda *args: calls.append(("eager grad", args)))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+
+    K = la._Kernels()
+    assert K.compiled is None and K.failed is False
+    # Which calls compile.
+    n = la.COMPILE_MIN_ELEMENTS
+    for mode in ("never", "0", "false", "off", "NEVER", "Off"):
+        monkeypatch.setattr(la, "COMPILE", mode)
+        assert not K.use_compiled(10 * n), mode
+    for mode in ("always", "1", "true", "on", "ALWAYS", "On"):
+        monkeypatch.setattr(la, "COMPILE", mode)
+        assert K.use_compiled(1), mode
+    monkeypatch.setattr(la, "COMPILE", "auto")
+    assert not K.use_compiled(n - 1) and K.use_compiled(n) and K.use_compiled(n + 1)
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(la, "COMPILE", "always")
+    with Passthrough():
+        assert not K.use_compiled(n)
+    assert not calls  # deciding compiles nothing
+    # The weight and the gradient kernels: compiled once, with their options, each called with its own args.
+    K.weight(True, "w1")
+    assert calls[:2] == [(la._fused_weight_kernel, dict(dynamic=True, fullgraph=True)),
+                         (la._fused_grad_kernel, dict(dynamic=True, fullgraph=True))]
+    assert calls[2:] == [("compiled", la._fused_weight_kernel, ("w1",))]
+    assert torch._dynamo.config.recompile_limit == la._Kernels.RECOMPILE_LIMIT == 64
+    del calls[:]
+    K.grad(True, "g1", "g2")
+    K.weight(True, "w2")
+    K.weight(False, "w3")
+    K.grad(False, "g3")
+    assert calls == [("compiled", la._fused_grad_kernel, ("g1", "g2")), ("compiled", la._fused_weight_kernel, ("w2",)),
+                     ("eager weight", ("w3",)), ("eager grad", ("g3",))]
+    assert K.failed is False
+    # A raised limit is kept.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 100)
+    la._Kernels()._get()
+    assert torch._dynamo.config.recompile_limit == 100
+
+    # A compile that fails: one warning (type, first line of the message), the eager kernel, eager from then on.
+    for message, shown in (("no C++ compiler\nsecond line", "RuntimeError: no C++ compiler"), ("", "RuntimeError: ")):
+        K = la._Kernels()
+        attempts = []
+
+        def broken(*args):
+            attempts.append(args)
+            raise RuntimeError(message)
+
+        K.compiled = (broken, broken)
+        del calls[:]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="loran.autograd"):
+            K.weight(True, "w1")
+            K.grad(True, "g1")
+            K.weight(True, "w2")
+        assert attempts == [("w1",)] and K.failed is True
+        assert calls == [("eager weight", ("w1",)), ("eager grad", ("g1",)), ("eager weight", ("w2",))]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"LoRAN: torch.compile of the element-wise work failed ({shown}); using eager ops"]
+        assert not K.use_compiled(10 * n)
