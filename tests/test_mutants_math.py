@@ -1272,3 +1272,33 @@ def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
         assert [r.getMessage() for r in caplog.records] == [
             f"LoRAN: torch.compile of the element-wise work failed ({shown}); using eager ops"]
         assert not K.use_compiled(10 * n)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_derivative_is_the_derivative_of_its_function_at_the_default_parameters(name):
+    """An activation given no parameters (activation_kwargs {}) uses f's and f''s own defaults, each its own: they must
+    describe one function, i.e. df with its defaults is the derivative (by autograd, float64) of f with its defaults.
+    Mutants: a default (omega, g, amp, beta) changed in f or in df alone."""
+    spec = ACTIVATIONS[name]
+    z = torch.linspace(-0.9, 0.9, 37, dtype=torch.float64)  # no exact 0 (ReLU's kink)
+    z = torch.cat([z, z * 1e-3, z * 1e-5]).requires_grad_()
+    (grad,) = torch.autograd.grad(spec.f(z).sum(), z)
+    torch.testing.assert_close(spec.df(z.detach()), grad, rtol=1e-9, atol=1e-9)
+
+
+def test_official_layers_pattern_decides_which_layers_are_adapted():
+    """The official code (PEFT 0.4) finds a layer's index after one of "layers", "h", "block", "blocks", "layer" (or
+    after the config's own layers_pattern); current PEFT without a pattern takes the first numbered segment instead.
+    In "model.stack.<i>.layers.<j>.q_proj" the two differ. Mutants: the converted layers_pattern dropped, or the
+    config's own pattern ignored."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from loran.official import convert_official_config
+
+    def targeted(cfg, i, j):
+        return bool(check_target_module_exists(convert_official_config(cfg), f"model.stack.{i}.layers.{j}.q_proj"))
+
+    cfg = {"peft_type": "MLORA", "r": [4, 12], "target_modules": ["q_proj"], "layers_to_transform": [1]}
+    assert targeted(cfg, 0, 1) and not targeted(cfg, 1, 0)
+    cfg["layers_pattern"] = "stack"
+    assert targeted(cfg, 1, 0) and not targeted(cfg, 0, 1)
