@@ -1302,3 +1302,89 @@ def test_official_layers_pattern_decides_which_layers_are_adapted():
     assert targeted(cfg, 0, 1) and not targeted(cfg, 1, 0)
     cfg["layers_pattern"] = "stack"
     assert targeted(cfg, 1, 0) and not targeted(cfg, 0, 1)
+
+
+def test_chunk_rows_for_is_the_most_rows_within_the_element_budget():
+    """chunk_rows_for(d_in, elements): the most rows of a d_in-wide matrix that fit in `elements` elements, at least one
+    (a row wider than the budget still makes a chunk of one). Mutants: the minimum of 2 rows, d_in counted as >= 2."""
+    for d_in in (1, 2, 3, 7, 64, 1000):
+        for elements in (1, 2, 5, 64, 999, 4096):
+            rows = la.chunk_rows_for(d_in, elements)
+            assert rows >= 1 and (rows == 1 or rows * d_in <= elements) and (rows + 1) * d_in > elements, \
+                (d_in, elements, rows)
+    assert la.chunk_rows_for(0, 8) == 8  # a zero-width matrix: as wide as one element
+
+
+def test_identity_adapter_in_bf16_computes_its_update_in_float32():
+    """update_dtype="float32" (the default) with a bf16 adapter and bf16 input, no autocast: the identity's update
+    s (x A^T) B^T is computed in float32 and rounded to bf16 once. With a zero base layer the output is that update,
+    so it is the float64 value rounded to bf16 (up to ties). Mutants: PEFT's bf16 LoRA taken instead (B's dtype
+    compared the wrong way), or lowrank_update given no dtype (computes in bf16)."""
+    model = get_loran_model(Proj(16, 12), LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                      activation="identity"))
+    layer = model.base_model.model.q_proj
+    nn.init.zeros_(layer.base_layer.weight)
+    nn.init.zeros_(layer.base_layer.bias)
+    gen = torch.Generator().manual_seed(5)
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=gen)
+    model = model.to(torch.bfloat16).eval()
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    x = torch.randn(64, 16, generator=gen).bfloat16()
+    with torch.no_grad():
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = (x.double() @ A.T @ B.T * 2.0).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eager, memory_efficient):
+    """update_dtype="autocast" under bf16 autocast: B A, f(B A) and the products in bf16, as autocast computes LoRA's
+    matmuls; "float32" computes them in float32. So the two differ, and both are within bf16's precision of the
+    float64 math. Mutant: the autocast dtype not passed on (the "autocast" policy computing in float32)."""
+    outs = {}
+    for policy in ("float32", "autocast"):
+        model = get_loran_model(Proj(16, 12), LoranConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], activation="tanh", memory_efficient=memory_efficient,
+            update_dtype=policy))
+        layer = model.base_model.model.q_proj
+        layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(6)) * 0.5
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[policy] = model(x).float()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    exact = x.double() @ (W0 + 2.0 * torch.tanh(B @ A)).T + b
+    for policy, y in outs.items():
+        torch.testing.assert_close(y.double(), exact, rtol=0.03, atol=0.03, msg=policy)
+    assert not torch.equal(outs["float32"], outs["autocast"])
+
+
+@pytest.mark.parametrize("case", ["input not cast", "A and B in two dtypes"])
+def test_identity_adapter_whose_operands_differ_in_dtype_computes_in_float32(case):
+    """The identity's update goes to PEFT's own LoRA matmuls only when x, A, B and the compute dtype all agree;
+    otherwise it is computed in float32 from the operands as they are. Two ways they can differ: PEFT's
+    disable_input_dtype_casting (a bf16 x reaches float32 A, B), or an adapter whose A and B were given different
+    dtypes. With a zero bf16 base layer the output is the update: the float64 value rounded to bf16 (up to ties).
+    Mutants: x's or A's dtype compared the wrong way (PEFT's matmuls given mixed dtypes)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    base = Proj(16, 12)
+    nn.init.zeros_(base.q_proj.weight)
+    nn.init.zeros_(base.q_proj.bias)
+    model = get_loran_model(base.to(torch.bfloat16), LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                  activation="identity")).eval()
+    layer = model.base_model.model.q_proj
+    gen = torch.Generator().manual_seed(5)
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=gen)
+    if case == "A and B in two dtypes":
+        layer.lora_A["default"].weight.data = layer.lora_A["default"].weight.data.bfloat16()
+    assert layer.lora_B["default"].weight.dtype == torch.float32
+    x = torch.randn(64, 16, generator=gen).bfloat16()
+    with torch.no_grad(), disable_input_dtype_casting(model, case == "input not cast"):
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = (x.double() @ A.T @ B.T * 2.0).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
