@@ -1388,3 +1388,42 @@ def test_identity_adapter_whose_operands_differ_in_dtype_computes_in_float32(cas
     exact = (x.double() @ A.T @ B.T * 2.0).bfloat16()
     assert y.dtype == torch.bfloat16
     assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_unfolded_update_is_rounded_to_the_result_dtype_before_it_is_added(activation):
+    """LoranVariant.forward un-folded (memory_efficient=False; the identity takes PEFT's own LoRA matmuls) on a bf16
+    base with float32 adapters (PEFT casts x to float32 for them, after the base layer ran in bf16): the float32 update
+    is cast to the result's dtype, then added, so each output is bf16(r + bf16(u)), r the base layer's bf16 output
+    and u the update (float64 here; u's float32 rounding moves a result only at a tie). Mutants: the update added in
+    float32 and rounded once by PEFT's final cast, bf16(r + u), which differs on many elements."""
+    base = Proj(16, 12).to(torch.bfloat16)
+    model = get_loran_model(base, LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"], activation=activation,
+                                              memory_efficient=False)).eval()
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(8)) * 0.5
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(9)).bfloat16()
+    with torch.no_grad():
+        y, r = model(x), layer.base_layer(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    u = 2.0 * x.double() @ (torch.tanh(B @ A) if activation == "tanh" else B @ A).T
+    expected = (r.double() + u.bfloat16().double()).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == expected).float().mean() > 0.99, (y == expected).float().mean()
+    single = (r.double() + u).bfloat16()
+    assert (single != expected).float().mean() > 0.02  # the two roundings are told apart on this data
+
+
+def test_extra_positional_arguments_are_refused_as_by_the_base_layer():
+    """nn.Linear takes no positional argument besides x: the adapted layer passes extras on to it (which refuses them)
+    on both paths, rather than folding the update and ignoring them. Mutants: the extras dropped before the fold
+    check or before PEFT's forward."""
+    model = _proj_model("sinter", True).eval()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(2, 10)
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    with pytest.raises(TypeError):
+        layer(x, 5)
+    with pytest.raises(TypeError):
+        layer.base_layer(x, 5)
