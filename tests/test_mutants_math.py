@@ -1427,3 +1427,21 @@ def test_extra_positional_arguments_are_refused_as_by_the_base_layer():
         layer(x, 5)
     with pytest.raises(TypeError):
         layer.base_layer(x, 5)
+
+
+@pytest.mark.parametrize("which", ["lora_A", "lora_B"])
+def test_an_adapter_factor_in_another_dtype_than_x_is_not_folded(eager, which):
+    """The update is folded into W0 only when x and both of A and B share one dtype; with either factor in another one
+    (here float64 in a float32 layer) the layer takes the un-folded path, and computes s f(B A) x right. Mutant: the
+    fold refused only when both factors differ from x."""
+    model = _proj_model("sinter", True).eval()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(12))
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    getattr(layer, which)["default"].weight.data = getattr(layer, which)["default"].weight.data.double()
+    assert layer._loran_fold_plan(x, (), {}) is None
+    with torch.no_grad():
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    torch.testing.assert_close(y.double(), x.double() @ (W0 + 3.0 * F64["sinter"](B @ A)).T + b, rtol=1e-5, atol=1e-5)
