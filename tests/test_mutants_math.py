@@ -1445,3 +1445,18 @@ def test_an_adapter_factor_in_another_dtype_than_x_is_not_folded(eager, which):
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
     torch.testing.assert_close(y.double(), x.double() @ (W0 + 3.0 * F64["sinter"](B @ A)).T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_fan_in_fan_out_on_nn_linear_warns_in_full_and_is_saved_false(tmp_path):
+    """fan_in_fan_out=True on an nn.Linear target: the warning word for word, and the config (as saved with the
+    adapter) says false, not null. Mutants: the message replaced, the flag set to None."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"], fan_in_fan_out=True))
+    assert "fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False." in [
+        str(w.message) for w in caught]
+    assert model.base_model.model.q_proj.fan_in_fan_out is False
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
