@@ -1460,3 +1460,18 @@ def test_fan_in_fan_out_on_nn_linear_warns_in_full_and_is_saved_false(tmp_path):
     assert model.base_model.model.q_proj.fan_in_fan_out is False
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_sines_divisor_g_must_be_finite_and_positive():
+    """g divides sine's f (f = sin(omega x) / g): 0, negative, infinite and nan are refused with a message naming the
+    field; any finite positive value, also below 1, is accepted. Mutants: the bound loosened to >= 0 (or the test
+    made an `or`), moved to > 1, the message replaced."""
+    from loran.activations import Activation
+
+    for g in (0, 0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError) as err:
+            Activation("sine", {"g": g})
+        assert str(err.value) == f"activation_kwargs.g={g!r} must be finite and > 0"
+    for g in (1e-3, 0.5, 1, 24.0):
+        z = torch.linspace(-1, 1, 5, dtype=torch.float64)
+        torch.testing.assert_close(Activation("sine", {"g": g, "omega": 3.0}).f(z), torch.sin(3.0 * z) / g)
