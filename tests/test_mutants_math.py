@@ -1475,3 +1475,30 @@ def test_sines_divisor_g_must_be_finite_and_positive():
     for g in (1e-3, 0.5, 1, 24.0):
         z = torch.linspace(-1, 1, 5, dtype=torch.float64)
         torch.testing.assert_close(Activation("sine", {"g": g, "omega": 3.0}).f(z), torch.sin(3.0 * z) / g)
+
+
+def test_paper_values_are_read_as_written_in_a_csv_with_windows_line_ends(tmp_path):
+    """read_paper returns each paper value as written, also from a CSV saved with \\r\\n line ends whose quoted cell
+    holds a line break (a value with a note under it): the csv module needs the file opened with newline="" for that.
+    Mutants: the file opened with universal newlines (the cell's \\r\\n read as \\n)."""
+    from loran.pipeline.tables import read_paper
+
+    path = tmp_path / "paper.csv"
+    path.write_bytes(b'# transcribed from Table 2\r\nrow,rouge1,rouge2,rougeL,accuracy\r\n'
+                     b'loran-sinter,51.2,,30.1,"88.4\r\n(dev)"\r\n')
+    paper = read_paper(path)
+    assert paper[("loran-sinter", "rouge1")] == "51.2" and paper[("loran-sinter", "rouge2")] == ""
+    assert paper[("loran-sinter", "accuracy")] == "88.4\r\n(dev)"
+
+
+def test_write_csv_leaves_a_missing_value_empty(tmp_path):
+    """write_csv writes a value that is None or absent from an entry as an empty field (never 0, never an error), and
+    a present 0 as 0. Mutant: absent values looked up with e[k] (KeyError)."""
+    import csv
+
+    from loran.pipeline.tables import write_csv
+
+    write_csv([{"row": "r", "label": "R", "metric": "accuracy", "mean": 0.0, "std": None}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["mean"] == "0.0" and line["std"] == "" and line["delta"] == "" and line["paper"] == ""
