@@ -1190,12 +1190,13 @@ def test_weights_are_matched_to_their_whole_module_path():
         check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": w})
 
 
-def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
+def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog, request):
     """The torch.compile machinery (_Kernels) with torch.compile replaced by a recorder, so that it runs in
     milliseconds (under mutmut a real compile fails after minutes, and tests/test_compiled_kernels.py checks a real
     one): which modes and sizes compile, the options and kernels given to torch.compile, compiled once, kernel 0 for
     the weight and 1 for the gradient, eager kernels when not compiling, and a failed compile: one warning with the
     error's type and first line, eager from then on. Mutants of use_compiled, _get, _call, weight and grad."""
+    import functools
     import logging
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -1209,7 +1210,9 @@ def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(la, "_weight_kernel", lambda *args: calls.append(("eager weight", args)))
     monkeypatch.setattr(la, "_grad_kernel", lambda *args: calls.append(("eager grad", args)))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    dynamo = torch._dynamo.config  # a config module: monkeypatch's undo would delete the setting, so restore by hand
+    request.addfinalizer(functools.partial(setattr, dynamo, "recompile_limit", dynamo.recompile_limit))
+    dynamo.recompile_limit = 8
 
     K = la._Kernels()
     assert K.compiled is None and K.failed is False
@@ -1237,7 +1240,7 @@ def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
     assert calls[:2] == [(la._fused_weight_kernel, dict(dynamic=True, fullgraph=True)),
                          (la._fused_grad_kernel, dict(dynamic=True, fullgraph=True))]
     assert calls[2:] == [("compiled", la._fused_weight_kernel, ("w1",))]
-    assert torch._dynamo.config.recompile_limit == la._Kernels.RECOMPILE_LIMIT == 64
+    assert dynamo.recompile_limit == la._Kernels.RECOMPILE_LIMIT == 64
     del calls[:]
     K.grad(True, "g1", "g2")
     K.weight(True, "w2")
@@ -1247,9 +1250,9 @@ def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog):
                      ("eager weight", ("w3",)), ("eager grad", ("g3",))]
     assert K.failed is False
     # A raised limit is kept.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 100)
+    dynamo.recompile_limit = 100
     la._Kernels()._get()
-    assert torch._dynamo.config.recompile_limit == 100
+    assert dynamo.recompile_limit == 100
 
     # A compile that fails: one warning (type, first line of the message), the eager kernel, eager from then on.
     for message, shown in (("no C++ compiler\nsecond line", "RuntimeError: no C++ compiler"), ("", "RuntimeError: ")):
