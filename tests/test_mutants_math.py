@@ -1095,3 +1095,431 @@ def test_loran_linear_output_dtype(eager):
     y = loran_linear(x, lambda dt: DenseWeight(W, False), None, ads, result=r)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, r + full)
+
+
+def test_load_rows_reads_every_yaml_file_in_the_order_it_gives(tmp_path):
+    """ROWS is computed once at import, so the tests of the table never run load_rows on a folder of their own.
+    Eight rows whose `order` is a permutation unrelated to their file names (and to the folder's listing order),
+    and a file that is not YAML. Mutants: no files found (glob pattern changed), not sorted by `order`, errors."""
+    from loran.pipeline.tables import load_rows
+
+    orders = [5, 2, 7, 0, 3, 6, 1, 4]
+    for i, order in enumerate(orders):
+        (tmp_path / f"r{i}.yaml").write_text(f"row:\n  name: row{i}\n  label: 'Row {i}'\n  order: {order}\n")
+    (tmp_path / "notes.txt").write_text("row:\n  name: not-a-row\n  label: x\n  order: -1\n")
+    expected = [(f"row{i}", f"Row {i}") for i in sorted(range(len(orders)), key=lambda i: orders[i])]
+    assert load_rows(tmp_path) == expected
+
+
+def test_row_key_prefers_the_rows_own_name():
+    """A record's row is its `row` choice when it has one (rows whose name is not "<adapter>-<activation>", e.g.
+    "loran-relu-official"); only older records fall back to the pair. Mutant: the `row` key misspelt."""
+    from loran.pipeline.tables import row_key
+
+    assert row_key({"choices": {"row": "loran-relu-official", "adapter": "loran", "activation": "relu"}}) \
+        == "loran-relu-official"
+    assert row_key({"choices": {"adapter": "loran", "activation": "relu"}}) == "loran-relu"
+
+
+def _identity_record(cell, identity):
+    return {"cell": cell, "identity": identity}
+
+
+def test_one_config_check_messages_in_full():
+    """The two MixedConfigs messages, word for word: the records without identity, and every differing key
+    ("; "-separated, absent keys shown as "<absent>") with every record (", "-separated). Mutants: text replaced
+    or re-cased, the separators changed, the record list dropped, the <absent> marker changed."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config([{"cell": "c1"}, _identity_record("c2", {"a": 1})], "r / m")
+    assert str(err.value) == ("r / m: records ['c1'] carry no config identity (written before cells were hashed), so "
+                              "they cannot be shown to share a config; run scripts/migrate_records.py")
+    records = [_identity_record("c2", {"lr": 0.1, "opt": {"name": "adam"}, "x": 1}),
+               _identity_record("c1", {"lr": 0.2, "opt": {"name": "sgd"}})]
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config(records, "r / m")
+    assert str(err.value) == (
+        'r / m would pool records whose configs differ in more than the seed (lr: 0.1 vs 0.2; opt.name: "adam" vs '
+        '"sgd"; x: "<absent>" vs 1); records: c1, c2. Give each configuration its own experiment_name, or move the '
+        "extra records out of the folder.")
+
+
+def test_one_config_check_tells_absent_from_null_and_ignores_key_order():
+    """A key set to null in one config and absent from the other is a difference (the two can mean different
+    defaults); the same dicts inside a list, with their keys in another order, are not. Mutants: the absent marker
+    replaced by None (null == absent), json.dumps without sort_keys (key order counts)."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs, match=r'x: "<absent>" vs null'):
+        check_one_config([_identity_record("c1", {"a": 1, "x": None}), _identity_record("c2", {"a": 1})], "r / m")
+    check_one_config([_identity_record("c1", {"sched": [{"step": 1, "gamma": 0.5}]}),
+                      _identity_record("c2", {"sched": [{"gamma": 0.5, "step": 1}]})], "r / m")
+
+
+class _NotAWeight:
+    """An object torch.load must refuse under weights_only=True (not on its allowlist)."""
+
+
+def test_official_weights_saved_on_a_gpu_load_on_the_cpu(tmp_path, monkeypatch):
+    """An official adapter_model.bin saved from CUDA tensors (its storages tagged "cuda:0") reads on a CPU-only machine,
+    into CPU tensors, on any machine. The tags are written as a CUDA save writes them. Mutants: map_location="cpu"
+    dropped (on a CPU-only machine torch.load raises; on a GPU machine the tensors land on the GPU)."""
+    import torch.serialization as ts
+
+    from loran.official import _read_weights
+
+    state = {"m.mlora_A": torch.randn(2, 3, generator=torch.Generator().manual_seed(3))}
+    with monkeypatch.context() as m:
+        m.setattr(ts, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, tmp_path / "adapter_model.bin")
+    assert b"cuda:0" in (tmp_path / "adapter_model.bin").read_bytes()
+    got = _read_weights(tmp_path)
+    assert set(got) == set(state) and got["m.mlora_A"].device.type == "cpu"
+    torch.testing.assert_close(got["m.mlora_A"], state["m.mlora_A"], rtol=0, atol=0)
+
+
+def test_official_weights_are_read_weights_only_whatever_the_environment(tmp_path, monkeypatch):
+    """adapter_model.bin is a pickle from elsewhere: it is read with weights_only=True even where the environment
+    (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1) turns torch.load's default off. Mutants: weights_only=True dropped or None."""
+    import pickle
+
+    from loran.official import _read_weights
+
+    torch.save({"m.mlora_A": torch.zeros(2, 3), "extra": _NotAWeight()}, tmp_path / "adapter_model.bin")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError):
+        _read_weights(tmp_path)
+
+
+def test_weights_are_matched_to_their_whole_module_path():
+    """The module of "<prefix>.<module>.lora_A.weight" is everything between PEFT's prefix and the last ".lora_":
+    a module whose own name contains ".lora_" is still recognised, and a regex target_modules (matched against the
+    whole module path) sees the path without the prefix. Mutants: split at the first ".lora_", prefix not removed."""
+    from loran.official import OfficialAdapterError, check_weights_are_targeted
+
+    w = torch.zeros(2, 3)
+    config = LoranConfig(r=2, target_modules=["lora_gate"])
+    check_weights_are_targeted(config, {"base_model.model.encoder.lora_gate.lora_A.weight": w,
+                                        "base_model.model.encoder.lora_gate.lora_B.weight": w})
+    config = LoranConfig(r=2, target_modules=r"model\.layers\.\d+\.self_attn\.q_proj")
+    check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": w})
+    with pytest.raises(OfficialAdapterError, match="module 'model.layers.0.self_attn.k_proj' is not targeted"):
+        check_weights_are_targeted(config, {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": w})
+
+
+def test_kernel_dispatch_with_a_stand_in_compiler(monkeypatch, caplog, request):
+    """The torch.compile machinery (_Kernels) with torch.compile replaced by a recorder, so that it runs in
+    milliseconds (under mutmut a real compile fails after minutes, and tests/test_compiled_kernels.py checks a real
+    one): which modes and sizes compile, the options and kernels given to torch.compile, compiled once, kernel 0 for
+    the weight and 1 for the gradient, eager kernels when not compiling, and a failed compile: one warning with the
+    error's type and first line, eager from then on. Mutants of use_compiled, _get, _call, weight and grad."""
+    import functools
+    import logging
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    def fake_compile(fn=None, **opts):
+        calls.append((fn, opts))
+        return lambda *args: calls.append(("compiled", fn, args))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(la, "_weight_kernel", lambda *args: calls.append(("eager weight", args)))
+    monkeypatch.setattr(la, "_grad_kernel", lambda *args: calls.append(("eager grad", args)))
+    dynamo = torch._dynamo.config  # a config module: monkeypatch's undo would delete the setting, so restore by hand
+    request.addfinalizer(functools.partial(setattr, dynamo, "recompile_limit", dynamo.recompile_limit))
+    dynamo.recompile_limit = 8
+
+    K = la._Kernels()
+    assert K.compiled is None and K.failed is False
+    # Which calls compile.
+    n = la.COMPILE_MIN_ELEMENTS
+    for mode in ("never", "0", "false", "off", "NEVER", "Off"):
+        monkeypatch.setattr(la, "COMPILE", mode)
+        assert not K.use_compiled(10 * n), mode
+    for mode in ("always", "1", "true", "on", "ALWAYS", "On"):
+        monkeypatch.setattr(la, "COMPILE", mode)
+        assert K.use_compiled(1), mode
+    monkeypatch.setattr(la, "COMPILE", "auto")
+    assert not K.use_compiled(n - 1) and K.use_compiled(n) and K.use_compiled(n + 1)
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(la, "COMPILE", "always")
+    with Passthrough():
+        assert not K.use_compiled(n)
+    assert not calls  # deciding compiles nothing
+    # The weight and the gradient kernels: compiled once, with their options, each called with its own args.
+    K.weight(True, "w1")
+    assert calls[:2] == [(la._fused_weight_kernel, dict(dynamic=True, fullgraph=True)),
+                         (la._fused_grad_kernel, dict(dynamic=True, fullgraph=True))]
+    assert calls[2:] == [("compiled", la._fused_weight_kernel, ("w1",))]
+    assert dynamo.recompile_limit == la._Kernels.RECOMPILE_LIMIT == 64
+    del calls[:]
+    K.grad(True, "g1", "g2")
+    K.weight(True, "w2")
+    K.weight(False, "w3")
+    K.grad(False, "g3")
+    assert calls == [("compiled", la._fused_grad_kernel, ("g1", "g2")), ("compiled", la._fused_weight_kernel, ("w2",)),
+                     ("eager weight", ("w3",)), ("eager grad", ("g3",))]
+    assert K.failed is False
+    # A raised limit is kept.
+    dynamo.recompile_limit = 100
+    la._Kernels()._get()
+    assert dynamo.recompile_limit == 100
+
+    # A compile that fails: one warning (type, first line of the message), the eager kernel, eager from then on.
+    for message, shown in (("no C++ compiler\nsecond line", "RuntimeError: no C++ compiler"), ("", "RuntimeError: ")):
+        K = la._Kernels()
+        attempts = []
+
+        def broken(*args):
+            attempts.append(args)
+            raise RuntimeError(message)
+
+        K.compiled = (broken, broken)
+        del calls[:]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="loran.autograd"):
+            K.weight(True, "w1")
+            K.grad(True, "g1")
+            K.weight(True, "w2")
+        assert attempts == [("w1",)] and K.failed is True
+        assert calls == [("eager weight", ("w1",)), ("eager grad", ("g1",)), ("eager weight", ("w2",))]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"LoRAN: torch.compile of the element-wise work failed ({shown}); using eager ops"]
+        assert not K.use_compiled(10 * n)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_derivative_is_the_derivative_of_its_function_at_the_default_parameters(name):
+    """An activation given no parameters (activation_kwargs {}) uses f's and f''s own defaults, each its own: they must
+    describe one function, i.e. df with its defaults is the derivative (by autograd, float64) of f with its defaults.
+    Mutants: a default (omega, g, amp, beta) changed in f or in df alone."""
+    spec = ACTIVATIONS[name]
+    z = torch.linspace(-0.9, 0.9, 37, dtype=torch.float64)  # no exact 0 (ReLU's kink)
+    z = torch.cat([z, z * 1e-3, z * 1e-5]).requires_grad_()
+    (grad,) = torch.autograd.grad(spec.f(z).sum(), z)
+    torch.testing.assert_close(spec.df(z.detach()), grad, rtol=1e-9, atol=1e-9)
+
+
+def test_official_layers_pattern_decides_which_layers_are_adapted():
+    """The official code (PEFT 0.4) finds a layer's index after one of "layers", "h", "block", "blocks", "layer" (or
+    after the config's own layers_pattern); current PEFT without a pattern takes the first numbered segment instead.
+    In "model.stack.<i>.layers.<j>.q_proj" the two differ. Mutants: the converted layers_pattern dropped, or the
+    config's own pattern ignored."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from loran.official import convert_official_config
+
+    def targeted(cfg, i, j):
+        return bool(check_target_module_exists(convert_official_config(cfg), f"model.stack.{i}.layers.{j}.q_proj"))
+
+    cfg = {"peft_type": "MLORA", "r": [4, 12], "target_modules": ["q_proj"], "layers_to_transform": [1]}
+    assert targeted(cfg, 0, 1) and not targeted(cfg, 1, 0)
+    cfg["layers_pattern"] = "stack"
+    assert targeted(cfg, 1, 0) and not targeted(cfg, 0, 1)
+
+
+def test_chunk_rows_for_is_the_most_rows_within_the_element_budget():
+    """chunk_rows_for(d_in, elements): the most rows of a d_in-wide matrix that fit in `elements` elements, at least one
+    (a row wider than the budget still makes a chunk of one). Mutants: the minimum of 2 rows, d_in counted as >= 2."""
+    for d_in in (1, 2, 3, 7, 64, 1000):
+        for elements in (1, 2, 5, 64, 999, 4096):
+            rows = la.chunk_rows_for(d_in, elements)
+            assert rows >= 1 and (rows == 1 or rows * d_in <= elements) and (rows + 1) * d_in > elements, \
+                (d_in, elements, rows)
+    assert la.chunk_rows_for(0, 8) == 8  # a zero-width matrix: as wide as one element
+
+
+def test_identity_adapter_in_bf16_computes_its_update_in_float32():
+    """update_dtype="float32" (the default) with a bf16 adapter and bf16 input, no autocast: the identity's update
+    s (x A^T) B^T is computed in float32 and rounded to bf16 once. With a zero base layer the output is that update,
+    so it is the float64 value rounded to bf16 (up to ties). Mutants: PEFT's bf16 LoRA taken instead (B's dtype
+    compared the wrong way), or lowrank_update given no dtype (computes in bf16)."""
+    model = get_loran_model(Proj(16, 12), LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                      activation="identity"))
+    layer = model.base_model.model.q_proj
+    nn.init.zeros_(layer.base_layer.weight)
+    nn.init.zeros_(layer.base_layer.bias)
+    gen = torch.Generator().manual_seed(5)
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=gen)
+    model = model.to(torch.bfloat16).eval()
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    x = torch.randn(64, 16, generator=gen).bfloat16()
+    with torch.no_grad():
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = (x.double() @ A.T @ B.T * 2.0).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eager, memory_efficient):
+    """update_dtype="autocast" under bf16 autocast: B A, f(B A) and the products in bf16, as autocast computes LoRA's
+    matmuls; "float32" computes them in float32. So the two differ, and both are within bf16's precision of the
+    float64 math. Mutant: the autocast dtype not passed on (the "autocast" policy computing in float32)."""
+    outs = {}
+    for policy in ("float32", "autocast"):
+        model = get_loran_model(Proj(16, 12), LoranConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], activation="tanh", memory_efficient=memory_efficient,
+            update_dtype=policy))
+        layer = model.base_model.model.q_proj
+        layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(6)) * 0.5
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[policy] = model(x).float()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    exact = x.double() @ (W0 + 2.0 * torch.tanh(B @ A)).T + b
+    for policy, y in outs.items():
+        torch.testing.assert_close(y.double(), exact, rtol=0.03, atol=0.03, msg=policy)
+    assert not torch.equal(outs["float32"], outs["autocast"])
+
+
+@pytest.mark.parametrize("case", ["input not cast", "A and B in two dtypes"])
+def test_identity_adapter_whose_operands_differ_in_dtype_computes_in_float32(case):
+    """The identity's update goes to PEFT's own LoRA matmuls only when x, A, B and the compute dtype all agree;
+    otherwise it is computed in float32 from the operands as they are. Two ways they can differ: PEFT's
+    disable_input_dtype_casting (a bf16 x reaches float32 A, B), or an adapter whose A and B were given different
+    dtypes. With a zero bf16 base layer the output is the update: the float64 value rounded to bf16 (up to ties).
+    Mutants: x's or A's dtype compared the wrong way (PEFT's matmuls given mixed dtypes)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    base = Proj(16, 12)
+    nn.init.zeros_(base.q_proj.weight)
+    nn.init.zeros_(base.q_proj.bias)
+    model = get_loran_model(base.to(torch.bfloat16), LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                  activation="identity")).eval()
+    layer = model.base_model.model.q_proj
+    gen = torch.Generator().manual_seed(5)
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=gen)
+    if case == "A and B in two dtypes":
+        layer.lora_A["default"].weight.data = layer.lora_A["default"].weight.data.bfloat16()
+    assert layer.lora_B["default"].weight.dtype == torch.float32
+    x = torch.randn(64, 16, generator=gen).bfloat16()
+    with torch.no_grad(), disable_input_dtype_casting(model, case == "input not cast"):
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = (x.double() @ A.T @ B.T * 2.0).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_unfolded_update_is_rounded_to_the_result_dtype_before_it_is_added(activation):
+    """LoranVariant.forward un-folded (memory_efficient=False; the identity takes PEFT's own LoRA matmuls) on a bf16
+    base with float32 adapters (PEFT casts x to float32 for them, after the base layer ran in bf16): the float32 update
+    is cast to the result's dtype, then added, so each output is bf16(r + bf16(u)), r the base layer's bf16 output
+    and u the update (float64 here; u's float32 rounding moves a result only at a tie). Mutants: the update added in
+    float32 and rounded once by PEFT's final cast, bf16(r + u), which differs on many elements."""
+    base = Proj(16, 12).to(torch.bfloat16)
+    model = get_loran_model(base, LoranConfig(r=4, lora_alpha=8, target_modules=["q_proj"], activation=activation,
+                                              memory_efficient=False)).eval()
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(8)) * 0.5
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(9)).bfloat16()
+    with torch.no_grad():
+        y, r = model(x), layer.base_layer(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    u = 2.0 * x.double() @ (torch.tanh(B @ A) if activation == "tanh" else B @ A).T
+    expected = (r.double() + u.bfloat16().double()).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == expected).float().mean() > 0.99, (y == expected).float().mean()
+    single = (r.double() + u).bfloat16()
+    assert (single != expected).float().mean() > 0.02  # the two roundings are told apart on this data
+
+
+def test_extra_positional_arguments_are_refused_as_by_the_base_layer():
+    """nn.Linear takes no positional argument besides x: the adapted layer passes extras on to it (which refuses them)
+    on both paths, rather than folding the update and ignoring them. Mutants: the extras dropped before the fold
+    check or before PEFT's forward."""
+    model = _proj_model("sinter", True).eval()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(2, 10)
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    with pytest.raises(TypeError):
+        layer(x, 5)
+    with pytest.raises(TypeError):
+        layer.base_layer(x, 5)
+
+
+@pytest.mark.parametrize("which", ["lora_A", "lora_B"])
+def test_an_adapter_factor_in_another_dtype_than_x_is_not_folded(eager, which):
+    """The update is folded into W0 only when x and both of A and B share one dtype; with either factor in another one
+    (here float64 in a float32 layer) the layer takes the un-folded path, and computes s f(B A) x right. Mutant: the
+    fold refused only when both factors differ from x."""
+    model = _proj_model("sinter", True).eval()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(12))
+    assert layer._loran_fold_plan(x, (), {}) is not None
+    getattr(layer, which)["default"].weight.data = getattr(layer, which)["default"].weight.data.double()
+    assert layer._loran_fold_plan(x, (), {}) is None
+    with torch.no_grad():
+        y = model(x)
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    torch.testing.assert_close(y.double(), x.double() @ (W0 + 3.0 * F64["sinter"](B @ A)).T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_fan_in_fan_out_on_nn_linear_warns_in_full_and_is_saved_false(tmp_path):
+    """fan_in_fan_out=True on an nn.Linear target: the warning word for word, and the config (as saved with the
+    adapter) says false, not null. Mutants: the message replaced, the flag set to None."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"], fan_in_fan_out=True))
+    assert "fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False." in [
+        str(w.message) for w in caught]
+    assert model.base_model.model.q_proj.fan_in_fan_out is False
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_sines_divisor_g_must_be_finite_and_positive():
+    """g divides sine's f (f = sin(omega x) / g): 0, negative, infinite and nan are refused with a message naming the
+    field; any finite positive value, also below 1, is accepted. Mutants: the bound loosened to >= 0 (or the test
+    made an `or`), moved to > 1, the message replaced."""
+    from loran.activations import Activation
+
+    for g in (0, 0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError) as err:
+            Activation("sine", {"g": g})
+        assert str(err.value) == f"activation_kwargs.g={g!r} must be finite and > 0"
+    for g in (1e-3, 0.5, 1, 24.0):
+        z = torch.linspace(-1, 1, 5, dtype=torch.float64)
+        torch.testing.assert_close(Activation("sine", {"g": g, "omega": 3.0}).f(z), torch.sin(3.0 * z) / g)
+
+
+def test_paper_values_are_read_as_written_in_a_csv_with_windows_line_ends(tmp_path):
+    """read_paper returns each paper value as written, also from a CSV saved with \\r\\n line ends whose quoted cell
+    holds a line break (a value with a note under it): the csv module needs the file opened with newline="" for that.
+    Mutants: the file opened with universal newlines (the cell's \\r\\n read as \\n)."""
+    from loran.pipeline.tables import read_paper
+
+    path = tmp_path / "paper.csv"
+    path.write_bytes(b'# transcribed from Table 2\r\nrow,rouge1,rouge2,rougeL,accuracy\r\n'
+                     b'loran-sinter,51.2,,30.1,"88.4\r\n(dev)"\r\n')
+    paper = read_paper(path)
+    assert paper[("loran-sinter", "rouge1")] == "51.2" and paper[("loran-sinter", "rouge2")] == ""
+    assert paper[("loran-sinter", "accuracy")] == "88.4\r\n(dev)"
+
+
+def test_write_csv_leaves_a_missing_value_empty(tmp_path):
+    """write_csv writes a value that is None or absent from an entry as an empty field (never 0, never an error), and
+    a present 0 as 0. Mutant: absent values looked up with e[k] (KeyError)."""
+    import csv
+
+    from loran.pipeline.tables import write_csv
+
+    write_csv([{"row": "r", "label": "R", "metric": "accuracy", "mean": 0.0, "std": None}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["mean"] == "0.0" and line["std"] == "" and line["delta"] == "" and line["paper"] == ""
