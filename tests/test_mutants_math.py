@@ -215,7 +215,7 @@ def test_the_minimal_detectable_effect_of_a_paired_t_test():
         df, se = n - 1, d.std(ddof=1) / math.sqrt(n)
         expected = ((1.96 + 0.8416) if df > 30 else (_t_quantile(df) + _t_quantile(df, 0.80))) * se
         assert paired_difference(values, base)["mde"] == pytest.approx(expected, rel=2e-3), n
-    assert t80(31) == 0.842 and t80(11) == T80[11] and t80(22) == T80[20]
+    assert t80(31) == 0.842 and t80(30) == T80[30] and t80(11) == T80[11] and t80(22) == T80[20]
 
 
 def test_t975_uses_the_nearest_tabulated_df_at_or_below():
