@@ -36,11 +36,6 @@ def test_notebook_runs_on_small_records(tmp_path, monkeypatch, write_fake_record
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert f"{len(ROWS) * 6} successful runs" in "".join(o.get("text", "") for o in outputs)
-    # head to head at r = 8: Sine-LoRA against LoRA at lora_alpha 200, equal on the first 25 examples only
-    sine, scaled = np.array(base[::-1]), np.array(base[::-1][:25] + base[25:])
-    head = [line for line in text.splitlines() if line.startswith("| 8 | name=identity, lora_alpha=200 | name=sine")]
-    assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
-    assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
     assert figures == ["grid_delta_vs_qlora.png", "grid_loss.png", "grid_metrics.png", "grid_update_spectrum.png"]
 
