@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from loran.pipeline.cells import identity
 from loran.pipeline.checks import check_config
+from loran.pipeline.study import study_rows
 from tests.test_cells import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
@@ -63,9 +65,6 @@ def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_cont
     """study-sine-scale runs LoRA at lora_alpha 200 next to the control (LoRA at 16): the control the Makefile gives
     the study tables picks exactly one configuration per rank, and the scale control is compared with it (with the
     old default control, activation.name=identity alone, the table refuses: two controls at r = 8)."""
-    from loran.pipeline.cells import identity
-    from loran.pipeline.study import study_rows
-
     (call,) = [c for c in make_calls("study-rank", tmp_path) if c[0] == "scripts/study_table.py"]
     control = dict(c.split("=", 1) for c in call[call.index("--control") + 1::2])
     assert control == {"activation.name": "identity", "adapter.peft.lora_alpha": "16"}

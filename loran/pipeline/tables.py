@@ -49,18 +49,21 @@ T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 
        20: 0.860, 25: 0.856, 30: 0.854}
 
 
+def _tabulated(table: dict[int, float], df: int, beyond: float) -> float:
+    """The table's value at the nearest tabulated df at or below df; `beyond` (the normal quantile) past the table."""
+    if df > max(table):
+        return beyond
+    return table[max(k for k in table if k <= df)]
+
+
 def t975(df: int) -> float:
-    """t quantile for a 95% two-sided interval (nearest tabulated df at or below; 1.96 beyond 30)."""
-    if df > 30:
-        return 1.96
-    return T975[max(k for k in T975 if k <= df)]
+    """t quantile for a 95% two-sided interval (1.96 beyond 30 degrees of freedom)."""
+    return _tabulated(T975, df, 1.96)
 
 
 def t80(df: int) -> float:
-    """t quantile for 80% power (nearest tabulated df at or below; 0.842 beyond 30)."""
-    if df > 30:
-        return 0.842
-    return T80[max(k for k in T80 if k <= df)]
+    """t quantile for 80% power (0.842 beyond 30 degrees of freedom)."""
+    return _tabulated(T80, df, 0.842)
 
 
 class MixedConfigs(ValueError):
