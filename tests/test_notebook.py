@@ -41,12 +41,14 @@ def test_notebook_runs_on_small_records(tmp_path, monkeypatch, write_fake_record
 
 
 def _study_record(runs, activation, params, r, seed, correct, alpha=16):
+    # the share of update energy beyond rank r: amp^2 / 2 where omega |z| >> 1, amp^2 x a constant below (the notebook)
+    energy = params.get("amp", 0) ** 2 * (0.5 if params.get("omega", 0) > 1e3 else 0.04)
     identity = {"activation": {"name": activation, "params": params}, "adapter": {"peft": {"r": r, "lora_alpha": alpha}},
                 "seed": "<seed>"}
     cell = f"{activation}{sorted(params.items())}.r{r}.a{alpha}.seed{seed}"
     rec = {"status": "ok", "cell": cell, "identity": identity, "n_eval": len(correct), "eval_split": "test",
            "choices": {"seed": seed}, "metrics": {"accuracy": float(sum(correct) / len(correct))},
-           "trainable_params": 1000 * r, "update_spectrum": {"energy_beyond_r": 1e-3 * params.get("amp", 0)},
+           "trainable_params": 1000 * r, "update_spectrum": {"energy_beyond_r": energy},
            "predictions": [{"id": f"n{i}", "prediction": str(c), "accuracy": float(c)} for i, c in enumerate(correct)]}
     (runs / cell).mkdir(parents=True)
     (runs / cell / "record.json").write_text(__import__("json").dumps(rec))
@@ -78,6 +80,7 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
     text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
     assert "screen: 10 successful runs" in text and "test: 10 successful runs" in text
     assert "| name=sinter, amp=0.5, omega=10000.0 | 2 | 8,000 | " in text   # 5 of 50 flipped, both seeds
+    assert "| 10000 | 0.05 | 0.00125 | 0.500 |" in text and "| 100 | 0.5 | 0.01 | 0.040 |" in text  # energy / amp²
     # head to head at r = 8: Sine-LoRA against LoRA at lora_alpha 200, equal on the first 25 examples only
     sine, scaled = np.array(base[::-1]), np.array(base[::-1][:25] + base[25:])
     head = [line for line in text.splitlines() if line.startswith("| 8 | name=identity, lora_alpha=200 | name=sine")]
