@@ -1,10 +1,13 @@
 """Records and run tables: atomic writes, a table rebuilt from the records under a lock, one process per cell."""
 import csv
 import multiprocessing as mp
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from loran.pipeline.records import CellBusy, CorruptRecord, cell_lock, read_record, rebuild_table, write_record
+from loran.pipeline.records import (CellBusy, CorruptRecord, cell_lock, git_revision, read_record, rebuild_table,
+                                    write_record)
 
 
 def ok_record(cell, **metrics):
@@ -103,3 +106,38 @@ def test_a_cell_lock_admits_one_process_and_frees_itself_when_that_process_dies(
     holder.join(30)
     with cell_lock(path):
         pass
+
+
+def test_git_revision_counts_code_changes_as_dirty_and_the_grids_own_tables_not(tmp_path):
+    """A grid rewrites tracked tables under results/ after every cell; only changes elsewhere make a record dirty."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "loran").mkdir()
+    (tmp_path / "results/runs").mkdir(parents=True)
+    (tmp_path / "loran/x.py").write_text("a = 1\n")
+    (tmp_path / "results/runs/e_cells.csv").write_text("cell\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_revision(tmp_path / "loran") == {"commit": head, "dirty": False}
+    (tmp_path / "results/runs/e_cells.csv").write_text("cell\nc1\n")
+    (tmp_path / "results/runs/new").mkdir()
+    (tmp_path / "results/runs/new/record.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert git_revision(tmp_path / "loran") == {"commit": head, "dirty": False}   # from a subfolder too
+    (tmp_path / "loran/x.py").write_text("a = 2\n")
+    assert git_revision(tmp_path) == {"commit": head, "dirty": True}
+    assert git_revision(tmp_path / "results") == {"commit": head, "dirty": True}
+
+
+def test_git_revision_names_the_checkout_loran_is_imported_from(tmp_path, monkeypatch):
+    """Not the working directory's: a cell started from elsewhere still records the code it ran."""
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the tests do not run from a git checkout")
+    monkeypatch.chdir(tmp_path)
+    assert git_revision()["commit"] == head.stdout.strip()

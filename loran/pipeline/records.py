@@ -159,7 +159,11 @@ def _cell(value: Any) -> Any:
 
 
 def git_revision(cwd: str | Path | None = None) -> dict[str, Any]:
-    """Commit hash and whether the tree has uncommitted changes (None outside a git checkout)."""
+    """Commit of the checkout the running `loran` comes from (or of cwd) and whether its tracked files outside
+    results/ have uncommitted changes (None outside a git checkout). results/ is left out because a grid writes its
+    own tracked tables there: counting them, every cell after a grid's first would call its code dirty."""
+    cwd = cwd if cwd is not None else Path(__file__).resolve().parents[2]
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
 
@@ -167,7 +171,7 @@ def git_revision(cwd: str | Path | None = None) -> dict[str, Any]:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {"commit": None, "dirty": None}
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results").stdout.strip())
         return {"commit": head.stdout.strip(), "dirty": dirty}
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
