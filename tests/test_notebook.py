@@ -79,11 +79,11 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
     assert "screen: 10 successful runs" in text and "test: 10 successful runs" in text
-    assert "| name=sinter, amp=0.5, omega=10000.0 | 2 | 8,000 | " in text   # 5 of 50 flipped, both seeds
+    assert "| activation=sinter, amp=0.5, omega=10000.0 | 2 | 8,000 | " in text   # 5 of 50 flipped, both seeds
     assert "| 10000 | 0.05 | 0.00125 | 0.500 |" in text and "| 100 | 0.5 | 0.01 | 0.040 |" in text  # energy / amp²
     # head to head at r = 8: Sine-LoRA against LoRA at lora_alpha 200, equal on the first 25 examples only
     sine, scaled = np.array(base[::-1]), np.array(base[::-1][:25] + base[25:])
-    head = [line for line in text.splitlines() if line.startswith("| 8 | name=identity, lora_alpha=200 | name=sine")]
+    head = [line for line in text.splitlines() if line.startswith("| 8 | activation=identity, lora_alpha=200 | activation=sine")]
     assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
     assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))

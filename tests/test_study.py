@@ -37,13 +37,14 @@ def records():
 
 def test_configurations_are_labelled_by_what_varies(records):
     labels = [g["label"] for g in configurations(records)]
-    assert labels == ["name=identity", "name=sinter, amp=5e-05, omega=10000.0", "name=sinter, amp=0.5, omega=100.0"]
+    assert labels == ["activation=identity", "activation=sinter, amp=5e-05, omega=10000.0",
+                      "activation=sinter, amp=0.5, omega=100.0"]
 
 
 def test_each_configuration_against_the_control(records):
     rows = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=500, plan=(5, 800))
     control, released, strong = rows[0], rows[1], rows[2]
-    assert control["control"] and control["configuration"] == "name=identity"
+    assert control["control"] and control["configuration"] == "activation=identity"
     ident = [r for r in records if r["identity"]["activation"]["name"] == "identity"]
     expected = np.mean([sum(1 - p["accuracy"] for p in r["predictions"][:40]) / 200 for r in ident])
     assert strong["delta"] == pytest.approx(expected) and strong["significant"] and strong["ci_low"] > 0
@@ -52,7 +53,7 @@ def test_each_configuration_against_the_control(records):
     assert released["delta"] == 0 and released["scores_differ"] == 0 and released["texts_differ"] == 0
     assert released["mde"] == 0 and not released["significant"]
     table = to_markdown(rows, "accuracy", "t", 3)
-    assert "3 configurations in this experiment" in table and "| name=identity | 2 |" in table
+    assert "3 configurations in this experiment" in table and "| activation=identity | 2 |" in table
 
 
 def test_the_control_must_be_one_configuration(records):
@@ -97,14 +98,15 @@ def test_pair_by_compares_each_rank_with_lora_at_that_rank():
               [at_rank("sine", r, 0, sine[r]) for r in (2, 16)] + [at_rank("sine", 4, 0, lora[2])]
     rows = study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=200, pair_by=("adapter.peft.r",))
     assert [(r["configuration"], r["control"]) for r in rows] == [
-        ("name=identity, r=2", True), ("name=sine, r=2", False), ("name=sine, r=4", False),
-        ("name=identity, r=16", True), ("name=sine, r=16", False)]
-    assert [r.get("versus") for r in rows] == [None, "name=identity, r=2", None, None, "name=identity, r=16"]
+        ("activation=identity, r=2", True), ("activation=sine, r=2", False), ("activation=sine, r=4", False),
+        ("activation=identity, r=16", True), ("activation=sine, r=16", False)]
+    controls = ["activation=identity, r=2", "activation=identity, r=16"]
+    assert [r.get("versus") for r in rows] == [None, controls[0], None, None, controls[1]]
     assert rows[1]["delta"] == 0 and rows[1]["scores_differ"] == 0
     assert rows[4]["delta"] == pytest.approx(1 - 2 * lora[16].mean()) and rows[4]["scores_differ"] == 1
     assert "delta" not in rows[2] and [r["trainable_params"] for r in rows] == [200, 200, 400, 1600, 1600]
     table = to_markdown(rows, "accuracy", "t", 5)
-    assert "| name=sine, r=4 | 1 | 400 | " in table and "no control yet" in table
+    assert "| activation=sine, r=4 | 1 | 400 | " in table and "no control yet" in table
 
 
 def test_each_configuration_has_its_own_interval(records):
@@ -115,3 +117,27 @@ def test_each_configuration_has_its_own_interval(records):
     half = 1.96 * np.sqrt(control["accuracy"] * (1 - control["accuracy"]) / 400)
     assert control["accuracy_low"] < control["accuracy"] < control["accuracy_high"]
     assert (control["accuracy_high"] - control["accuracy_low"]) / 2 == pytest.approx(half, rel=0.35)
+
+
+def test_labels_name_the_group_option_and_leave_out_what_only_follows_it():
+    """LoRAN with three activations next to DoRA: the adapter option is shown (adapter=dora), the keys that come with
+    an option (use_dora, _target_, Sine-LoRA's g) are not, unless a command line set them (omega=300)."""
+    def rec(adapter, activation, params, overrides):
+        identity = {"adapter": {"name": adapter, "peft": {"r": 8, "use_dora": adapter == "dora"},
+                                "_target_": f"{adapter}.Config"},
+                    "activation": {"name": activation, "params": params}, "seed": "<seed>"}
+        return {**record(activation, params, 0, [1, 0]), "identity": identity, "overrides": overrides}
+
+    records = [rec("loran", "identity", {}, ["activation=identity"]),
+               rec("loran", "sine", {"omega": 300, "g": 24.0}, ["activation=sine", "activation.params.omega=300"]),
+               rec("loran", "sinter", {"amp": 0.05, "omega": 1e4}, ["activation.params.amp=0.05"]),
+               rec("dora", "none", {}, ["adapter=dora"])]
+    labels = sorted(g["label"] for g in configurations(records))
+    assert labels == ["activation=identity, adapter=loran", "activation=none, adapter=dora",
+                      "activation=sine, adapter=loran, omega=300",
+                      "activation=sinter, adapter=loran, amp=0.05, omega=10000.0"]
+    # without the command lines, omega and amp each follow the activation here and are left out: the options alone
+    # tell these configurations apart
+    bare = sorted(g["label"] for g in configurations([{**r, "overrides": []} for r in records]))
+    assert bare == ["activation=identity, adapter=loran", "activation=none, adapter=dora",
+                    "activation=sine, adapter=loran", "activation=sinter, adapter=loran"]

@@ -28,15 +28,38 @@ def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = sorted({k for f in flats.values() for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flats.values()}) > 1]
     # keys that only echo another varying key (adapter.peft.activation and activation.name) are shown once
-    shown = [k for k in varying if not k.startswith("adapter.peft.activation")]
+    varying = [k for k in varying if not k.startswith("adapter.peft.activation")]
+    options = [k for k in varying if _is_option(k)]
+    overridden = {o.split("=", 1)[0].lstrip("+~") for r in records for o in r.get("overrides", [])}
+
+    def set_by_options(k: str) -> bool:   # e.g. adapter._target_: one value per adapter option
+        values_by_option: dict[str, set[str]] = {}
+        for f in flats.values():
+            values_by_option.setdefault(json.dumps([f.get(o) for o in options]), set()).add(json.dumps(f.get(k)))
+        return all(len(values) == 1 for values in values_by_option.values())
+
+    # a group's option (adapter=dora) is shown, and every key that varies otherwise; a key that only follows the
+    # options (DoRA's use_dora, Sine-LoRA's g) is left out unless a command line set it. The shown keys determine
+    # every varying key, so no two configurations share a label.
+    shown = options + [k for k in varying if k not in options and (k in overridden or not set_by_options(k))]
     out = []
     for key, members in groups.items():
         values = {k: flats[key][k] for k in shown if k in flats[key]}
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or "(one configuration)"
+        label = ", ".join(f"{_short(k)}={v}" for k, v in values.items()) or "(one configuration)"
         order = tuple(_number_first(str(flats[key].get(k, ""))) for k in shown)
         out.append({"label": label, "values": values, "order": order, "flat": flats[key],
                     "records": sorted(members, key=lambda r: r["choices"]["seed"])})
     return sorted(out, key=lambda g: g["order"])
+
+
+def _is_option(key: str) -> bool:
+    """A config group's chosen option: `<group>.name` (adapter.name, activation.name)."""
+    return key.count(".") == 1 and key.endswith(".name")
+
+
+def _short(key: str) -> str:
+    """Label name of a key: the group for an option (activation=sinter), else the last part (omega=100)."""
+    return key.split(".", 1)[0] if _is_option(key) else key.rsplit(".", 1)[-1]
 
 
 def matches(group: dict[str, Any], control: dict[str, str]) -> bool:
