@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale bench gpu-check gpu-kit clean-venv
+.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val bench gpu-check gpu-kit clean-venv
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -101,6 +101,35 @@ study-sine-scale: $(STAMP)
 	  $(PY) train.py -m experiment=study_test activation=identity adapter.peft.lora_alpha=$(SINE_ALPHA) \
 	    adapter.peft.r=$(SCALE_RANKS) seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+
+## The tuned study (issue 21; protocol: results/study_report.md), part 1: LoRA's validation metric at 100, 200 and
+## 400 steps (lr 1e-3, seed 0) on both tasks; prints the training length the protocol's rule chooses for each.
+## About 70 min on 2 idle cores.
+TUNED_TASKS ?= bbc_news bbc_headlines
+study-tuned-length: $(STAMP)
+	for task in $(TUNED_TASKS); do \
+	  $(PY) train.py -m experiment=study_tuned_val dataset=$$task activation=identity trainer.args.learning_rate=1e-3 \
+	    trainer.args.max_steps=100,200,400 seed=0 || exit $$?; \
+	  $(PY) scripts/study_choose.py length study_tuned_val --dataset $$task || exit $$?; \
+	done
+
+## The tuned study, part 2: every method x learning rates 3e-4, 1e-3, 3e-3 x seeds 0-1 x both tasks on validation,
+## at the length part 1 chose (LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA: 72 runs,
+## about 10 min each at 200 steps). A diverged run is kept (its learning rate is then not eligible) and the grid goes
+## on; then each method's learning rate is chosen (results/study_tuned_val_choices.md).
+TUNED_SEEDS ?= 0 1
+TUNED_LRS ?= 3e-4,1e-3,3e-3
+study-tuned-val: $(STAMP)
+	status=0; for seed in $(TUNED_SEEDS); do for task in $(TUNED_TASKS); do \
+	  steps=$$($(PY) scripts/study_choose.py length study_tuned_val --dataset $$task) || exit $$?; \
+	  grid="experiment=study_tuned_val dataset=$$task seed=$$seed trainer.args.max_steps=$$steps \
+	    trainer.args.learning_rate=$(TUNED_LRS)"; \
+	  $(PY) train.py -m $$grid activation=identity || status=$$?; \
+	  $(PY) train.py -m $$grid activation=sinter activation.params.amp=5e-3,5e-2,0.5 activation.params.omega=1e4 \
+	    || status=$$?; \
+	  $(PY) train.py -m $$grid activation=sine activation.params.omega=$(SINE_OMEGA) || status=$$?; \
+	  $(PY) train.py -m $$grid adapter=dora || status=$$?; \
+	done; done; $(PY) scripts/study_choose.py lr study_tuned_val; exit $$status
 
 ## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
 ## rewrite that was not built; ~12 min on 2 cores (results/bench.md).

@@ -78,3 +78,16 @@ def classification(predictions: Sequence[str], references: Sequence[str], labels
     per_example = [{"accuracy": float(p == r), "no_class_rate": float(p is None), "label": p}
                    for p, r in zip(map(parse, predictions), references)]
     return Scores(per_example, ("accuracy", "no_class_rate"))
+
+
+# The metric each task is judged by where one number must decide (choosing settings on validation, the study's
+# confirmatory comparisons): accuracy for classification, ROUGE-L F for summarization (the paper's headline metric).
+PRIMARY = {f"{__name__}.classification": "accuracy", f"{__name__}.rouge": "rougeL"}
+
+
+def primary_metric(record: dict[str, Any]) -> str:
+    """The primary metric of a run record, from its dataset's metric function."""
+    target = record["identity"]["dataset"]["metric"]["_target_"]
+    if target not in PRIMARY:
+        raise ValueError(f"dataset.metric._target_={target!r} has no primary metric; known: {sorted(PRIMARY)}")
+    return PRIMARY[target]

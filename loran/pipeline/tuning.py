@@ -1,0 +1,92 @@
+"""Choosing on validation by rules fixed before the results (results/study_report.md, "The tuned study").
+
+Two choices, each a plain function of run records:
+  - the training length: the shortest length whose metric is within `delta` of the best length's, on the control's
+    curve (``choose_length``): the point where the control's validation metric has stopped improving;
+  - a method's setting (its learning rate): the value with the best mean over seeds (``choose_settings``); ties go
+    to the value listed first (the smaller learning rate). A method is every record's identity without the tuned
+    key, so each method is tuned over exactly the grid it was run on, and the count of configurations tried per
+    method is reported next to its choice.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+from loran.pipeline.cells import flatten
+from loran.pipeline.metrics import primary_metric
+
+LENGTH_KEY = "trainer.args.max_steps"
+LR_KEY = "trainer.args.learning_rate"
+
+
+def value_of(record: dict[str, Any], key: str) -> Any:
+    """A dotted key of the record's identity (``"<seed>"`` for the seed)."""
+    flat = flatten(record["identity"])
+    if key not in flat:
+        raise ValueError(f"record {record.get('cell')} has no {key} in its identity")
+    return flat[key]
+
+
+def choose_length(curve: dict[int, float], delta: float) -> int:
+    """The shortest length whose metric is at least max(curve) - delta ({length: metric} of the control)."""
+    if not curve:
+        raise ValueError("no length measured: run the control's length curve first")
+    best = max(curve.values())
+    return min(length for length, value in curve.items() if value >= best - delta)
+
+
+def length_curve(records: list[dict[str, Any]], dataset: str, control: dict[str, str], seed: int = 0,
+                 lengths: tuple[int, ...] | None = None) -> dict[int, float]:
+    """{max_steps: primary metric} of the control's records on `dataset` for `seed` (all of `lengths` required)."""
+    curve: dict[int, float] = {}
+    for record in records:
+        flat = flatten(record["identity"])
+        if (flat.get("dataset.name") != dataset or int(record["choices"]["seed"]) != seed
+                or any(str(flat.get(k)) != v for k, v in control.items())):
+            continue
+        length = int(flat[LENGTH_KEY])
+        if length in curve:
+            raise ValueError(f"two control records at {LENGTH_KEY}={length} on {dataset}, seed {seed}: "
+                             "the control must match one configuration")
+        curve[length] = float(record["metrics"][primary_metric(record)])
+    missing = sorted(set(lengths or ()) - set(curve))
+    if missing:
+        raise ValueError(f"the control has no finished run at {LENGTH_KEY}={missing} on {dataset} (seed {seed}); "
+                         f"found {sorted(curve)}")
+    return curve
+
+
+def method_of(record: dict[str, Any], tuned: str = LR_KEY) -> str:
+    """The record's method: its identity without the tuned key (and with the seed symbolic), as a JSON key."""
+    flat = flatten(record["identity"])
+    flat.pop(tuned, None)
+    return json.dumps(flat, sort_keys=True)
+
+
+def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY,
+                    seeds: tuple[int, ...] = (0, 1)) -> list[dict[str, Any]]:
+    """Per method: the mean primary metric per value of `tuned` over `seeds`, the chosen value, what was tried.
+
+    A value is eligible only when every one of `seeds` finished there (a diverged or missing run makes it
+    ineligible, and is listed). Returns one dict per method: {"method": its flattened identity without `tuned`,
+    "metric", "means": {value: mean}, "runs": {value: seeds found}, "chosen", "tried": configurations tried}.
+    """
+    methods: dict[str, dict[str, Any]] = {}
+    for record in records:
+        key = method_of(record, tuned)
+        entry = methods.setdefault(key, {"method": json.loads(key), "metric": primary_metric(record), "by_value": {}})
+        value = value_of(record, tuned)
+        entry["by_value"].setdefault(value, {})[int(record["choices"]["seed"])] = float(
+            record["metrics"][entry["metric"]])
+    out = []
+    for entry in methods.values():
+        by_value = entry.pop("by_value")
+        values = sorted(by_value, key=float)
+        means = {v: statistics.fmean(by_value[v][s] for s in seeds) for v in values
+                 if all(s in by_value[v] for s in seeds)}
+        chosen = max(means, key=lambda v: (means[v], -values.index(v))) if means else None
+        out.append({**entry, "means": means, "runs": {v: sorted(by_value[v]) for v in values}, "chosen": chosen,
+                    "tried": len(values)})
+    return out

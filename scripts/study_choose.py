@@ -1,0 +1,84 @@
+"""The tuned study's choices on validation, by the rules in results/study_report.md (loran/pipeline/tuning.py).
+
+    python scripts/study_choose.py length study_tuned_val --dataset bbc_news   # prints the chosen max_steps
+    python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
+
+`length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
+primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
+`lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
+seeds 0-1 at each learning rate, the chosen one and the number of configurations tried.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loran.pipeline.metrics import primary_metric
+from loran.pipeline.records import CorruptRecord
+from loran.pipeline.tables import load_records
+from loran.pipeline.tuning import LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, value_of
+
+CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", LR_KEY: "0.001"}
+DELTA = {"accuracy": 0.01, "rougeL": 0.005}   # fractions: 1.0 accuracy point, 0.5 ROUGE-L point
+LENGTHS = (100, 200, 400)
+
+
+def length(records, dataset: str) -> int:
+    curve = length_curve(records, dataset, CONTROL, seed=0, lengths=LENGTHS)
+    metric = primary_metric(next(r for r in records if r["identity"]["dataset"]["name"] == dataset))
+    chosen = choose_length(curve, DELTA[metric])
+    shown = ", ".join(f"{steps}: {100 * value:.2f}" for steps, value in sorted(curve.items()))
+    print(f"{dataset}: LoRA's validation {metric} by max_steps {{{shown}}}; chosen {chosen} "
+          f"(shortest within {100 * DELTA[metric]:.1f} points of the best)", file=sys.stderr)
+    return chosen
+
+
+def label(method: dict) -> str:
+    """A method's short name: adapter, activation and its parameters."""
+    name = method.get("adapter.peft.activation") or method["adapter.name"]
+    params = {k.rsplit(".", 1)[-1]: v for k, v in method.items() if k.startswith("activation.params.")}
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if name != "identity" and method["adapter.name"] != "dora")
+    return f"{method['adapter.name']}-{name}" + (f" ({shown})" if shown else "")
+
+
+def learning_rates(records, experiment: str, results: Path) -> None:
+    lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
+             "| task | method | tried | " + " | ".join(f"lr {v}" for v in ("3e-4", "1e-3", "3e-3")) + " | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    out = []
+    for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
+        steps = length(records, task)  # the control's curve at other lengths is not a method
+        at_length = [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
+        for entry in choose_settings(at_length):
+            means = {float(v): m for v, m in entry["means"].items()}
+            cells = [f"{100 * means[lr]:.2f}" if lr in means else "-" for lr in (3e-4, 1e-3, 3e-3)]
+            lines.append(f"| {task} | {label(entry['method'])} | {entry['tried']} | " + " | ".join(cells)
+                         + f" | {entry['chosen']} |")
+            out.append({"task": task, "label": label(entry["method"]), **entry})
+    (results / f"{experiment}_choices.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    (results / f"{experiment}_choices.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["length", "lr"])
+    parser.add_argument("experiment")
+    parser.add_argument("--dataset", help="length: the task whose training length is chosen")
+    parser.add_argument("--results", default="results")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    try:
+        records = load_records(results / "runs" / args.experiment)
+        if args.what == "length":
+            if not args.dataset:
+                parser.error("length needs --dataset")
+            print(length(records, args.dataset))
+        else:
+            learning_rates(records, args.experiment, results)
+    except (CorruptRecord, ValueError, KeyError) as err:
+        sys.exit(f"no choice made: {err}")
+
+
+if __name__ == "__main__":
+    main()

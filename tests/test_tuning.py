@@ -1,0 +1,87 @@
+"""Choosing on validation (loran/pipeline/tuning.py, scripts/study_choose.py): the training length from the control's
+curve and each method's learning rate, on records whose identities are composed from the study's own configs."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loran.pipeline.cells import identity
+from loran.pipeline.metrics import primary_metric
+from loran.pipeline.tuning import choose_length, choose_settings, length_curve
+from tests.test_cells import REPO, cfg_of
+
+CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", "trainer.args.learning_rate": "0.001"}
+
+
+def record(*overrides, seed=0, value=0.5):
+    cfg = cfg_of("experiment=study_tuned_val", f"seed={seed}", *overrides)
+    metric = primary_metric({"identity": identity(cfg)})
+    return {"status": "ok", "cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": seed},
+            "metrics": {metric: value}}
+
+
+@pytest.mark.parametrize("curve, delta, chosen", [
+    ({100: 0.90, 200: 0.95, 400: 0.955}, 0.01, 200),     # 400 is within delta of the best: 200 suffices
+    ({100: 0.90, 200: 0.93, 400: 0.95}, 0.01, 400),      # still improving: the longest
+    ({100: 0.95, 200: 0.94, 400: 0.945}, 0.01, 100),     # no better later
+    ({100: 0.90, 200: 0.939, 400: 0.95}, 0.01, 400),     # 1.1 points short of the best is not within 1.0
+    ({100: 0.90, 200: 0.94, 400: 0.95}, 0.01, 200),      # exactly delta short counts as within
+])
+def test_choose_length_takes_the_shortest_within_delta_of_the_best(curve, delta, chosen):
+    assert choose_length(curve, delta) == chosen
+
+
+def test_the_length_curve_reads_only_the_control_at_its_seed_and_task():
+    records = [record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=v)
+               for n, v in ((100, 0.90), (200, 0.95), (400, 0.96))]
+    records += [record("dataset=bbc_news", "activation=identity", "trainer.args.max_steps=400", seed=1, value=0.1),
+                record("dataset=bbc_news", "activation=sinter", "trainer.args.max_steps=100", value=0.99),
+                record("dataset=bbc_news", "activation=identity", "trainer.args.max_steps=100",
+                       "trainer.args.learning_rate=3e-3", value=0.99),
+                record("dataset=bbc_headlines", "activation=identity", "trainer.args.max_steps=100", value=0.99)]
+    curve = length_curve(records, "bbc_news", CONTROL, seed=0, lengths=(100, 200, 400))
+    assert curve == {100: 0.90, 200: 0.95, 400: 0.96}
+    assert choose_length(curve, 0.01) == 200
+    assert primary_metric(records[-1]) == "rougeL" and primary_metric(records[0]) == "accuracy"
+    with pytest.raises(ValueError, match=r"no finished run at trainer.args.max_steps=\[200, 400\]"):
+        length_curve(records, "bbc_headlines", CONTROL, seed=0, lengths=(100, 200, 400))
+
+
+def test_choose_settings_takes_the_best_mean_per_method_and_counts_what_was_tried():
+    scores = {  # (method overrides, lr): (seed 0, seed 1)
+        (("activation=identity",), "3e-4"): (0.80, 0.82), (("activation=identity",), "1e-3"): (0.90, 0.86),
+        (("activation=identity",), "3e-3"): (0.91, 0.84),   # best seed 0, not the best mean
+        (("adapter=dora",), "3e-4"): (0.70, 0.70), (("adapter=dora",), "1e-3"): (0.70, 0.70),  # tie: the smaller
+        (("adapter=dora",), "3e-3"): (0.99, None),           # seed 1 diverged: not eligible
+    }
+    records = [record("dataset=bbc_news", *method, f"trainer.args.learning_rate={lr}", seed=s, value=v)
+               for (method, lr), values in scores.items() for s, v in enumerate(values) if v is not None]
+    by_method = {e["method"]["adapter.name"]: e for e in choose_settings(records)}
+    lora, dora = by_method["loran"], by_method["dora"]
+    assert lora["chosen"] == 1e-3 and lora["tried"] == 3 and lora["metric"] == "accuracy"
+    assert lora["means"] == pytest.approx({3e-4: 0.81, 1e-3: 0.88, 3e-3: 0.875})
+    assert dora["chosen"] == 3e-4 and dora["tried"] == 3 and 3e-3 not in dora["means"]
+    assert dora["runs"] == {3e-4: [0, 1], 1e-3: [0, 1], 3e-3: [0]}
+
+
+def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
+    runs = tmp_path / "runs" / "study_tuned_val"
+    for n, v in ((100, 0.20), (200, 0.26), (400, 0.262)):
+        rec = record("dataset=bbc_headlines", "activation=identity", f"trainer.args.max_steps={n}", value=v)
+        (runs / rec["cell"]).mkdir(parents=True)
+        (runs / rec["cell"] / "record.json").write_text(json.dumps(rec))
+    script = [sys.executable, "scripts/study_choose.py"]
+    done = subprocess.run([*script, "length", "study_tuned_val", "--dataset", "bbc_headlines",
+                           "--results", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "200\n" and "rougeL" in done.stderr
+    missing = subprocess.run([*script, "length", "study_tuned_val", "--dataset", "bbc_news", "--results",
+                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and missing.stdout == "" and "no choice made" in missing.stderr
+    done = subprocess.run([*script, "lr", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    choices = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
+    assert len(choices) == 1 and choices[0]["chosen"] is None  # one seed only: no eligible learning rate
+    assert "loran-identity" in (tmp_path / "study_tuned_val_choices.md").read_text()
