@@ -7,12 +7,15 @@ from loran.activations import ACTIVATIONS, Activation
 from loran.config import LoranConfig
 from loran.model import get_loran_model, load_loran, loran_layers, merge_to_full_precision, register_with_peft
 
+__version__ = "0.1.0"
+
 register_with_peft()
 
 __all__ = [
     "ACTIVATIONS",
     "Activation",
     "LoranConfig",
+    "__version__",
     "get_loran_model",
     "load_loran",
     "loran_layers",

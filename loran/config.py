@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 from peft import LoraConfig
 
 from loran.activations import Activation, activation_params, validate_activation
-from loran.layers import CUSTOM_MODULES
+from loran.dispatch import CUSTOM_MODULES
 
 PEFT_TYPE = "LORAN"
 UPDATE_DTYPES = ("float32", "autocast")

@@ -21,19 +21,16 @@ import copy
 import functools
 import warnings
 
-import bitsandbytes as bnb
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loran.activations import Activation
+from loran.compat import bnb, is_4bit, is_8bit
 from loran.autograd import (
     Adapter, DenseWeight, WeightFn, delta_weight, loran_linear, loran_update, lowrank_update, reference_update,
 )
@@ -131,24 +128,6 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def unpacked_4bit(weight: bnb.nn.Params4bit) -> tuple[Tensor, "bnb.functional.QuantState"]:
-    """(data, quant_state) of a 4-bit weight in bitsandbytes' standard layout, which ``dequantize_4bit`` reads.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place for its CPU kernel on the first eval-mode
-    forward without grad (``packing_format_for_cpu``); dequantising that layout as is gives wrong weights. The
-    nibbles are put back with bitsandbytes' own inverse, on a copy of the state; the absmax is kept as the packed
-    kernel uses it (bfloat16, stored (d_in / blocksize, d_out)) instead of being re-quantised as that inverse does."""
-    state = weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        return weight.data, state
-    absmax = state.absmax
-    state = copy.copy(state)
-    state.original_nested = False
-    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
-    state.absmax = absmax.T.reshape(-1).float()
-    return data, state
-
-
 def _dropout_inactive(dropout: nn.Module) -> bool:
     """True when the adapter's dropout is the identity (p = 0, or eval mode)."""
     if isinstance(dropout, nn.Identity):
@@ -165,7 +144,7 @@ def _plain(module: nn.Module, cls: type) -> bool:
 def _base_weight_fn(base: nn.Module, x: Tensor) -> tuple[WeightFn, Tensor | None] | None:
     """(W0 as (d_out, d_in) in x's dtype, bias) for a base layer whose output x @ W0^T + b can be folded with the
     update; None where folding would change the base layer's numerics (int8, bf16/fp16 compute, CPU bf16 repack)."""
-    if isinstance(base, bnb.nn.Linear4bit):
+    if is_4bit(base):
         if not _plain(base, bnb.nn.Linear4bit):
             return None
         bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
@@ -189,7 +168,7 @@ def _base_weight_fn(base: nn.Module, x: Tensor) -> tuple[WeightFn, Tensor | None
             return DenseWeight(bnb.functional.dequantize_4bit(weight.data, state), True)
 
         return dequantised, None if base.bias is None else base.bias.to(x.dtype)
-    if isinstance(base, bnb.nn.Linear8bitLt):  # LLM.int8() also quantises x: not a dense matmul
+    if is_8bit(base):  # LLM.int8() also quantises x: not a dense matmul
         return None
     if base.weight.requires_grad and torch.is_grad_enabled():  # full fine-tuning: the base layer computes its grad
         return None
@@ -282,55 +261,3 @@ class LoranConv1D(LoranLayerMixin, LoraLinear):
             config.fan_in_fan_out = True
         kwargs["is_target_conv_1d_layer"] = True
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
-
-
-class LoranLinear4bit(LoranLayerMixin, LoraLinear4bit):
-    """LoRAN on a bitsandbytes 4-bit (NF4/FP4) base."""
-
-    def _unpack_base(self) -> None:
-        """PEFT's merge dequantises the weight as stored: undo a CPU repack first (in place, as bitsandbytes itself
-        does before saving or moving the weight; its next eval-mode forward packs it again)."""
-        weight = self.get_base_layer().weight
-        weight.data, weight.quant_state = unpacked_4bit(weight)
-
-    def merge(self, *args, **kwargs) -> None:
-        self._unpack_base()
-        super().merge(*args, **kwargs)
-
-    def unmerge(self) -> None:
-        self._unpack_base()
-        super().unmerge()
-
-
-class LoranLinear8bitLt(LoranLayerMixin, LoraLinear8bitLt):
-    """LoRAN on a bitsandbytes int8 base."""
-
-
-# Order matters: the first isinstance match wins, and the bnb layers are nn.Linear subclasses.
-COVERED: dict[type[nn.Module], type[nn.Module]] = {
-    bnb.nn.Linear4bit: LoranLinear4bit,
-    bnb.nn.Linear8bitLt: LoranLinear8bitLt,
-    Conv1D: LoranConv1D,
-    nn.Linear: LoranLinear,
-}
-COVERED_NAMES = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
-
-
-def refuse_uncovered(target: nn.Module, adapter_name: str, config: LoraConfig, target_name: str = "", **kwargs):
-    """Stands last in the LoranConfig's custom modules: every other layer type would get PEFT's plain LoRA layer."""
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    raise ValueError(uncovered_message(target_name, base))
-
-
-def uncovered_message(name: str, module: nn.Module) -> str:
-    kind = type(module)
-    return (f"target module {name!r} is a {kind.__module__}.{kind.__qualname__}: LoRAN covers {COVERED_NAMES} only "
-            "(PEFT would build a plain LoRA layer there). Remove it from target_modules, or adapt it with a "
-            "separate peft.LoraConfig adapter")
-
-
-CUSTOM_MODULES: dict[type[nn.Module], object] = {**COVERED, nn.Module: refuse_uncovered}
-
-LORAN_LAYERS = (LoranLinear, LoranConv1D, LoranLinear4bit, LoranLinear8bitLt)
-
-

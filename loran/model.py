@@ -5,7 +5,6 @@ import dataclasses
 import functools
 import os
 
-import bitsandbytes as bnb
 import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -15,7 +14,9 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from loran.config import PEFT_TYPE, LoranConfig
-from loran.layers import COVERED, LORAN_LAYERS, LoranVariant, unpacked_4bit, uncovered_message
+from loran.compat import is_4bit, is_8bit
+from loran.dispatch import COVERED, LORAN_LAYERS, uncovered_message
+from loran.layers import LoranVariant
 
 # add_weighted_adapter combinations that work on the layers' actual updates (get_delta_weight) and refactor the
 # result by SVD; the others combine the factors A and B, which is LoRA's update only when f is linear.
@@ -127,11 +128,13 @@ def loran_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as a (d_out, d_in) tensor in float32 (float64 if it is), dequantising bitsandbytes layers."""
     weight = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if is_4bit(layer):
+        from loran.layers_bnb import bnb, unpacked_4bit
+
         bnb.nn.modules.fix_4bit_weight_quant_state_from_module(layer)
         data, state = unpacked_4bit(weight)  # a weight repacked for bnb's CPU kernel reads wrong as stored
         return bnb.functional.dequantize_4bit(data, state).float()
-    if isinstance(layer, bnb.nn.Linear8bitLt):
+    if is_8bit(layer):
         return dequantize_bnb_weight(weight, state=layer.state).float()
     return weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
 

@@ -1,16 +1,46 @@
-"""The pins agree across pyproject.toml and environment.yml, and .ci/run calls the README's test command."""
+"""Packaging: the library's ranges, the exact environment (constraints.txt, environment.yml) inside them, CI's test
+command, and what `import loran` loads."""
 import re
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_environment_yml_pins_match_pyproject():
+def _constraints() -> dict[str, str]:
+    """{normalised name: version} of constraints.txt, the exact reproduction environment."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"not an exact pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_environment_yml_pins_are_those_of_the_constraints():
+    pins = _constraints()
+    env = re.findall(r"^\s*- ([A-Za-z0-9_.-]+)==([^\s]+)$", (REPO / "environment.yml").read_text(), re.M)
+    assert env and {canonicalize_name(n): v for n, v in env}.items() <= pins.items()
+    assert "-c constraints.txt" in (REPO / "environment.yml").read_text()
+
+
+def test_the_library_declares_ranges_that_the_constraints_satisfy():
+    """pyproject.toml declares ranges (no == in the library or its extras: a user's stack is not rewritten), and the
+    exact environment lies inside every one of them."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = project["dependencies"] + project["optional-dependencies"]["train"] + ["pytest==9.2.0"]
-    env = set(re.findall(r"^\s*- ([A-Za-z0-9_.-]+==[^\s]+)$", (REPO / "environment.yml").read_text(), re.M))
-    assert set(pins) <= env, sorted(set(pins) - env)
+    pins = _constraints()
+    requirements = [Requirement(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])]
+    for req in requirements:
+        if canonicalize_name(req.name) == "loran":  # an extra naming another extra
+            continue
+        assert not any(spec.operator in ("==", "===") for spec in req.specifier), f"pinned in the library: {req}"
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), (str(req), pins[canonicalize_name(req.name)])
+    assert {"torch", "transformers", "peft"} <= {canonicalize_name(r.name) for r in requirements}
+    assert not any(canonicalize_name(r.name) == "bitsandbytes" for r in map(Requirement, project["dependencies"]))
 
 
 def test_ci_runs_the_readme_test_command():
@@ -64,7 +94,7 @@ def test_no_module_of_the_package_imports_itself_back():
         path.pop()
         state[module] = "done"
 
-    assert {"loran.config", "loran.layers"} <= set(graph) and "loran.layers" in graph["loran.config"]
+    assert {"loran.config", "loran.layers"} <= set(graph) and "loran.layers" in graph["loran.dispatch"]
     for module in sorted(graph):
         if module not in state:
             visit(module)
