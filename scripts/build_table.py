@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.tables import MixedConfigs, build, load_records, read_paper, to_markdown, write_csv
+from loran.pipeline.tables import MixedConfigs, build, load_records, load_rows, read_paper, to_markdown, write_csv
+
+ROWS = Path(__file__).resolve().parents[1] / "configs" / "row"  # one file per Table 2 row
 
 
 def main() -> None:
@@ -19,7 +21,7 @@ def main() -> None:
     results = Path(args.results)
     try:
         records = load_records(results / "runs" / args.experiment)
-        table = build(records, read_paper(args.paper or results / "paper" / "table2.csv"))
+        table = build(records, load_rows(ROWS), read_paper(args.paper or results / "paper" / "table2.csv"))
     except (CorruptRecord, MixedConfigs) as err:
         sys.exit(f"no table written: {err}")
     write_csv(table, results / f"{args.experiment}.csv")

@@ -18,6 +18,8 @@ from loran.official import import_official_adapter
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tables import T80, T975, paired_difference, t80, t975
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def eager(monkeypatch):
@@ -296,9 +298,9 @@ def _entry(table, row, metric):
 
 
 def test_table_entries_in_full(grid):
-    from loran.pipeline.tables import build, load_records
+    from loran.pipeline.tables import build, load_records, load_rows
 
-    table = build(load_records(grid))
+    table = build(load_records(grid), load_rows(REPO / "configs" / "row"))
     assert [(e["row"], e["metric"]) for e in table][:5] == [("qlora-none", m) for m in
                                                             ("rouge1", "rouge2", "rougeL", "accuracy")] + [
         ("loran-sigmoid", "rouge1")]
@@ -345,11 +347,11 @@ Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paire
 
 def test_markdown_and_csv_in_full(grid, tmp_path):
     """The whole rendered table, checked by hand: percent, signs, intervals, stars, dashes, the paper column."""
-    from loran.pipeline.tables import build, load_records, read_paper, to_markdown, write_csv
+    from loran.pipeline.tables import build, load_records, load_rows, read_paper, to_markdown, write_csv
 
     paper = tmp_path / "paper.csv"
     paper.write_text("# test\nrow,label,rouge1,rouge2,rougeL,accuracy\nqlora-none,QLoRA,,,, 80.1 \n")
-    table = build(load_records(grid), read_paper(paper))
+    table = build(load_records(grid), load_rows(REPO / "configs" / "row"), read_paper(paper))
     assert to_markdown(table, "Grid") == EXPECTED_MD
     write_csv(table, tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
@@ -1098,8 +1100,7 @@ def test_loran_linear_output_dtype(eager):
 
 
 def test_load_rows_reads_every_yaml_file_in_the_order_it_gives(tmp_path):
-    """ROWS is computed once at import, so the tests of the table never run load_rows on a folder of their own.
-    Eight rows whose `order` is a permutation unrelated to their file names (and to the folder's listing order),
+    """Eight rows whose `order` is a permutation unrelated to their file names (and to the folder's listing order),
     and a file that is not YAML. Mutants: no files found (glob pattern changed), not sorted by `order`, errors."""
     from loran.pipeline.tables import load_rows
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.tables import MixedConfigs, build, load_records, paired_difference, read_paper, to_markdown
+from loran.pipeline.tables import MixedConfigs, build, load_records, load_rows, paired_difference, read_paper, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS = load_rows(REPO / "configs" / "row")
 T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))
 
 
@@ -33,7 +34,7 @@ def cell(table, row, metric):
 
 
 def test_means_and_paired_interval_match_numpy(runs):
-    table = build(load_records(runs))
+    table = build(load_records(runs), ROWS)
     e = cell(table, "loran-sinter", "accuracy")
     assert e["mean"] == pytest.approx(0.86) and e["std"] == pytest.approx(0.01) and e["n"] == 3
     d = np.array([0.85, 0.86, 0.87]) - np.array([0.80, 0.82, 0.81])
@@ -45,7 +46,7 @@ def test_means_and_paired_interval_match_numpy(runs):
 
 
 def test_missing_and_failed_cells_are_dashes_not_zero(runs):
-    table = build(load_records(runs))
+    table = build(load_records(runs), ROWS)
     assert cell(table, "loran-relu", "accuracy")["mean"] is None  # only a failed run
     assert cell(table, "loran-sigmoid", "rouge1")["mean"] is None  # no run at all
     md = to_markdown(table, "t")
@@ -55,7 +56,7 @@ def test_missing_and_failed_cells_are_dashes_not_zero(runs):
 
 def test_a_single_seed_has_no_std(runs, write_fake_record):
     write_fake_record(runs, "loran", "identity", "bbc_news", 0, {"accuracy": 0.9, "no_class_rate": 0.0})
-    table = build(load_records(runs))
+    table = build(load_records(runs), ROWS)
     e = cell(table, "loran-identity", "accuracy")
     assert (e["mean"], e["std"], e["n"], e["delta"]) == (pytest.approx(0.9), None, 1, None)
     line = next(x for x in to_markdown(table, "t").splitlines() if x.startswith("| LoRAN (identity"))
@@ -92,7 +93,7 @@ def test_transcribed_paper_values_reach_the_table(tmp_path, runs):
     path = tmp_path / "paper.csv"
     path.write_text("# transcribed\nrow,label,rouge1,rouge2,rougeL,accuracy\n"
                     "loran-sinter,LoRAN (Sinter),51.2,,30.1,88.4\n")
-    table = build(load_records(runs), read_paper(path))
+    table = build(load_records(runs), ROWS, read_paper(path))
     assert cell(table, "loran-sinter", "accuracy")["paper"] == "88.4"
     assert cell(table, "loran-sinter", "rouge2")["paper"] == "" and cell(table, "qlora-none", "rouge1")["paper"] == ""
     line = next(x for x in to_markdown(table, "t").splitlines() if x.startswith("| LoRAN (Sinter)"))
@@ -108,11 +109,11 @@ def test_a_table_cell_never_pools_two_configurations(tmp_path, write_fake_record
     record = write_fake_record(runs, "loran", "sinter", "bbc_news", 1, {"accuracy": 0.9}, identity=other)
     with pytest.raises(MixedConfigs, match=r"loran-sinter / accuracy would pool records whose configs differ in more "
                                            r"than the seed \(trainer.args.learning_rate: 0.001 vs 0.01\)"):
-        build(load_records(runs))
+        build(load_records(runs), ROWS)
     record_path = runs / record["cell"] / "record.json"
     record_path.write_text(record_path.read_text().replace('"identity"', '"no_identity"'))
     with pytest.raises(MixedConfigs, match=r"carry no config identity .* run scripts/migrate_records.py"):
-        build(load_records(runs))
+        build(load_records(runs), ROWS)
 
 
 def test_two_datasets_reporting_one_metric_are_not_pooled(tmp_path, write_fake_record):
@@ -120,7 +121,7 @@ def test_two_datasets_reporting_one_metric_are_not_pooled(tmp_path, write_fake_r
     write_fake_record(runs, "qlora", "none", "bbc_news", 0, {"accuracy": 0.8})
     write_fake_record(runs, "qlora", "none", "newsgroups20", 0, {"accuracy": 0.6})
     with pytest.raises(MixedConfigs, match=r"dataset.name: \"bbc_news\" vs \"newsgroups20\""):
-        build(load_records(runs))
+        build(load_records(runs), ROWS)
 
 
 def test_a_corrupt_record_stops_the_table_naming_its_file(tmp_path, write_fake_record):

@@ -24,16 +24,14 @@ from omegaconf import OmegaConf
 from loran.pipeline.cells import flatten
 from loran.pipeline.records import read_record
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-
-def load_rows(folder: str | Path = CONFIGS / "row") -> list[tuple[str, str]]:
-    """(row name, label) of every row config (configs/row/*.yaml), in their `order`."""
+def load_rows(folder: str | Path) -> list[tuple[str, str]]:
+    """(row name, label) of every row config in `folder` (the repository's configs/row/*.yaml), in their `order`.
+    Called by the scripts that build a table, never at import: an installed package has no configs/ folder."""
     rows = [OmegaConf.load(path).row for path in Path(folder).glob("*.yaml")]
     return [(r.name, r.label) for r in sorted(rows, key=lambda r: r.order)]
 
 
-ROWS = load_rows()
 BASELINE = "qlora-none"
 METRICS = ["rouge1", "rouge2", "rougeL", "accuracy"]
 
@@ -148,12 +146,14 @@ def read_paper(path: str | Path) -> dict[tuple[str, str], str]:
     return {(r["row"], m): (r.get(m) or "").strip() for r in rows for m in METRICS}
 
 
-def build(records: list[dict[str, Any]], paper: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
-    """One entry per (row, metric) in table order; missing cells have mean None."""
+def build(records: list[dict[str, Any]], rows: list[tuple[str, str]],
+          paper: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """One entry per (row, metric) in the order of `rows` ((name, label), from load_rows); missing cells have mean
+    None."""
     cells = values_by_cell(records)
     paper = paper or {}
     table = []
-    for row, label in ROWS:
+    for row, label in rows:
         for metric in METRICS:
             values = cells.get((row, metric), {})
             entry = {"row": row, "label": label, "metric": metric, "paper": paper.get((row, metric), ""),
@@ -185,7 +185,7 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
              "paired t test, (t.975 + t.80) x SE (0 when a row equals QLoRA on every seed: no seed-to-seed noise "
              "is seen then). `-` = no successful run for that cell.", "",
              head, "|" + "---|" * (len(METRICS) + 2)]
-    for row, label in ROWS:
+    for row, label in dict.fromkeys((e["row"], e["label"]) for e in table):
         cells, deltas = [], []
         for metric in METRICS:
             e = by_row[row][metric]
