@@ -14,6 +14,11 @@ Minimal detectable effect (two-sided alpha = 0.05, power 0.8): MDE = (z_0.975 + 
 the bootstrap standard deviation of the mean difference. For planning, SE^2 = v_seed / S + v_example / N +
 v_residual / (S N) from the two-way ANOVA of d (``components``), so ``planned_mde(S, N)`` says what S seeds and
 N examples would give. With one seed the seed component cannot be seen, and the interval covers examples only.
+
+p-value (two-sided, from the same bootstrap): p = 2 min(P*(d* <= 0), P*(d* >= 0)), counted as (k + 1) / (B + 1), so
+that p < 0.05 exactly when the 95 % percentile interval excludes 0 (up to the +1). A family of comparisons is
+corrected with Holm's step-down method (``holm``), which controls the family-wise error rate without assuming
+independence between the comparisons.
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class Comparison:
     n_examples: int
     discordant: float          # share of (seed, example) pairs whose scores differ at all
     components: dict[str, float]
+    p_value: float             # two-sided, from the bootstrap (see the module docstring)
 
     @property
     def significant(self) -> bool:
@@ -97,8 +103,20 @@ def compare(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], n_bo
         boots[k] = d[rows][:, cols].mean()
     low, high = np.percentile(boots, [2.5, 97.5])
     se = float(boots.std(ddof=1))
+    tail = min((boots <= 0).sum(), (boots >= 0).sum())
     return Comparison(delta=float(d.mean()), ci_low=float(low), ci_high=float(high), se=se, mde=MDE_FACTOR * se,
-                      seeds=seeds, n_examples=n_i, discordant=float((d != 0).mean()), components=components(d))
+                      seeds=seeds, n_examples=n_i, discordant=float((d != 0).mean()), components=components(d),
+                      p_value=min(1.0, 2 * (tail + 1) / (n_boot + 1)))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values, in the order given: the i-th smallest p times (m - i + 1), made monotone, capped at 1."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def level(a: dict[int, dict[str, float]], n_boot: int = 2000, seed: int = 0) -> Comparison:
