@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -121,6 +122,9 @@ class LoranConfig(LoraConfig):
             raise ValueError(f"memory_efficient={self.memory_efficient!r} must be true or false")
         if not isinstance(self.update_dtype, str) or self.update_dtype not in UPDATE_DTYPES:
             raise ValueError(f"update_dtype={self.update_dtype!r} is unknown; allowed values: {list(UPDATE_DTYPES)}")
+        if self.activation_kwargs is not None and not isinstance(self.activation_kwargs, Mapping):
+            raise ValueError(f"activation_kwargs={self.activation_kwargs!r} must be a mapping of the activation's "
+                             'parameters, such as {"amp": 5e-5, "omega": 1e4}')
 
     def build_activation(self) -> Activation:
         """The activation with its parameters bound."""

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
@@ -24,15 +26,18 @@ SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magn
 
 
 def register_with_peft() -> None:
-    """Let ``PeftModel.from_pretrained`` read adapter configs typed "LORAN", and make two LoraModel methods aware of
-    LoRAN (done once on ``import loran``; for adapters that are not LoRAN both behave exactly as PEFT's own)."""
+    """Let ``PeftModel.from_pretrained`` read adapter configs typed "LORAN", and make two LoraModel methods and
+    ``PeftModel.load_adapter`` aware of LoRAN (done once on ``import loran``; for adapters that are not LoRAN they
+    behave exactly as PEFT's own)."""
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoranConfig
-    for name, wrapper in (("_check_new_adapter_config", _checks_targets), ("add_weighted_adapter", _weighted)):
-        method = getattr(LoraModel, name)
+    for owner, name, wrapper in ((LoraModel, "_check_new_adapter_config", _checks_targets),
+                                 (LoraModel, "add_weighted_adapter", _weighted),
+                                 (PeftModel, "load_adapter", _loads_matching)):
+        method = getattr(owner, name)
         if not getattr(method, "_loran", False):
             wrapped = functools.wraps(method)(wrapper(method))
             wrapped._loran = True
-            setattr(LoraModel, name, wrapped)
+            setattr(owner, name, wrapped)
 
 
 def _checks_targets(check):
@@ -102,6 +107,119 @@ def _weighted(add_weighted_adapter):
     return combined
 
 
+def _loads_matching(load_adapter):
+    """PEFT's load_adapter, refusing weights that would run as another update than the one they were trained as.
+
+    Into an existing adapter PEFT loads only the weights and keeps that adapter's config: a saved adapter of another
+    activation (or plain LoRA into LoRAN and back) would silently compute f_old(B_new A_new). And a LoRAN adapter whose
+    weights do not cover the modules its config adapted (or cover others) would run those modules as the base model,
+    with only PEFT's warning; such an adapter, if new, is deleted again before the ValueError."""
+
+    def loading(self, model_id, adapter_name, *args, **kwargs):
+        existing = self.peft_config.get(adapter_name)
+        if existing is not None:
+            saved = _saved_config(self, model_id, kwargs, needed=isinstance(existing, LoranConfig))
+            if saved is not None:
+                refuse_other_update(adapter_name, existing, saved, model_id)
+        result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, LoranConfig):
+            try:
+                refuse_unmatched_weights(adapter_name, config, result, model_id)
+            except ValueError:
+                if existing is None:
+                    self.delete_adapter(adapter_name)
+                raise
+        return result
+
+    return loading
+
+
+def _saved_config(peft_model: PeftModel, model_id, kwargs: dict, needed: bool) -> PeftConfig | None:
+    """The config saved with the adapter at `model_id`, read as PEFT reads it; None (nothing to compare) when a local
+    folder has none, or when it is not local and not `needed` (no hub look-up for adapters that are not LoRAN)."""
+    hub_kwargs, _ = peft_model._split_kwargs(dict(kwargs))
+    folder = os.path.join(str(model_id), hub_kwargs["subfolder"]) if hub_kwargs.get("subfolder") else str(model_id)
+    if os.path.isdir(folder):
+        return read_adapter_config(folder) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else None
+    if not needed:
+        return None
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(model_id), **hub_kwargs)]
+    return config_cls.from_pretrained(str(model_id), **hub_kwargs)
+
+
+def _update_key(config: PeftConfig) -> tuple:
+    """What decides the update a config computes from B and A: the LoRAN activation, or the PEFT method."""
+    if isinstance(config, LoranConfig):
+        return PEFT_TYPE, config.activation, dict(config.activation_kwargs), config.start
+    return (getattr(config.peft_type, "value", config.peft_type),)
+
+
+def _update_of(config: PeftConfig) -> str:
+    """The update a config computes, in words: the LoRAN activation with its parameters, or the PEFT method."""
+    if isinstance(config, LoranConfig):
+        return f"LoRAN activation={config.activation!r} {dict(config.activation_kwargs)} start={config.start!r}"
+    return f"{getattr(config.peft_type, 'value', config.peft_type)} (no LoRAN activation)"
+
+
+def refuse_other_update(adapter_name: str, existing: PeftConfig, saved: PeftConfig, model_id) -> None:
+    """ValueError when loading the weights saved with `saved` into the adapter configured as `existing` would make
+    them compute another update (only where LoRAN is involved: between other methods PEFT's behaviour stands)."""
+    if not (isinstance(existing, LoranConfig) or isinstance(saved, LoranConfig)):
+        return
+    if _update_key(existing) == _update_key(saved):
+        return
+    raise ValueError(
+        f"adapter {adapter_name!r} already exists as {_update_of(existing)}, but {model_id} holds an adapter saved "
+        f"as {_update_of(saved)}: PEFT would load only its weights and keep the existing config, so they would run "
+        f"as the existing adapter's update, not their own. Load it under a new adapter_name, or "
+        f"delete_adapter({adapter_name!r}) first")
+
+
+def _module_of(key: str) -> str:
+    """The module a LoRA weight key belongs to: 'base_model.model.x.q_proj.lora_A.default.weight' -> 'x.q_proj'."""
+    return key.removeprefix("base_model.model.").split(".lora_")[0]
+
+
+def refuse_unmatched_weights(adapter_name: str, config: LoranConfig, result, model_id) -> None:
+    """ValueError naming the modules the adapter adapted that the saved weights lack, and those the weights hold
+    that it did not adapt (PEFT's missing and unexpected keys of this load)."""
+    missing = sorted({_module_of(k) for k in result.missing_keys
+                      if ".lora_" in k and f".{adapter_name}." in k.split(".lora_", 1)[1]})
+    unexpected = sorted({_module_of(k) for k in result.unexpected_keys})
+    if not (missing or unexpected):
+        return
+    targets = config.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    raise ValueError(
+        f"{model_id}: the saved weights do not match the modules that adapter_config.json's "
+        f"target_modules={targets!r} adapt: adapted but no weights saved: {missing or 'none'}; "
+        f"weights saved for modules not adapted: {unexpected or 'none'}. Those modules would run as the base model. "
+        "The config and the weights must come from one save_pretrained")
+
+
+def read_adapter_config(folder: str | os.PathLike) -> PeftConfig:
+    """The adapter config saved in a local `folder`, as PEFT reads it; FileNotFoundError when there is none,
+    ValueError naming the file when it is not valid JSON."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME} (the adapter's config, which save_pretrained writes)")
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it, or save the adapter again") from err
+    return LoranConfig.from_pretrained(str(folder))
+
+
+def check_weights_file(folder: str | os.PathLike) -> None:
+    """FileNotFoundError naming the folder and the file when a local adapter folder holds no weights."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise FileNotFoundError(
+            f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): the adapter's weights, which "
+            f"save_pretrained writes next to {CONFIG_NAME}")
+
+
 def get_loran_model(model: nn.Module, config: LoranConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap `model` with a new LoRAN adapter (as ``peft.get_peft_model``)."""
     if not isinstance(config, LoranConfig):
@@ -111,10 +229,17 @@ def get_loran_model(model: nn.Module, config: LoranConfig, adapter_name: str = "
 
 def load_loran(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                **kwargs) -> PeftModel:
-    """Load a saved LoRAN adapter onto `model`; refuses a folder that holds plain LoRA or another method."""
-    config = LoranConfig.from_pretrained(str(path))
+    """Load a saved LoRAN adapter onto `model`; refuses a folder that holds plain LoRA or another method, has no
+    weights or an invalid adapter_config.json, or whose weights do not match the modules its config adapts."""
+    folder = os.path.join(str(path), kwargs["subfolder"]) if kwargs.get("subfolder") else str(path)
+    if os.path.isdir(folder):
+        config = read_adapter_config(folder)
+        check_weights_file(folder)
+    else:  # a hub repo id: PEFT looks it up
+        config = LoranConfig.from_pretrained(str(path), subfolder=kwargs.get("subfolder"))
     if not isinstance(config, LoranConfig):
-        raise ValueError(f"{path} holds a {config.peft_type} adapter, not LoRAN (adapter_config.json peft_type "
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"{path} holds a {kind} adapter, not LoRAN (adapter_config.json peft_type "
                          f'must be "{PEFT_TYPE}"); load it with peft.PeftModel.from_pretrained instead')
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=config, **kwargs)
