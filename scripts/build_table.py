@@ -3,6 +3,7 @@
     python scripts/build_table.py table2_mini        # -> results/table2_mini.csv, results/table2_mini.md
 """
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--paper", default=None, help="the paper's values (default: <results>/paper/table2.csv)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # a record left out is said on stderr
     results = Path(args.results)
     try:
         records = load_records(results / "runs" / args.experiment)

@@ -7,12 +7,13 @@
 Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown.
 """
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import configurations, study_rows, to_markdown, write_csv
-from loran.pipeline.tables import load_records
+from loran.pipeline.tables import load_records, require_identity
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -35,13 +36,16 @@ def main(argv=None) -> None:
     parser.add_argument("--plan", default=None, help="SEEDS,EXAMPLES: also the MDE a run of that size would have")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # a record left out is said on stderr
     results = Path(args.results)
     control = dict(args.control or [("activation.name", "identity")])
     plan = tuple(int(v) for v in args.plan.split(",")) if args.plan else None
     try:
-        records = load_records(results / "runs" / args.experiment)
+        records = load_records(results / "runs" / args.experiment, metric=args.metric)
         if not records:
-            sys.exit(f"no table written: no successful run record under {results / 'runs' / args.experiment}")
+            sys.exit(f"no table written: no successful run record under {results / 'runs' / args.experiment} "
+                     f"(that reports {args.metric!r})")
+        require_identity(records, args.experiment)
         rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
                           pair_by=tuple(args.pair_by))
     except (CorruptRecord, ValueError) as err:

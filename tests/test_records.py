@@ -141,3 +141,80 @@ def test_git_revision_names_the_checkout_loran_is_imported_from(tmp_path, monkey
         pytest.skip("the tests do not run from a git checkout")
     monkeypatch.chdir(tmp_path)
     assert git_revision()["commit"] == head.stdout.strip()
+
+
+def _without(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+BAD = {  # hand-edited records that say "ok": what was done to them, and the field the warning must name
+    "no metrics": (lambda r: _without(r, "metrics"), "metrics is missing"),
+    "metrics null": (lambda r: {**r, "metrics": None}, "metrics is None"),
+    "metrics empty": (lambda r: {**r, "metrics": {}}, "metrics is {}"),
+    "metric a string": (lambda r: {**r, "metrics": {"accuracy": "0.9"}}, "metrics is {'accuracy': '0.9'}"),
+    "metric a bool": (lambda r: {**r, "metrics": {"accuracy": True}}, "metrics is"),
+    "metrics a list": (lambda r: {**r, "metrics": [0.9]}, "metrics is [0.9]"),
+    "no choices": (lambda r: _without(r, "choices"), "choices is missing"),
+    "no seed": (lambda r: {**r, "choices": _without(r["choices"], "seed")}, "choices is"),
+    "seed a string": (lambda r: {**r, "choices": {**r["choices"], "seed": "0"}}, "choices is"),
+    "identity a string": (lambda r: {**r, "identity": "x"}, "identity is 'x'"),
+    "no cell": (lambda r: _without(r, "cell"), "cell is missing"),
+    "no experiment": (lambda r: _without(r, "experiment"), "experiment is missing"),
+    "no git": (lambda r: _without(r, "git"), "git is missing"),
+    "time null": (lambda r: {**r, "train_time_s": None}, "train_time_s is None"),
+    "finished_at a number": (lambda r: {**r, "finished_at": 5}, "finished_at is 5"),
+    "zero_shot strings": (lambda r: {**r, "zero_shot": {"accuracy": "x"}}, "zero_shot is"),
+}
+
+
+@pytest.mark.parametrize("edit, field", BAD.values(), ids=BAD)
+def test_a_bad_record_is_left_out_of_the_run_table_with_a_warning_naming_it(tmp_path, caplog, edit, field):
+    """Issue 24: a hand-edited "ok" record made every later cell of its experiment fail with a KeyError (after
+    writing its own record) and stopped the table; now it is left out, and the warning names its file and field."""
+    runs = tmp_path / "runs/e"
+    write_record(runs / "bad1/record.json", edit(ok_record("bad1", accuracy=0.7)))
+    write_record(runs / "a2/record.json", ok_record("a2", accuracy=0.5))  # the cell that finishes next
+    table = tmp_path / "runs/e_cells.csv"
+    assert rebuild_table(runs, table) == 1
+    assert [r["cell"] for r in csv.DictReader(open(table, newline=""))] == ["a2"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{runs / 'bad1/record.json'} left out: status is \"ok\" but {field}" in warning and "must be" in warning
+
+
+def test_an_ok_record_without_optional_fields_keeps_its_row(tmp_path, caplog):
+    """What is not bad: no identity (written before cells were hashed), no config_hash, zero_shot or row."""
+    record = _without(_without(ok_record("a1", accuracy=0.5), "config_hash"), "identity")
+    write_record(tmp_path / "runs/e/a1/record.json", {**record, "zero_shot": None, "git": None})
+    assert rebuild_table(tmp_path / "runs/e", tmp_path / "runs/e_cells.csv") == 1
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_an_unreadable_record_is_named_and_left_out_of_the_run_table(tmp_path, caplog):
+    """A record.json that cannot be read at all (here a folder) stops its own cell naming it (CorruptRecord),
+    and never another cell's table rebuild."""
+    runs = tmp_path / "runs/e"
+    write_record(runs / "a1/record.json", ok_record("a1", accuracy=0.5))
+    (runs / "odd/record.json").mkdir(parents=True)
+    with pytest.raises(CorruptRecord, match=r"odd/record.json is not a valid record .* Move it away"):
+        read_record(runs / "odd/record.json")
+    assert rebuild_table(runs, tmp_path / "runs/e_cells.csv") == 1
+    assert any("odd/record.json" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_cell_finishing_next_to_a_bad_and_a_corrupt_record_gets_its_row(tmp_path, monkeypatch, caplog):
+    """The issue's path end to end: a tiny cell runs in an experiment that holds a hand-edited "ok" record without
+    metrics and a non-JSON record of other cells; it finishes, and the table holds its row."""
+    from test_run_contract import SMALL, cfg_of, rows  # the runner's tiny CPU cell
+    from loran.pipeline.run import cell_paths, run_cell
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    cfg = cfg_of(*SMALL, results=results)
+    runs = cell_paths(cfg)["runs"]
+    write_record(runs / "bad/record.json", _without(ok_record("bad1", accuracy=0.7), "metrics"))
+    (runs / "broken").mkdir()
+    (runs / "broken/record.json").write_text('{"status": "ok", "metr')
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and [r["cell"] for r in rows(results)] == [record["cell"]]
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "bad/record.json left out" in warnings and "broken/record.json is not a valid record" in warnings

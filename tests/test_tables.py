@@ -1,4 +1,5 @@
 """Table 2 from records: means, paired intervals checked against numpy, missing and failed cells as dashes."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,85 @@ def test_the_script_writes_no_table_from_mixed_records(tmp_path, write_fake_reco
                            str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no table written: qlora-none / accuracy would pool" in proc.stderr
     assert not (tmp_path / "results/mixed.md").exists() and not (tmp_path / "results/mixed.csv").exists()
+
+
+DROP = object()  # _edit: remove the field
+
+
+def _edit(runs, record, **changes):
+    path = runs / record["cell"] / "record.json"
+    data = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not DROP}))
+    return path
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"metrics": DROP}, "metrics is missing"),
+    ({"metrics": {"accuracy": "high"}}, "metrics is {'accuracy': 'high'}"),
+    ({"choices": DROP}, "choices is missing"),
+    ({"choices": {"adapter": "loran", "activation": "sinter"}}, "choices is"),  # no seed
+    ({"identity": ["x"]}, "identity is ['x']"),
+], ids=["no metrics", "metric a string", "no choices", "no seed", "identity a list"])
+def test_a_bad_record_is_left_out_of_the_table_with_a_warning_naming_it(runs, write_fake_record, caplog, changes,
+                                                                        field):
+    """Issue 24: a hand-edited "ok" record stopped Table 2 with a KeyError; it is left out, its file named."""
+    expected = build(load_records(runs), ROWS)
+    bad = write_fake_record(runs, "loran", "sinter", "bbc_news", 7, {"accuracy": 0.1})
+    path = _edit(runs, bad, **changes)
+    assert build(load_records(runs), ROWS) == expected
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f'{path} left out of the table: status is "ok" but {field}') and "must be" in warning
+
+
+def test_a_record_whose_choices_name_no_row_is_left_out_of_table_2(runs, write_fake_record, caplog):
+    expected = build(load_records(runs), ROWS)
+    bad = write_fake_record(runs, "loran", "sinter", "bbc_news", 7, {"accuracy": 0.1})
+    _edit(runs, bad, choices={"seed": 7})
+    assert build(load_records(runs), ROWS) == expected
+    assert any(f"record {bad['cell']} left out of the table: its choices name no row" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_scripts_build_their_tables_around_a_bad_record(runs, tmp_path, write_fake_record):
+    """build_table.py and study_table.py write their tables and name the bad record on stderr."""
+    bad = write_fake_record(runs, "loran", "sinter", "bbc_news", 7, {"accuracy": 0.1})
+    path = _edit(runs, bad, metrics=DROP)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/build_table.py"), "grid", "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"WARNING: {path} left out of the table" in proc.stderr and (tmp_path / "results/grid.md").exists()
+
+    from test_study import record  # a study's records keep their per-example predictions
+    study = tmp_path / "results/runs/screen"
+    for seed in (0, 1):
+        for activation in ("identity", "sinter"):
+            rec = record(activation, {}, seed, [1, 0, 1, 1])
+            (study / rec["cell"]).mkdir(parents=True)
+            (study / rec["cell"] / "record.json").write_text(json.dumps(rec))
+    (study / "bad").mkdir()
+    (study / "bad/record.json").write_text(json.dumps({**rec, "cell": "bad", "metrics": None}))
+    (study / "other").mkdir()
+    (study / "other/record.json").write_text(json.dumps({**rec, "cell": "other", "metrics": {"rougeL": 0.2}}))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
+                           str(tmp_path / "results"), "--boot", "100"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{study / 'bad/record.json'} left out of the table: status is \"ok\" but metrics is None" in proc.stderr
+    assert f"{study / 'other/record.json'} left out of the table: it reports no 'accuracy'" in proc.stderr
+    assert (tmp_path / "results/screen.md").exists()
+
+
+def test_the_study_script_asks_for_migration_of_a_record_without_identity(tmp_path):
+    """As Table 2 does: a record from before cells were hashed cannot be grouped by configuration."""
+    from test_study import record
+    study = tmp_path / "results/runs/screen"
+    for seed in (0, 1):
+        rec = record("identity", {}, seed, [1, 0])
+        if seed:
+            del rec["identity"]
+        (study / rec["cell"]).mkdir(parents=True)
+        (study / rec["cell"] / "record.json").write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no table written: screen: records ['identity{}.seed1'] carry no config identity" in proc.stderr
+    assert "scripts/migrate_records.py" in proc.stderr

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import platform
+import reprlib
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -62,13 +63,63 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, OSError) as err:  # OSError: a folder, or no permission to read
         raise CorruptRecord(f"{path} is not a valid record ({err}). Move it away (or restore it with git) "
                             "and run the same command again to redo this cell.") from err
     if not isinstance(record, dict):
         raise CorruptRecord(f"{path} holds a {type(record).__name__}, not a record. Move it away (or restore "
                             "it with git) and run the same command again to redo this cell.")
     return record
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
+
+
+def _choices(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("seed"), int) and not isinstance(value["seed"], bool)
+            and all(isinstance(value[k], str) for k in ("dataset", "model", "adapter", "activation") if k in value)
+            and isinstance(value.get("row"), (str, type(None))))
+
+
+_ABSENT = object()
+
+# What a record whose status is "ok" must hold to be tabulated: field -> (check, what is allowed). A record that
+# fails one (hand-edited, or written by something else) is "bad": every table leaves it out with a warning naming
+# its file, so it never fails another cell. RESULT_FIELDS are what every table reads (Table 2 and the study tables:
+# loran.pipeline.tables.load_records); the per-cell CSV (table_row) also reads RUN_FIELDS. A record without
+# "identity" (written before cells were hashed) is not bad: Table 2 asks for scripts/migrate_records.py instead.
+RESULT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "choices": (_choices, 'a mapping with an integer "seed" ("dataset", "model", "adapter" and "activation" '
+                          'strings, "row" a string or null, where present)'),
+    "metrics": (lambda v: _numbers(v) and bool(v), "a non-empty mapping of metric names to numbers"),
+    "identity": (lambda v: v is _ABSENT or isinstance(v, dict), "a mapping (the config identity)"),
+    "cell": (lambda v: isinstance(v, str), "a string"),
+}
+RUN_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "experiment": (lambda v: isinstance(v, str), "a string"),
+    "trainable_params": (_number, "a number"),
+    "train_time_s": (_number, "a number"),
+    "wall_time_s": (_number, "a number"),
+    "peak_memory_mb": (_number, "a number"),
+    "git": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+    "finished_at": (lambda v: isinstance(v, str), "a string (a time stamp)"),
+    "zero_shot": (lambda v: v is _ABSENT or v is None or _numbers(v), "a mapping of metric names to numbers"),
+}
+
+
+def record_problem(record: dict[str, Any], fields: dict[str, tuple[Callable[[Any], bool], str]]) -> str | None:
+    """Why a successful record cannot be tabulated (the first of `fields` it lacks or holds wrongly), or None."""
+    for name, (valid, allowed) in fields.items():
+        value = record.get(name, _ABSENT)
+        if not valid(value):
+            given = "missing" if value is _ABSENT else reprlib.repr(value)
+            return f'status is "ok" but {name} is {given}; it must be {allowed}'
+    return None
 
 
 def choices(cfg) -> dict[str, Any]:
@@ -97,8 +148,8 @@ def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
     """Write the per-cell CSV `table` from every successful record under runs_dir (oldest first); return its row count.
 
     Records are read under the table's lock, so of several cells finishing at once the last writer sees them
-    all. An unreadable record is left out with a warning here (it must not fail another cell's run); the
-    Table 2 builder refuses it instead.
+    all. An unreadable record, and a bad one (``record_problem``), is left out with a warning naming its file: it
+    must not fail another cell's run. (The Table 2 builder refuses an unreadable record instead.)
     """
     table = Path(table)
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +161,12 @@ def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
             except CorruptRecord as err:
                 log.warning("per-cell CSV: %s", err)
                 continue
-            if record.get("status") == "ok":
-                rows.append(table_row(record))
+            if record.get("status") != "ok":
+                continue
+            if problem := record_problem(record, {**RESULT_FIELDS, **RUN_FIELDS}):
+                log.warning("per-cell CSV: %s left out: %s", path, problem)
+                continue
+            rows.append(table_row(record))
         rows.sort(key=lambda r: (str(r["finished_at"]), r["cell"]))
         columns: list[str] = []
         for row in rows:

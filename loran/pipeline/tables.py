@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from loran.pipeline.cells import flatten
-from loran.pipeline.records import read_record
+from loran.pipeline.records import RESULT_FIELDS, read_record, record_problem
+
+log = logging.getLogger(__name__)
 
 
 def load_rows(folder: str | Path) -> list[tuple[str, str]]:
@@ -68,26 +71,42 @@ class MixedConfigs(ValueError):
     """Records that would be pooled into one table cell differ in more than the seed."""
 
 
-def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """Every successful record under runs_dir (failed, diverged or unfinished runs are left out)."""
+def load_records(runs_dir: str | Path, metric: str | None = None) -> list[dict[str, Any]]:
+    """Every successful record under runs_dir (failed, diverged or unfinished runs are left out), and with `metric`
+    only those that report it. A bad record (loran.pipeline.records.RESULT_FIELDS), or one without `metric`, is left
+    out with a warning naming its file; a corrupt one stops the table (CorruptRecord, naming its file)."""
     records = []
     for path in sorted(Path(runs_dir).glob("*/record.json")):
-        record = read_record(path)  # a corrupt record stops the table, naming its file
-        if record.get("status") == "ok":
-            records.append(record)
+        record = read_record(path)
+        if record.get("status") != "ok":
+            continue
+        problem = record_problem(record, RESULT_FIELDS)
+        if not problem and metric is not None and metric not in record["metrics"]:
+            problem = f"it reports no {metric!r} (its metrics: {sorted(record['metrics'])})"
+        if problem:
+            log.warning("%s left out of the table: %s", path, problem)
+            continue
+        records.append(record)
     return records
 
 
-def row_key(record: dict[str, Any]) -> str:
-    """A record's Table 2 row: its row's name, or "<adapter>-<activation>" for records made before rows had names."""
+def row_key(record: dict[str, Any]) -> str | None:
+    """A record's Table 2 row: its row's name, or "<adapter>-<activation>" for records made before rows had names
+    (None when its choices name neither)."""
     choices = record["choices"]
-    return choices.get("row") or f'{choices["adapter"]}-{choices["activation"]}'
+    if choices.get("row"):
+        return choices["row"]
+    return f'{choices["adapter"]}-{choices["activation"]}' if "adapter" in choices and "activation" in choices else None
 
 
 def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
     """(row key, metric) -> {seed: value}, after checking that each cell's records differ only in the seed."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
+        if row_key(record) is None:
+            log.warning("record %s left out of the table: its choices name no row (no \"row\", nor \"adapter\" "
+                        "and \"activation\")", record.get("cell"))
+            continue
         for metric in record["metrics"]:
             if metric in METRICS:
                 groups.setdefault((row_key(record), metric), []).append(record)
@@ -97,12 +116,17 @@ def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
             for key, group in groups.items()}
 
 
-def check_one_config(records: list[dict[str, Any]], where: str) -> None:
-    """MixedConfigs unless every record has the same identity (the same config up to the seed)."""
-    missing = [r["cell"] for r in records if "identity" not in r]
+def require_identity(records: list[dict[str, Any]], where: str) -> None:
+    """MixedConfigs naming the records that carry no config identity (written before cells were hashed)."""
+    missing = [r.get("cell") for r in records if "identity" not in r]
     if missing:
         raise MixedConfigs(f"{where}: records {missing} carry no config identity (written before cells were "
                            "hashed), so they cannot be shown to share a config; run scripts/migrate_records.py")
+
+
+def check_one_config(records: list[dict[str, Any]], where: str) -> None:
+    """MixedConfigs unless every record has the same identity (the same config up to the seed)."""
+    require_identity(records, where)
     flats = [flatten(r["identity"]) for r in records]
     keys = sorted(set().union(*flats))
     differ = {k: sorted({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flats}) for k in keys}
