@@ -60,6 +60,7 @@ TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "trainer.args.max_steps": (INT, _steps, "a positive integer, or -1 to train num_train_epochs"),
     "trainer.args.num_train_epochs": (NUMBER, _finite_positive, "a positive number"),
     "trainer.args.learning_rate": (NUMBER, _finite_positive, "a positive number"),
+    "logger.init_timeout": (NUMBER, _finite_positive, "a positive number of seconds"),
 }
 
 # The keys each node may have; a key outside these (a typo, or `+anything=1`) would be silently ignored.
@@ -72,7 +73,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "adapter": {"name", "takes_activation", "peft"},
     "activation": {"name", "params", "start"},
     "trainer": {"eval_batch_size", "resume", "args"},
-    "logger": {"report_to", "project", "group", "tags"},
+    "logger": {"report_to", "project", "group", "tags", "init_timeout"},
     "row": {"name", "label", "order"},
 }
 

@@ -4,7 +4,8 @@
 config with ``hydra.utils.instantiate``; this file orders the steps and writes the outputs:
   - <results_dir>/runs/<experiment>/<cell>/record.json  (written last; a failed or diverged run records why)
   - <results_dir>/runs/<experiment>_cells.csv           (rebuilt from the successful records: one row each)
-  - a W&B run (group = experiment), offline when no API key is set
+  - a W&B run (group = experiment), online when wandb finds a key, else offline with a warning
+    (loran/pipeline/tracking.py)
 The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
 last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
@@ -183,7 +184,7 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         if cfg.zero_shot and main:
             record["zero_shot"] = evaluate(model, tokenizer, test, metric, **eval_kwargs)["metrics"]
             log.info("zero-shot %s", record["zero_shot"])
-        trainer = build_trainer(args, model, peft_config, tokenizer, train)
+        trainer = build_trainer(args, model, peft_config, tokenizer, train, wandb_run=wandb_run)
         trainer.add_callback(preemption)
         record["trainable_params"], record["total_params"] = trainer.model.get_nb_trainable_parameters()
         record["world_size"] = trainer.args.world_size

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loran.pipeline.data import CausalLMCollator
+from loran.pipeline.tracking import log_wandb
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,13 @@ def training_args(cfg: DictConfig, out_dir: Path) -> TrainingArguments:
     """TrainingArguments from cfg.trainer.args; checkpoints go to out_dir/checkpoints.
 
     NaN and inf losses are logged as they are (transformers would replace them by the window's mean), so a
-    diverging run shows in its loss history and is stopped by DivergenceStop.
+    diverging run shows in its loss history and is stopped by DivergenceStop. W&B is left out of report_to:
+    transformers' own WandbCallback is unguarded (a failing wandb.log would fail the cell, and without a run it calls
+    an unbounded wandb.init); WandbLog logs to the run that loran.pipeline.tracking started instead.
     """
-    return instantiate(cfg.trainer.args, output_dir=str(Path(out_dir) / "checkpoints"),
-                       report_to=list(cfg.logger.report_to), run_name=cfg.cell, logging_nan_inf_filter=False,
-                       _convert_="all")
+    report_to = [name for name in cfg.logger.report_to if name != "wandb"] or ["none"]
+    return instantiate(cfg.trainer.args, output_dir=str(Path(out_dir) / "checkpoints"), report_to=report_to,
+                       run_name=cfg.cell, logging_nan_inf_filter=False, _convert_="all")
 
 
 def wrap_model(model, peft_config):
@@ -39,14 +42,29 @@ def wrap_model(model, peft_config):
     return get_peft_model(model, peft_config)
 
 
-def build_trainer(args: TrainingArguments, model, peft_config, tokenizer, train_data) -> Trainer:
-    """A Trainer for the cell, with the divergence stop installed (trainer.divergence)."""
+def build_trainer(args: TrainingArguments, model, peft_config, tokenizer, train_data, wandb_run=None) -> Trainer:
+    """A Trainer for the cell, with the divergence stop installed (trainer.divergence) and, given the cell's W&B run
+    (loran.pipeline.tracking.start_wandb), its logs sent there (WandbLog)."""
     model = wrap_model(model, peft_config)
     trainer = Trainer(model=model, args=args, train_dataset=train_data,
                       data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id))
     trainer.divergence = DivergenceStop()
     trainer.add_callback(trainer.divergence)
+    if wandb_run is not None:
+        trainer.add_callback(WandbLog(wandb_run))
     return trainer
+
+
+class WandbLog(TrainerCallback):
+    """Sends each log of the Trainer (loss, grad_norm, learning_rate, ...) to the cell's W&B run as train/<key> at
+    the global step, through tracking.log_wandb, which never raises."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            log_wandb(self.run, {f"train/{key}": value for key, value in logs.items()}, step=state.global_step)
 
 
 class DivergenceStop(TrainerCallback):
