@@ -2,6 +2,9 @@
 bad value or broken environment ends in one line naming the field or file (exit code 2 and nothing written when it is
 the configuration), or in a run that is still right."""
 import logging
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,13 +12,15 @@ import wandb
 from hydra import compose, initialize_config_dir
 from transformers.integrations import WandbCallback
 
+import loran.pipeline.base_models
 import loran.pipeline.run
 import loran.pipeline.training
 from loran.pipeline.checks import ConfigError, check_config
-from loran.pipeline.run import run_cell
-from loran.pipeline.training import training_args
+from loran.pipeline.run import cell_paths, run_cell
+from loran.pipeline.training import claim_out_dir, training_args
 
 REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
 SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
          "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
          "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
@@ -30,6 +35,10 @@ def cfg_of(*overrides, results=None):
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outputs/ lands here
     return tmp_path
+
+
+def nothing_under(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.rglob("*"))
 
 
 # --- A. W&B ------------------------------------------------------------------------------------------------------
@@ -88,3 +97,73 @@ def test_a_wandb_cell_logs_its_losses_through_the_guarded_callback_and_a_failing
     assert losses == [(e["step"], e["loss"]) for e in record["loss_history"]] and [s for s, _ in losses] == [1, 2]
     assert any("W&B log failed" in r.getMessage() and "W&B is down" in r.getMessage() for r in caplog.records)
     assert not any(isinstance(c, WandbCallback) for c in trainers[0].callback_handler.callbacks)
+
+
+# --- B. bad values refused before anything is loaded -------------------------------------------------------------
+LONG = "x" * 300
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dataset.prompt.max_source_tokens=0"],
+     r"dataset.prompt.max_source_tokens=0 \(int\) must be a positive integer"),
+    (["dataset.prompt.max_source_tokens=-3"], r"dataset.prompt.max_source_tokens=-3 \(int\) must be a positive"),
+    (["dataset.prompt.max_target_tokens=0"], r"dataset.prompt.max_target_tokens=0 \(int\) must be a positive"),
+    ([f"experiment_name={LONG}"], r"experiment_name='x{40}\.\.\.x{12}' is 300 bytes long; at most 231 fit, since a "
+                                  r"file or folder name may have 255 bytes"),
+    ([f"dataset.name={'d' * 240}"], r"cell='d{40}\.\.\..*' is \d+ bytes long; at most 250 fit"),
+    (["adapter=dora", "activation=relu"], r"adapter=dora takes no activation, but activation=relu was chosen\. DoRA "
+                                          r"is PEFT's LoRA with a learned magnitude per output"),
+])
+def test_bad_values_stop_before_loading_and_write_nothing(workdir, monkeypatch, overrides, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(loran.pipeline.base_models, "tiny_causal_lm", no_loading)
+    with pytest.raises(ConfigError, match=message) as refused:
+        run_cell(cfg_of(*SMALL, *overrides, results=workdir / "results"))
+    assert "QLoRA" not in str(refused.value) and "\n" not in str(refused.value)
+    assert nothing_under(workdir / "results") and nothing_under(workdir / "outputs")
+
+
+def test_an_experiment_name_that_just_fits_is_accepted(workdir):
+    check_config(cfg_of(*SMALL, f"experiment_name={'x' * 231}"))
+    (workdir / "results/runs").mkdir(parents=True)
+    (workdir / f"results/runs/.{'x' * 231}_cells.csv.12345678.tmp").write_text("")  # the longest file it makes
+
+
+@pytest.mark.parametrize("sweep", [[], ["-m"]])
+def test_train_py_refuses_a_name_too_long_for_a_folder_with_exit_code_2_and_makes_no_folder(workdir, sweep):
+    """It gave an OSError after Hydra made a folder."""
+    proc = subprocess.run([PY, str(REPO / "train.py"), *sweep, *SMALL, f"experiment_name={LONG}",
+                           f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"configuration error: experiment_name='x+\.\.\.x+' is 300 bytes long; at most 231 fit",
+                     proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "OSError" not in proc.stderr
+    assert not (workdir / "outputs").exists() and not (workdir / "results").exists()
+
+
+# --- B. found right after loading --------------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["n_train", "n_eval"])
+def test_more_examples_than_the_split_has_are_refused_naming_the_field_and_the_size(workdir, field):
+    """They were cut to the split's size silently, while the cell's name and hash kept the number asked for."""
+    with pytest.raises(ConfigError, match=rf"dataset.{field}=100000 is more than the (\d+) examples of "
+                                          rf"dataset=bbc_headlines's (train|test) split; set at most \1, or null"):
+        run_cell(cfg_of(*SMALL, f"dataset.{field}=100000", results=workdir / "results"))
+    assert nothing_under(workdir / "results")
+
+
+@pytest.mark.parametrize("content, problem", [("{not json", "is not valid JSON"),
+                                              ('["a list"]', r'is not \{"cell": ..., "config_hash": ...\}')])
+def test_a_corrupt_cell_json_names_the_file_and_how_to_recover(workdir, content, problem):
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    owner = cell_paths(cfg)["out_dir"] / "cell.json"
+    owner.parent.mkdir(parents=True)
+    owner.write_text(content)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(owner))} {problem}.*Move it away and run the same "
+                                          r"command again"):
+        run_cell(cfg)
+    assert nothing_under(workdir / "results")
+    owner.unlink()
+    claim_out_dir(owner.parent, cfg.cell, cfg.cell[-8:])  # moved away: the folder is claimed again

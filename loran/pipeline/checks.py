@@ -51,6 +51,8 @@ TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
     "skip_existing": (BOOL, None, "true or false"),
     "dataset.n_train": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
     "dataset.n_eval": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
+    "dataset.prompt.max_source_tokens": (INT, _positive, "a positive integer (the prompt's token budget)"),
+    "dataset.prompt.max_target_tokens": (INT, _positive, "a positive integer (the target's tokens, eos included)"),
     # LoRA's sizes, by the adapter's own rules (loran.config.LORA_FIELDS; a bool is refused as not a number there)
     **{f"adapter.peft.{name}": (ANY, valid, description) for name, (valid, description) in LORA_FIELDS.items()},
     "trainer.resume": (BOOL, None, "true or false"),
@@ -182,13 +184,23 @@ def check_target_list(cfg: DictConfig) -> None:
                           "(for example [q_proj, v_proj]) or a regular expression string")
 
 
+# Why an adapter with takes_activation: false has no activation (the refusal says it for the adapter chosen).
+NO_ACTIVATION_BECAUSE: dict[str, str] = {
+    "qlora": "QLoRA is plain LoRA on the quantised base (its update is B A, f = identity)",
+    "dora": "DoRA is PEFT's LoRA with a learned magnitude per output (use_dora); its update is B A, and PEFT's "
+            "LoraConfig has no activation to apply",
+}
+
+
 def check_activation_choice(cfg: DictConfig) -> None:
-    """adapter=qlora takes no activation: an explicit one would silently be ignored, so it is refused."""
+    """An adapter that takes no activation (qlora, dora) refuses an explicit one, which would silently be ignored."""
     if not cfg.adapter.takes_activation and cfg.activation.name != "none":
+        name = cfg.adapter.name
+        because = NO_ACTIVATION_BECAUSE.get(name, f"configs/adapter/{name}.yaml says takes_activation: false")
         raise ConfigError(
-            f"adapter={cfg.adapter.name} takes no activation, but activation={cfg.activation.name} was chosen. "
-            f"QLoRA is plain LoRA on the quantised base; for a non-linear update use adapter=loran "
-            f"activation={cfg.activation.name}, or drop the activation override."
+            f"adapter={name} takes no activation, but activation={cfg.activation.name} was chosen. "
+            f"{because}; for a non-linear update use adapter=loran activation={cfg.activation.name}, or drop the "
+            f"activation override."
         )
 
 
@@ -206,13 +218,36 @@ def build_peft_config(cfg: DictConfig):
         raise ConfigError(f"adapter={cfg.adapter.name}, activation={cfg.activation.name}: {cause(err)}") from err
 
 
+NAME_MAX = 255  # bytes per file or folder name on ext4, XFS, Btrfs, tmpfs, NFS (os.pathconf's PC_NAME_MAX)
+# The longest file name made from each name, as (bytes added, example): the file systems' limit applies to these.
+NAME_SUFFIXES: dict[str, tuple[int, str]] = {
+    # records._atomic_write's temporary file for <results_dir>/runs/<experiment_name>_cells.csv
+    "experiment_name": (len("._cells.csv.") + 8 + len(".tmp"), "._cells.csv.XXXXXXXX.tmp"),
+    "cell": (len(".lock"), ".lock"),  # <results_dir>/runs/<experiment>/<cell>.lock
+}
+
+
+def check_name_length(field: str, value: str) -> None:
+    """A name (and the files named after it) fits the file system's limit of NAME_MAX bytes per path component."""
+    extra, example = NAME_SUFFIXES.get(field, (0, ""))
+    size = len(str(value).encode())
+    if size + extra > NAME_MAX:
+        shown = f"{value[:40]}...{value[-12:]}" if len(value) > 60 else value
+        raise ConfigError(f"{field}={shown!r} is {size} bytes long; at most {NAME_MAX - extra} fit, since a file or "
+                          f"folder name may have {NAME_MAX} bytes and the longest one made from it adds {extra} "
+                          f"({field}{example}); choose a shorter {field}")
+
+
 def check_names(cfg: DictConfig) -> None:
-    """experiment_name and the cell name are single folder names, so nothing is written outside its folder."""
+    """experiment_name and the cell name are single folder names, so nothing is written outside its folder, and they
+    fit the file system's name length (else Hydra's folder or a record fails after the run started)."""
     for field in ("experiment_name", "dataset.name", "model.name", "adapter.name", "activation.name", "cell"):
         try:
             check_name(field, _select(cfg, field))
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    for field in ("experiment_name", "cell"):  # the cell's name holds the group names: their length counts there
+        check_name_length(field, _select(cfg, field))
 
 
 def check_writable(cfg: DictConfig) -> None:
@@ -272,7 +307,8 @@ class CheckBeforeRun(Callback):
         self._check(check_config, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(lambda cfg: check_name("experiment_name", cfg.experiment_name), config)
+        self._check(lambda cfg: (check_name("experiment_name", cfg.experiment_name),
+                                 check_name_length("experiment_name", cfg.experiment_name)), config)
 
     @staticmethod
     def _check(check: Callable[[DictConfig], None], config: DictConfig) -> None:

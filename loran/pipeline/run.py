@@ -16,10 +16,12 @@ The contract in full (tests/test_run_contract.py checks it; the README has the s
   (`+anything=1`; a typo in trainer.args gets a "did you mean"), types and ranges (seed in [0, 2**32), zero_shot a
   boolean, positive batch sizes, accumulation steps and learning rate, max_steps a positive integer or -1, LoRA's r /
   lora_alpha / lora_dropout by the adapter's own rules), closed choices (model.load.quantization, model.load.dtype),
-  an empty model.target_modules, folder names (experiment_name=../x, /tmp/x or a name with / are refused), an
-  unwritable results_dir, a second checkpointing switch in trainer.args, and the adapter's config itself (its own
-  checks: the activation and its parameters); then (in run_cell) TrainingArguments. Target modules missing from the model and dataset columns are checked right after
-  loading, also with exit code 2 and nothing under results/.
+  an empty model.target_modules, folder names (experiment_name=../x, /tmp/x or a name with / are refused, and so is
+  an experiment_name or cell name too long for a file name), positive prompt token budgets, an unwritable
+  results_dir, a second checkpointing switch in trainer.args, and the adapter's config itself (its own checks: the
+  activation and its parameters); then (in run_cell) TrainingArguments. Target modules missing from the
+  model, dataset columns and a dataset.n_train / n_eval above its split's size are checked right after loading, also
+  with exit code 2 and nothing under results/.
 - Not a result, not a row: zero training steps are refused up front; a non-finite loss or gradient norm stops
   training at the first logged step that shows it (NaN stays NaN in the record's history; no checkpoint of the NaN
   weights), the record says "diverged", exit code 3.
@@ -30,7 +32,8 @@ The contract in full (tests/test_run_contract.py checks it; the README has the s
   moved aside as checkpoint-N.incomplete with a warning).
 - Signals: SIGTERM, SIGUSR1/2 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the
   signal (143, 130); the same command resumes. A second Ctrl-C stops at once.
-- A corrupt record.json stops the cell (exit code 2) naming the file; move it away to redo the cell.
+- A corrupt record.json or outputs/<experiment>/<cell>/cell.json stops the cell (exit code 2) naming the file and
+  how to recover.
   scripts/build_table.py refuses to pool records whose configs differ in more than the seed, naming the keys.
 """
 from __future__ import annotations
@@ -103,14 +106,25 @@ def build_training_args(cfg: DictConfig, out_dir: Path):
         raise ConfigError(f"trainer.args: {cause(err)}") from err
 
 
+def check_sizes(cfg: DictConfig, raw) -> None:
+    """dataset.n_train and n_eval fit their splits: a larger number would be cut silently, while the cell's name and
+    hash keep the number asked for."""
+    for field, split in (("n_train", "train"), ("n_eval", cfg.dataset.eval_split)):
+        asked, size = cfg.dataset[field], len(raw[split])
+        if asked is not None and asked > size:
+            raise ConfigError(f"dataset.{field}={asked} is more than the {size} examples of dataset="
+                              f"{cfg.dataset.name}'s {split} split; set at most {size}, or null for the whole split")
+
+
 def load_data(cfg: DictConfig, tokenizer):
-    """Tokenised train split and prompt/target eval split, after checking the dataset's fields and splits."""
+    """Tokenised train split and prompt/target eval split, after checking the dataset's fields, splits and sizes."""
     try:
         spec = instantiate(cfg.dataset.prompt, _convert_="all")
         raw = instantiate(cfg.dataset.loader, _convert_="all")
         validate_columns(raw, spec)
     except (ValueError, TypeError, KeyError, InstantiationException) as err:
         raise ConfigError(f"dataset={cfg.dataset.name}: {cause(err)}") from err
+    check_sizes(cfg, raw)
     train = train_dataset(subset(raw["train"], cfg.dataset.n_train, cfg.seed), spec, tokenizer)
     evaluated = raw[cfg.dataset.eval_split]  # "validation" to choose settings, "test" to report them
     test = eval_dataset(subset(evaluated, cfg.dataset.n_eval, 0), spec, tokenizer)  # same examples for every seed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -145,10 +146,28 @@ def claim_out_dir(out_dir: Path, cell: str, config_hash: str) -> None:
     """
     owner = Path(out_dir) / "cell.json"
     if owner.exists():
-        theirs = json.loads(owner.read_text())
+        theirs = _read_owner(owner)
         if theirs.get("config_hash") != config_hash:
             raise ValueError(f"{out_dir} holds the checkpoints of cell {theirs.get('cell')}, not of {cell}; "
                              "resuming them would mix two configurations. Choose another hydra.run.dir or delete it.")
         return
     owner.parent.mkdir(parents=True, exist_ok=True)
-    owner.write_text(json.dumps({"cell": cell, "config_hash": config_hash}) + "\n")
+    partial = owner.with_name(f".{owner.name}.tmp")  # written whole, then renamed: a crash leaves no half file
+    partial.write_text(json.dumps({"cell": cell, "config_hash": config_hash}) + "\n")
+    os.replace(partial, owner)
+
+
+def _read_owner(owner: Path) -> dict[str, Any]:
+    """The {"cell", "config_hash"} of a checkpoint folder's cell.json; ValueError naming the file if unreadable."""
+    try:
+        theirs = json.loads(owner.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        problem = f"is not valid JSON ({err})"
+    else:
+        if isinstance(theirs, dict) and isinstance(theirs.get("config_hash"), str):
+            return theirs
+        problem = 'is not {"cell": ..., "config_hash": ...}'
+    raise ValueError(f"{owner} {problem}; it names the configuration whose checkpoints {owner.parent} holds. Move it "
+                     "away and run the same command again: the folder is then claimed by this cell and its "
+                     "checkpoints resumed (right for the default folder, outputs/<experiment>/<cell>, whose name "
+                     "holds the configuration's hash); else delete the folder too, to train from scratch")

@@ -45,6 +45,8 @@ class PromptSpec:
             raise ValueError(f"prompt_template needs {{input}} once and no fields but {{labels}}, got {fields}")
         if "labels" in fields and not self.labels:
             raise ValueError("prompt_template uses {labels} but labels is empty")
+        if self.max_source_tokens < 1:
+            raise ValueError(f"max_source_tokens must be >= 1 (the prompt's tokens), got {self.max_source_tokens}")
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens must be >= 1 (it counts the eos), got {self.max_target_tokens}")
 
