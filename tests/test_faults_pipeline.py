@@ -1,13 +1,19 @@
 """Faults of issue 24 (loran/pipeline/run.py's contract): W&B logs through the project's guarded calls only, and each
 bad value or broken environment ends in one line naming the field or file (exit code 2 and nothing written when it is
 the configuration), or in a run that is still right."""
+import errno
+import json
 import logging
+import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
 from hydra import compose, initialize_config_dir
 from transformers.integrations import WandbCallback
@@ -16,7 +22,8 @@ import loran.pipeline.base_models
 import loran.pipeline.run
 import loran.pipeline.training
 from loran.pipeline.checks import ConfigError, check_config
-from loran.pipeline.run import cell_paths, run_cell
+from loran.pipeline.preemption import Preempted
+from loran.pipeline.run import NoSpace, cell_paths, run_cell
 from loran.pipeline.training import claim_out_dir, training_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +46,10 @@ def workdir(tmp_path, monkeypatch):
 
 def nothing_under(folder: Path) -> bool:
     return not folder.exists() or not any(folder.rglob("*"))
+
+
+def record_of(cfg) -> dict:
+    return json.loads(cell_paths(cfg)["record"].read_text())
 
 
 # --- A. W&B ------------------------------------------------------------------------------------------------------
@@ -167,3 +178,98 @@ def test_a_corrupt_cell_json_names_the_file_and_how_to_recover(workdir, content,
     assert nothing_under(workdir / "results")
     owner.unlink()
     claim_out_dir(owner.parent, cfg.cell, cfg.cell[-8:])  # moved away: the folder is claimed again
+
+
+# --- B5. a signal during the final evaluation --------------------------------------------------------------------
+def test_sigterm_during_the_final_evaluation_stops_before_the_next_batch_and_the_same_command_redoes_it(
+        workdir, monkeypatch):
+    """It was ignored: the evaluation ran to its end and the record said "ok", however long that took."""
+    cfg = cfg_of(*SMALL, "dataset.n_eval=8", "trainer.eval_batch_size=2", results=workdir / "results")
+    evaluate, batches = loran.pipeline.run.evaluate, []
+
+    def evaluate_with_sigterm(model, *args, **kwargs):
+        generate = model.generate
+
+        def first_batch_gets_a_sigterm(*a, **k):
+            batches.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; this batch still finishes
+            return generate(*a, **k)
+
+        model.generate = first_batch_gets_a_sigterm
+        try:
+            return evaluate(model, *args, **kwargs)
+        finally:
+            del model.generate
+
+    monkeypatch.setattr(loran.pipeline.run, "evaluate", evaluate_with_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match=r"stopped on SIGTERM during the final evaluation \(nothing recorded\); run "
+                                        r"the same command again to redo it: it resumes from .*checkpoint-2") as err:
+        run_cell(cfg)
+    assert err.value.exit_code == 143
+    assert batches == [1]  # of 4 batches: stopped before the second
+    assert not cell_paths(cfg)["record"].exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is gone again
+
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and record["resumed_from"].endswith("checkpoint-2")
+    assert [e["step"] for e in record["loss_history"]] == [1, 2] and len(record["predictions"]) == 8
+    straight = run_cell(cfg_of(*SMALL, "dataset.n_eval=8", "trainer.eval_batch_size=2", "experiment_name=straight",
+                               results=workdir / "results"))  # the same cell, never stopped
+    assert straight["cell"] == record["cell"] and straight["resumed_from"] is None
+    assert record["loss_history"] == straight["loss_history"]  # no step past max_steps on resuming the last one
+    assert record["predictions"] == straight["predictions"] and record["metrics"] == straight["metrics"]
+
+
+# --- B7. a full disk ---------------------------------------------------------------------------------------------
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("how", ["ENOSPC", "torch's writer"])
+def test_a_checkpoint_on_a_full_disk_ends_in_one_line_and_a_failed_record(workdir, monkeypatch, how):
+    """It ended in a traceback whose record said only 'OSError: [Errno 28] ...' (or torch's 'unexpected pos')."""
+    if how == "ENOSPC":
+        monkeypatch.setattr(torch, "save", _full)
+    else:  # what torch.save raises on a full disk; the free space left tells it apart
+        def unexpected_pos(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        monkeypatch.setattr(torch, "save", unexpected_pos)
+        usage = loran.pipeline.run.shutil.disk_usage
+        monkeypatch.setattr(loran.pipeline.run.shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    with pytest.raises(NoSpace, match=r"^no space left on the device writing .*outputs/default/bbc_headlines\.\S+ "
+                                      r"\(.*\); free space there \(df -h .*\) and run the same command again$") as err:
+        run_cell(cfg)
+    assert "\n" not in str(err.value)
+    record = record_of(cfg)
+    assert record["status"] == "failed" and record["error"] == str(err.value)
+
+
+@pytest.mark.parametrize("then", ["fits", "does not fit"])
+def test_a_record_on_a_full_disk_ends_in_one_line_and_a_failed_record_if_one_fits(workdir, monkeypatch, caplog, then):
+    write_record, written = loran.pipeline.run.write_record, []
+
+    def full_for_ok_records(path, record):
+        if record["status"] == "ok" or then == "does not fit":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(record)
+        write_record(path, record)
+
+    monkeypatch.setattr(loran.pipeline.run, "write_record", full_for_ok_records)
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    record_path = cell_paths(cfg)["record"]
+    with pytest.raises(NoSpace, match=rf"^no space left on the device writing {re.escape(str(record_path))} "):
+        run_cell(cfg)
+    if then == "fits":
+        record = record_of(cfg)
+        assert record["status"] == "failed" and record["error"].startswith("no space left on the device writing")
+        assert "predictions" not in record and math.isfinite(record["metrics"]["rougeL"])
+    else:
+        assert not record_path.exists()
+        assert f"the failed record could not be written to {record_path}" in caplog.text
+    assert not (workdir / "results/runs/default_cells.csv").exists() or "ok" not in (
+        workdir / "results/runs/default_cells.csv").read_text()

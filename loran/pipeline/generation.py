@@ -1,11 +1,33 @@
-"""Batched greedy generation for evaluation: left-padded, length-sorted, KV-cached, new tokens only."""
+"""Batched greedy generation for evaluation: left-padded, length-sorted, KV-cached, new tokens only.
+
+Within ``stop_generation_when(check)``, generate() asks check() before each batch and raises GenerationStopped when
+it says so: a termination signal stops an evaluation between batches (loran/pipeline/run.py), not after all of them.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_STOP: ContextVar[Callable[[], bool] | None] = ContextVar("loran_generation_stop", default=None)
+
+
+class GenerationStopped(RuntimeError):
+    """generate() stopped before a batch because the check of stop_generation_when said so; nothing is returned."""
+
+
+@contextmanager
+def stop_generation_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, generate() raises GenerationStopped before any batch for which check() is true."""
+    token = _STOP.set(check)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -41,6 +63,8 @@ def generate(
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            if (stop := _STOP.get()) is not None and stop():
+                raise GenerationStopped(f"generation stopped before example {start} of {len(order)}")
             batch = order[start : start + batch_size]
             enc = tokenizer.pad(
                 {"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="left", return_tensors="pt"

@@ -6,7 +6,9 @@ A second Ctrl-C stops at once, without a checkpoint.
 the current optimizer step the Trainer saves a checkpoint and stops. ``run_cell`` then calls
 ``handover()``: under submitit the previous handler is submitit's, which requeues the job (the requeued
 job runs the same command and resumes from that checkpoint); anywhere else it raises ``Preempted``, and
-running the same command again resumes.
+running the same command again resumes. During an evaluation (``requested()`` is read before each generation batch)
+the signal stops it between batches and is handed over the same way, with no record: the same command redoes the
+evaluation from the final checkpoint.
 """
 from __future__ import annotations
 
@@ -54,19 +56,29 @@ class PreemptionCallback(TrainerCallback):
                     signal.Signals(signum).name)
         self.signum = signum
 
+    def requested(self) -> bool:
+        """Whether a termination signal has arrived (the run should stop at the next safe point)."""
+        return self.signum is not None
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
 
-    def handover(self, checkpoint: str | None) -> None:
-        """After training stopped on a signal: let submitit requeue, else raise Preempted."""
+    def handover(self, checkpoint: str | None, during: str | None = None) -> None:
+        """After training (or the `during` evaluation) stopped on a signal: let submitit requeue, else raise
+        Preempted."""
         signum, previous = self.signum, self.previous.get(self.signum)
         self.restore()
         # submitit's handler: checkpoint() -> requeue with the same arguments (Ctrl-C is never handed over)
         if callable(previous) and previous is not signal.default_int_handler:
             log.warning("handing %s over to the launcher (checkpoint %s)", signal.Signals(signum).name, checkpoint)
             previous(signum, None)
-        raise Preempted(f"stopped on {signal.Signals(signum).name} after saving {checkpoint}; "
-                        "run the same command again to resume", signum)
+        name = signal.Signals(signum).name
+        if during is None:
+            raise Preempted(f"stopped on {name} after saving {checkpoint}; run the same command again to resume",
+                            signum)
+        again = f"it resumes from {checkpoint}" if checkpoint else "no checkpoint yet, so it starts from the beginning"
+        raise Preempted(f"stopped on {name} during the {during} (nothing recorded); run the same command again to "
+                        f"redo it: {again}", signum)

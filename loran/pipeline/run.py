@@ -31,17 +31,23 @@ The contract in full (tests/test_run_contract.py checks it; the README has the s
   training resumes from the newest complete checkpoint (every file present and readable; a truncated newest one is
   moved aside as checkpoint-N.incomplete with a warning).
 - Signals: SIGTERM, SIGUSR1/2 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the
-  signal (143, 130); the same command resumes. A second Ctrl-C stops at once.
+  signal (143, 130); the same command resumes. During an evaluation they stop it before the next generation batch,
+  with the same exit code and no record; the same command redoes it from the final checkpoint. A second Ctrl-C stops
+  at once.
 - A corrupt record.json or outputs/<experiment>/<cell>/cell.json stops the cell (exit code 2) naming the file and
   how to recover.
+- A full disk (a checkpoint, the record or the table cannot be written: ENOSPC) ends the run with NoSpace, one line
+  naming the path and "no space left", and a failed record saying so when that can still be written.
   scripts/build_table.py refuses to pool records whose configs differ in more than the seed, naming the keys.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -62,19 +68,69 @@ from loran.pipeline.checks import (
 )
 from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_columns
 from loran.pipeline.evaluation import evaluate
+from loran.pipeline.generation import GenerationStopped, stop_generation_when
 from loran.pipeline.preemption import Preempted, PreemptionCallback
 from loran.pipeline.records import (
     CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record, rebuild_table, write_record,
 )
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tracking import finish_wandb, start_wandb
-from loran.pipeline.training import build_trainer, claim_out_dir, last_checkpoint, loss_history, training_args
+from loran.pipeline.training import (
+    build_trainer, claim_out_dir, last_checkpoint, loss_history, train_or_load, training_args,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
     """Training met a non-finite loss or gradient norm; the record says where, and the cell gets no row."""
+
+
+class NoSpace(RuntimeError):
+    """A write failed because its disk is full; the message names the path and what to do."""
+
+
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"; safetensors and others wrap it in their own error
+# torch.save reports a short write only as "[enforce fail at inline_container.cc:...] unexpected pos ...": then the
+# free space left on the disk tells whether it was full
+TORCH_WRITER = ("inline_container", "PytorchStreamWriter")
+FULL_BELOW_BYTES = 2**20
+
+
+def _chain(err: BaseException | None):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _says_no_space(err: BaseException, path: Path) -> bool:
+    """Whether err (or an error it came from) is ENOSPC, or torch's writer failing on a disk with no space left."""
+    if any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or NO_SPACE in str(e) for e in _chain(err)):
+        return True
+    if any(mark in str(e) for e in _chain(err) for mark in TORCH_WRITER):
+        free = _free_bytes(path)
+        return free is not None and free < FULL_BELOW_BYTES
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def no_space(err: BaseException, path: Path, then: str = "run the same command again") -> NoSpace | None:
+    """NoSpace naming the file (the error's, else `path`) when `err` comes from a full disk, else None."""
+    if not _says_no_space(err, path):
+        return None
+    where = getattr(err, "filename", None) or path
+    said = (str(err).splitlines() or [""])[0][:200]
+    return NoSpace(f"no space left on the device writing {where} ({type(err).__name__}: {said}); free "
+                   f"space there (df -h {Path(path).absolute().parent}) and {then}")
 
 
 def cell_paths(cfg: DictConfig) -> dict[str, Path]:
@@ -143,6 +199,26 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def evaluate_or_stop(preemption: PreemptionCallback, out_dir: Path, during: str, *args, **kwargs) -> dict[str, Any]:
+    """evaluate(*args, **kwargs), stopped before its next generation batch by a termination signal (Preempted)."""
+    try:
+        with stop_generation_when(preemption.requested):
+            return evaluate(*args, **kwargs)
+    except GenerationStopped:
+        preemption.handover(last_checkpoint(out_dir), during=during)
+        raise  # handover raises Preempted; this only satisfies the reader
+
+
+def write_failed(path: Path, record: dict[str, Any]) -> None:
+    """Write a failed (or diverged) record if the disk allows it; an error doing so is logged, not raised, so the
+    run's own error is the one reported."""
+    try:
+        write_record(path, record)
+    except OSError as err:
+        log.error("the %s record could not be written to %s (%s: %s)", record["status"], path, type(err).__name__,
+                  err)
+
+
 def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
     """The cell's successful record when it should be skipped (its row is restored if a crash lost it)."""
     try:
@@ -173,6 +249,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             claim_out_dir(paths["out_dir"], cfg.cell, config_hash(cfg))
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        except OSError as err:
+            if full := no_space(err, paths["out_dir"] / "cell.json"):
+                raise full from err
+            raise
         return _train_and_record(cfg, paths, peft_config, args, main)
 
 
@@ -196,7 +276,8 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         record.update(n_train=len(train), n_eval=len(test))
         wandb_run = start_wandb(cfg, paths["out_dir"], record) if main else None
         if cfg.zero_shot and main:
-            record["zero_shot"] = evaluate(model, tokenizer, test, metric, **eval_kwargs)["metrics"]
+            record["zero_shot"] = evaluate_or_stop(preemption, paths["out_dir"], "zero-shot evaluation", model,
+                                                   tokenizer, test, metric, **eval_kwargs)["metrics"]
             log.info("zero-shot %s", record["zero_shot"])
         trainer = build_trainer(args, model, peft_config, tokenizer, train, wandb_run=wandb_run)
         trainer.add_callback(preemption)
@@ -208,7 +289,7 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         if resume:
             log.info("resuming %s from checkpoint %s", cfg.cell, resume)
         t_train = time.time()
-        trainer.train(resume_from_checkpoint=resume)
+        train_or_load(trainer, resume)
         if preemption.signum is not None:
             preemption.handover(last_checkpoint(paths["out_dir"]))
         record.update(train_time_s=time.time() - t_train, resumed_from=resume,
@@ -220,7 +301,8 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         if not main:
             return record  # rank 0 evaluates and writes the results
         t_eval = time.time()
-        result = evaluate(trainer.model, tokenizer, test, metric, **eval_kwargs)
+        result = evaluate_or_stop(preemption, paths["out_dir"], "final evaluation", trainer.model, tokenizer, test,
+                                  metric, **eval_kwargs)
         record["update_spectrum"] = update_spectrum(trainer.model)
         record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"],
                       eval_split=cfg.dataset.eval_split, predictions=result["predictions"],
@@ -233,16 +315,40 @@ def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args
         raise  # bad input: stopped before training, nothing written
     except Exception as err:
         status = "diverged" if isinstance(err, Diverged) else "failed"
-        record.update(status=status, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
-                      wall_time_s=time.time() - started)
+        full = no_space(err, paths["out_dir"])  # a checkpoint (or another file of the cell's folder) did not fit
+        record.update(status=status, error=str(full) if full else f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc(), wall_time_s=time.time() - started)
         if main:
-            write_record(paths["record"], record)
+            write_failed(paths["record"], record)
             finish_wandb(wandb_run, record)
+        if full:
+            raise full from err
         raise
     finally:
         preemption.restore()
-    write_record(paths["record"], record)
-    rebuild_table(paths["runs"], paths["cells_csv"])
-    finish_wandb(wandb_run, record)
+    _record_ok(paths, record, wandb_run)
     log.info("%s: %s", cfg.cell, record["metrics"])
     return record
+
+
+def _record_ok(paths: dict[str, Path], record: dict[str, Any], wandb_run) -> None:
+    """Write the successful record and the cell's table row; a full disk fails the cell (NoSpace) instead."""
+    try:
+        write_record(paths["record"], record)
+    except OSError as err:
+        if not (full := no_space(err, paths["record"])):
+            raise
+        failed = {k: v for k, v in record.items() if k != "predictions"}  # smaller: it may still fit
+        failed.update(status="failed", error=str(full))
+        write_failed(paths["record"], failed)
+        finish_wandb(wandb_run, failed)
+        raise full from err
+    try:
+        rebuild_table(paths["runs"], paths["cells_csv"])
+    except OSError as err:
+        then = "run the same command again to add its row (the record is written; the cell is not run again)"
+        if full := no_space(err, paths["cells_csv"], then):
+            raise full from err
+        raise
+    finally:
+        finish_wandb(wandb_run, record)

@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors import safe_open
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loran.pipeline.data import CausalLMCollator
@@ -54,6 +55,19 @@ def build_trainer(args: TrainingArguments, model, peft_config, tokenizer, train_
     if wandb_run is not None:
         trainer.add_callback(WandbLog(wandb_run))
     return trainer
+
+
+def train_or_load(trainer: Trainer, resume: str | None) -> None:
+    """trainer.train(resume_from_checkpoint=resume), except that a checkpoint of the last step is loaded, not trained
+    from: transformers would train a step past max_steps when that step is not at an epoch's end (as when a signal
+    stopped the final evaluation and the same command redoes it)."""
+    state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE_NAME)) if resume else None
+    if state is None or not 0 < state.max_steps <= state.global_step:
+        trainer.train(resume_from_checkpoint=resume)
+        return
+    log.info("checkpoint %s is the last step (%d): loading it, nothing is left to train", resume, state.global_step)
+    trainer._load_from_checkpoint(resume)  # what trainer.train loads first
+    trainer.state = state
 
 
 class WandbLog(TrainerCallback):
