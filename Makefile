@@ -1,5 +1,6 @@
 # One-command set-up: every target below creates .venv on first use (Python 3.11, CPU torch 2.13.0 here) from the
 # exact environment in constraints.txt. A bare `make` prints the targets (`make help`).
+SHELL  := /bin/bash
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install --progress-bar on -c constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val bench gpu-check gpu-kit clean-venv
+.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val study-tuned-test bench gpu-check gpu-kit clean-venv
 
 ## This list: every target, its time and the hardware it needs.
 help:
@@ -145,6 +146,16 @@ study-tuned-val: $(STAMP)
 	  $(PY) train.py -m $$grid activation=sine activation.params.omega=$(SINE_OMEGA) || status=$$?; \
 	  $(PY) train.py -m $$grid adapter=dora || status=$$?; \
 	done; done; $(PY) scripts/study_choose.py lr study_tuned_val; exit $$status
+
+## Tuned study, part 3: each method at its chosen learning rate, 5 seeds, test split, both tasks [~10 h, 2-core CPU]
+# The cells are the validation cells the rules chose (scripts/study_choose.py overrides), plus the released Sinter
+# (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and the seeds below.
+TUNED_TEST_SEEDS ?= 0,1,2,3,4
+study-tuned-test: $(STAMP)
+	cells=$$($(PY) scripts/study_choose.py overrides study_tuned_val) || exit $$?; status=0; \
+	while read -r cell; do \
+	  $(PY) train.py -m experiment=study_tuned_test $$cell seed=$(TUNED_TEST_SEEDS) || status=$$?; \
+	done <<< "$$cells"; $(PY) scripts/study_confirm.py study_tuned_test; exit $$status
 
 ## Benchmarks, LoRAN vs LoRA: a layer, a SmolLM2 step, merged generation [~12 min, 2-core CPU]
 # And the sparse dropout rewrite that was not built (results/bench.md).

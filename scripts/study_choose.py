@@ -2,11 +2,15 @@
 
     python scripts/study_choose.py length study_tuned_val --dataset bbc_news   # prints the chosen max_steps
     python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
+    python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's cells, one a line
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
 seeds 0-1 at each learning rate, the chosen one and the number of configurations tried.
+`overrides` prints, one line per task and method, the command-line overrides that built the chosen validation cell
+(without experiment= and seed=), and a line for the released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the
+confirmation runs each line with experiment=study_tuned_test and its seeds (make study-tuned-test).
 """
 import argparse
 import json
@@ -16,8 +20,11 @@ from pathlib import Path
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.tables import load_records
-from loran.pipeline.tuning import LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, value_of
+from loran.pipeline.tuning import (
+    LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, method_of, value_of,
+)
 
+RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
 CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", LR_KEY: "0.001"}
 DELTA = {"accuracy": 0.01, "rougeL": 0.005}   # fractions: 1.0 accuracy point, 0.5 ROUGE-L point
 LENGTHS = (100, 200, 400)
@@ -33,6 +40,12 @@ def length(records, dataset: str) -> int:
     return chosen
 
 
+def at_chosen_length(records, task: str) -> list:
+    """The task's records at its chosen length (the control's curve at other lengths is not a method)."""
+    steps = length(records, task)
+    return [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
+
+
 def label(method: dict) -> str:
     """A method's short name: adapter, activation and its parameters."""
     name = method.get("adapter.peft.activation") or method["adapter.name"]
@@ -42,27 +55,43 @@ def label(method: dict) -> str:
 
 
 def learning_rates(records, experiment: str, results: Path) -> None:
+    """Write and print each task's and method's mean per learning rate, the choice and the configurations tried."""
+    entries = [{"task": task, "label": label(entry["method"]), **entry}
+               for task in sorted({r["identity"]["dataset"]["name"] for r in records})
+               for entry in choose_settings(at_chosen_length(records, task))]
+    rates = sorted({float(v) for e in entries for v in e["runs"]})
     lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
-             "| task | method | tried | " + " | ".join(f"lr {v}" for v in ("3e-4", "1e-3", "3e-3")) + " | chosen |",
-             "|---|---|---|---|---|---|---|"]
-    out = []
-    for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
-        steps = length(records, task)  # the control's curve at other lengths is not a method
-        at_length = [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
-        for entry in choose_settings(at_length):
-            means = {float(v): m for v, m in entry["means"].items()}
-            cells = [f"{100 * means[lr]:.2f}" if lr in means else "-" for lr in (3e-4, 1e-3, 3e-3)]
-            lines.append(f"| {task} | {label(entry['method'])} | {entry['tried']} | " + " | ".join(cells)
-                         + f" | {entry['chosen']} |")
-            out.append({"task": task, "label": label(entry["method"]), **entry})
-    (results / f"{experiment}_choices.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+             "| task | method | tried | " + " | ".join(f"lr {v:g}" for v in rates) + " | chosen |",
+             "|---|---|---|" + "---|" * len(rates) + "---|"]
+    for e in entries:
+        means = {float(v): m for v, m in e["means"].items()}
+        cells = [f"{100 * means[lr]:.2f}" if lr in means else "-" for lr in rates]
+        lines.append(f"| {e['task']} | {e['label']} | {e['tried']} | " + " | ".join(cells) + f" | {e['chosen']} |")
+    (results / f"{experiment}_choices.json").write_text(json.dumps(entries, indent=1, default=str) + "\n")
     (results / f"{experiment}_choices.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def confirmation_overrides(records) -> list[str]:
+    """The confirmation's cells: each method's chosen validation cell, as the overrides that built it."""
+    lines = []
+    for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
+        at_length = at_chosen_length(records, task)
+        for entry in choose_settings(at_length):
+            if entry["chosen"] is None:
+                raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed yet")
+            chosen = next(r for r in at_length if method_of(r) == json.dumps(entry["method"], sort_keys=True)
+                          and value_of(r, LR_KEY) == entry["chosen"])
+            overrides = [o for o in chosen["overrides"] if not o.startswith(("experiment=", "seed="))]
+            lines.append(" ".join(overrides))
+            if all(str(entry["method"].get(k)) == v for k, v in CONTROL.items() if k != LR_KEY):
+                lines.append(" ".join([o for o in overrides if not o.startswith("activation=")] + RELEASED_SINTER))
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["length", "lr"])
+    parser.add_argument("what", choices=["length", "lr", "overrides"])
     parser.add_argument("experiment")
     parser.add_argument("--dataset", help="length: the task whose training length is chosen")
     parser.add_argument("--results", default="results")
@@ -74,8 +103,10 @@ def main(argv=None) -> None:
             if not args.dataset:
                 parser.error("length needs --dataset")
             print(length(records, args.dataset))
-        else:
+        elif args.what == "lr":
             learning_rates(records, args.experiment, results)
+        else:
+            print("\n".join(confirmation_overrides(records)))
     except (CorruptRecord, ValueError, KeyError) as err:
         sys.exit(f"no choice made: {err}")
 

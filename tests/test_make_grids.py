@@ -16,9 +16,12 @@ from loran.pipeline.study import study_rows
 from tests.test_cells import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
-         "study-rank", "study-sine-scale", "study-tuned-length", "study-tuned-val"]
-TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py"}
+         "study-rank", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
+TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py",
+                 "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`
+CHOSEN_CELLS = ["dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity",
+                "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora"]
 
 
 def make_calls(target: str, tmp_path: Path) -> list[list[str]]:
@@ -27,7 +30,8 @@ def make_calls(target: str, tmp_path: Path) -> list[list[str]]:
     log, fake = tmp_path / "calls.jsonl", tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'length']: print({CHOSEN_LENGTH})\n")
+                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'length']: print({CHOSEN_LENGTH})\n"
+                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'overrides']: print({chr(10).join(CHOSEN_CELLS)!r})\n")
     fake.chmod(0o755)
     done = subprocess.run(["make", "-s", "-C", str(REPO), target, f"PY={fake}", "STAMP="], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "MAKEFLAGS": ""})
@@ -60,8 +64,10 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
             cells.append(cfg.cell)
             experiments.add(cfg.experiment_name)
         assert len(set(cells)) == len(cells), f"{target}: a sweep value that names no new cell in {args}"
-    # the experiment is the first argument of a table script; study_choose.py's comes after what it chooses
-    assert {t[2] if t[0] == "scripts/study_choose.py" else t[1] for t in tables} == experiments, (tables, experiments)
+    # the experiment is the first argument of a table script; study_choose.py's comes after what it chooses, and its
+    # `overrides` reads the validation grid that chose the test cells
+    tabled = {t[2] if t[0] == "scripts/study_choose.py" else t[1] for t in tables if t[1:2] != ["overrides"]}
+    assert tabled == experiments, (tables, experiments)
 
 
 def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_control_present(tmp_path):

@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from loran.pipeline.cells import identity
+from loran.pipeline.cells import flatten, identity
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.tuning import choose_length, choose_settings, length_curve
 from tests.test_cells import REPO, cfg_of
@@ -85,3 +86,46 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
     choices = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
     assert len(choices) == 1 and choices[0]["chosen"] is None  # one seed only: no eligible learning rate
     assert "loran-identity" in (tmp_path / "study_tuned_val_choices.md").read_text()
+
+
+def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):
+    """Two tasks x (LoRA, Sinter amp 0.5, the released Sinter row) x 2 seeds on test: per task the control is LoRA;
+    the family is the 2 tuned comparisons (the released row is secondary: no Holm value); Holm's values are the
+    comparisons' bootstrap p-values, sorted, times 2 and 1 (monotone); 'tried' comes from the validation choices."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import study_confirm
+
+    rng = np.random.default_rng(0)
+    base = {task: rng.integers(0, 2, (2, 60)).astype(float) for task in ("bbc_news", "bbc_headlines")}
+    records, choices = [], []
+    for task, metric in (("bbc_news", "accuracy"), ("bbc_headlines", "rougeL")):
+        methods = {("activation=identity", "trainer.args.learning_rate=1e-3"): 0.0,
+                   ("activation=sinter", "activation.params.amp=0.5", "trainer.args.learning_rate=3e-3"): 0.3,
+                   ("activation=sinter", "activation.params.amp=5e-5", "trainer.args.learning_rate=1e-3"): 0.0}
+        for overrides, gain in methods.items():
+            for seed in (0, 1):
+                scores = np.clip(base[task][seed] + (rng.uniform(size=60) < gain), 0, 1)
+                cfg = cfg_of("experiment=study_tuned_test", f"dataset={task}", f"seed={seed}", *overrides)
+                preds = [{"id": f"a{i}", "prediction": str(v), metric: float(v), "rouge1": float(v), "rouge2": 0.0}
+                         for i, v in enumerate(scores)]
+                records.append({"status": "ok", "cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": seed},
+                                "metrics": {metric: float(scores.mean()), "rouge1": float(scores.mean()), "rouge2": 0.0},
+                                "predictions": preds, "n_eval": 60,
+                                "eval_split": "test", "trainable_params": 1})
+        for overrides, tried in ((("activation=identity",), 3), (("activation=sinter", "activation.params.amp=0.5"), 4)):
+            flat = flatten(identity(cfg_of("experiment=study_tuned_val", f"dataset={task}", *overrides)))
+            choices.append({"task": task, "tried": tried, "method": {k: v for k, v in flat.items()
+                                                                     if k != "trainer.args.learning_rate"}})
+    rows = study_confirm.rows_of(records, choices)
+    assert [(r["task"], r["control"], r["confirmatory"], r["tried"]) for r in rows] == [
+        ("bbc_headlines", True, False, 3), ("bbc_headlines", False, False, None), ("bbc_headlines", False, True, 4),
+        ("bbc_news", True, False, 3), ("bbc_news", False, False, None), ("bbc_news", False, True, 4)]
+    family = [r for r in rows if r["confirmatory"]]
+    low, high = sorted(family, key=lambda r: r["p_value"])
+    assert low["p_holm"] == pytest.approx(min(1, 2 * low["p_value"]))
+    assert high["p_holm"] == pytest.approx(max(low["p_holm"], high["p_value"]))
+    assert all("p_holm" not in r for r in rows if not r["confirmatory"])
+    assert {r["metric"] for r in rows} == {"accuracy", "rougeL"} and all(r["delta"] > 0 for r in family)
+    assert rows[1]["learning_rate"] == 1e-3 and rows[2]["learning_rate"] == 3e-3
+    markdown = study_confirm.to_markdown(rows, "t")
+    assert markdown.count("| control |") == 2 and "p (Holm)" in markdown

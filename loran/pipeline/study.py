@@ -114,7 +114,8 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
         if base is not None and group is not base:
             result = compare(scores[id(group)], scores[id(base)], n_boot=n_boot)
             row.update(versus=base["label"], delta=result.delta, ci_low=result.ci_low, ci_high=result.ci_high,
-                       mde=result.mde, significant=result.significant, scores_differ=result.discordant,
+                       mde=result.mde, significant=result.significant, p_value=result.p_value,
+                       scores_differ=result.discordant,
                        texts_differ=changed_predictions(runs, base["records"]), pairs=len(result.seeds))
             if plan:
                 row["planned_mde"] = planned_mde(result.components, *plan)
