@@ -6,7 +6,8 @@
     python train.py -m row=qlora,loran_sinter dataset=bbc_news,bbc_headlines seed=0,1,2
     torchrun --nproc_per_node 2 train.py ...          # data parallel; rank 0 evaluates and writes the results
 
-Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why); 2
+Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why; a full disk
+is one line naming the path); 2
 configuration error, from Hydra (an unknown group option or key, a malformed override) or from the project's checks
 (nothing was loaded or written); 3 training diverged (record written, no table row); 4 another process is running
 this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same command again to
@@ -34,10 +35,10 @@ def main(cfg: DictConfig) -> None:
     from loran.pipeline.checks import ConfigError
     from loran.pipeline.preemption import Preempted
     from loran.pipeline.records import CellBusy
-    from loran.pipeline.run import Diverged, run_cell
+    from loran.pipeline.run import Diverged, NoSpace, run_cell
 
     stops = {ConfigError: (CONFIG_ERROR, "configuration error"), Diverged: (3, "diverged"), CellBusy: (4, "busy"),
-             Preempted: (None, "preempted")}
+             Preempted: (None, "preempted"), NoSpace: (1, "no space left")}
     try:
         record = run_cell(cfg)
     except tuple(stops) as err:

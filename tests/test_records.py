@@ -218,3 +218,20 @@ def test_a_cell_finishing_next_to_a_bad_and_a_corrupt_record_gets_its_row(tmp_pa
     assert record["status"] == "ok" and [r["cell"] for r in rows(results)] == [record["cell"]]
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "bad/record.json left out" in warnings and "broken/record.json is not a valid record" in warnings
+
+
+def test_a_bad_ok_record_of_the_cell_itself_stops_it_naming_the_file(tmp_path):
+    """A hand-edited record of the cell being run ("ok", no metrics) is not taken as done (train.py would fail on
+    it with a KeyError): the cell stops as a configuration error naming the file and the field."""
+    import json
+
+    from loran.pipeline.checks import ConfigError
+    from loran.pipeline.run import cell_paths, finished
+    from tests.test_cells import cfg_of
+
+    cfg = cfg_of("model=tiny", f"results_dir={tmp_path}")
+    paths = cell_paths(cfg)
+    paths["record"].parent.mkdir(parents=True)
+    paths["record"].write_text(json.dumps({"status": "ok", "cell": cfg.cell}))
+    with pytest.raises(ConfigError, match=rf"{paths['record']} is not a usable record \(status is \"ok\" but .* is missing"):
+        finished(paths, cfg)

@@ -71,7 +71,8 @@ from loran.pipeline.evaluation import evaluate
 from loran.pipeline.generation import GenerationStopped, stop_generation_when
 from loran.pipeline.preemption import Preempted, PreemptionCallback
 from loran.pipeline.records import (
-    CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record, rebuild_table, write_record,
+    RESULT_FIELDS, RUN_FIELDS, CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record,
+    rebuild_table, record_problem, write_record,
 )
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tracking import finish_wandb, start_wandb
@@ -227,6 +228,8 @@ def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
         raise ConfigError(str(err)) from err
     if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
         return None
+    if problem := record_problem(existing, {**RESULT_FIELDS, **RUN_FIELDS}):
+        raise ConfigError(f"{paths['record']} is not a usable record ({problem}): move it away to run the cell again")
     if is_main_process():
         rebuild_table(paths["runs"], paths["cells_csv"])
     log.info("cell %s already done (%s); skipping", cfg.cell, paths["record"])
