@@ -98,3 +98,75 @@ def test_no_module_of_the_package_imports_itself_back():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+HIDE_BITSANDBYTES = """
+import importlib.abc, importlib.util, sys
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "bitsandbytes" else _find(name, *a, **k)
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "bitsandbytes":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+def test_without_bitsandbytes_the_adapter_loads_nothing_of_it_and_adapts_linear_layers():
+    """bitsandbytes is optional (loran/compat.py): hidden here as if not installed (CI's second job uninstalls it),
+    `import loran` neither loads it nor prints its CPU-kernel warning, the layer table covers nn.Linear and Conv1D
+    only, and a LoRAN model of nn.Linear layers trains (a step changes B)."""
+    import subprocess
+    import sys
+
+    code = HIDE_BITSANDBYTES + """
+import torch
+from torch import nn
+import loran
+from loran.dispatch import COVERED
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+peft_model = loran.get_loran_model(model, loran.LoranConfig(r=2, target_modules=["0", "2"], activation="sinter"))
+b = peft_model.base_model.model[0].lora_B["default"].weight
+opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+peft_model(torch.randn(4, 8)).square().sum().backward()
+opt.step()
+print(sorted(c.__name__ for c in COVERED), "bitsandbytes" in sys.modules, bool(b.abs().sum() > 0))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['Conv1D', 'Linear'] False True", out.stdout
+    assert "gemm_4bit" not in out.stderr and "bitsandbytes" not in out.stderr, out.stderr[-2000:]
+
+
+def test_help_and_completion_import_no_heavy_library():
+    """`python train.py --help` and shell completion answer at Hydra's speed: neither imports torch, transformers,
+    PEFT or bitsandbytes (they took 15 s when train.py imported them at the top; the time: scripts/time_cli.py)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "wandb")
+    for args, env in ((["--help"], {}), (["-sc", "query=bash"], {"COMP_LINE": "python train.py adapter=",
+                                                                   "COMP_POINT": "24"})):
+        out = subprocess.run([sys.executable, "-X", "importtime", "train.py", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, env={**__import__("os").environ, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & set(heavy), sorted(imported & set(heavy))
+    assert "adapter=dora" in out.stdout and "adapter=qlora" in out.stdout
+
+
+def test_make_help_lists_every_target_with_its_time_and_hardware_and_is_the_default():
+    """A bare `make` prints the help; every target of the Makefile is in it, each with a [time, hardware] note."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        import pytest
+        pytest.skip("needs make")
+    bare = subprocess.run(["make", "-s", "-C", str(REPO)], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and bare.stdout == subprocess.run(
+        ["make", "-s", "-C", str(REPO), "help"], capture_output=True, text=True, timeout=60).stdout
+    targets = re.findall(r"^([a-z0-9-]+):", (REPO / "Makefile").read_text(), re.M)
+    listed = dict(re.findall(r"^  ([a-z0-9-]+) +(.*)$", bare.stdout, re.M))
+    assert set(targets) == set(listed), set(targets) ^ set(listed)
+    assert all(re.search(r"\[[^]]+\]$", doc) or name == "help" for name, doc in listed.items()), listed
