@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install --progress-bar on -c constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-sine-scale study-tuned-length study-tuned-val study-tuned-test bench gpu-check gpu-kit clean-venv
+.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-rank-null study-sine-scale study-tuned-length study-tuned-val study-tuned-test bench gpu-check gpu-kit clean-venv
 
 ## This list: every target, its time and the hardware it needs.
 help:
@@ -107,6 +107,19 @@ study-rank: $(STAMP)
 	  $(PY) train.py -m experiment=study_test activation=sine activation.params.omega=$(SINE_OMEGA) \
 	    adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
 	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+
+## First study: seeds 1-2 of the rank study's cells that differ from LoRA, 8 cells [~1 h, 2-core CPU]
+# Sine-LoRA at r = 2 and 8, LoRA at r = 2 and at lora_alpha 200 (issue 21): with LoRA's seeds 0-2 at r = 8 they
+# give each single-seed comparison its null, the difference between two seeds of one configuration.
+NULL_SEEDS ?= 1,2
+study-rank-null: $(STAMP)
+	status=0; \
+	$(PY) train.py -m experiment=study_test activation=identity adapter.peft.r=2 seed=$(NULL_SEEDS) || status=$$?; \
+	$(PY) train.py -m experiment=study_test activation=sine activation.params.omega=$(SINE_OMEGA) adapter.peft.r=2,8 \
+	  seed=$(NULL_SEEDS) || status=$$?; \
+	$(PY) train.py -m experiment=study_test activation=identity adapter.peft.lora_alpha=$(SINE_ALPHA) adapter.peft.r=8 \
+	  seed=$(NULL_SEEDS) || status=$$?; \
+	$(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL); exit $$status
 
 ## First study: Sine-LoRA's step-size control, LoRA at lora_alpha x omega / g, 1 cell a seed [~7 min, 2-core CPU]
 # sin(omega z) / g = (omega / g) z near 0, so a Sine-LoRA gain can be told from a larger update scale.

@@ -4,7 +4,8 @@
     python scripts/study_table.py study_sinter_screen --plan 5,836        # + the MDE of 5 seeds x 836 examples
     python scripts/study_table.py study_test --pair-by adapter.peft.r     # each rank against LoRA at that rank
 
-Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown.
+Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown; where a comparison rests
+on one seed, also the seed-to-seed null (<experiment>_seed_nulls.csv and a section of the markdown).
 """
 import argparse
 import logging
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.study import configurations, study_rows, to_markdown, write_csv
+from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, write_csv
 from loran.pipeline.tables import load_records, require_identity
 
 
@@ -48,11 +49,15 @@ def main(argv=None) -> None:
         require_identity(records, args.experiment)
         rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
                           pair_by=tuple(args.pair_by))
+        # a table with a single-seed comparison shows, as its null, two seeds of one configuration compared alike
+        nulls = seed_nulls(records, args.metric, n_boot=args.boot) if any(r.get("pairs") == 1 for r in rows) else []
     except (CorruptRecord, ValueError) as err:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, args.metric, f"{args.experiment}: {len(records)} successful runs",
-                           len(configurations(records)))
+                           len(configurations(records))) + nulls_markdown(nulls)
     write_csv(rows, results / f"{args.experiment}.csv")
+    if nulls:
+        write_csv(nulls, results / f"{args.experiment}_seed_nulls.csv")
     (results / f"{args.experiment}.md").write_text(markdown)
     print(markdown)
 

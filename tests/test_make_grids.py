@@ -16,7 +16,7 @@ from loran.pipeline.study import study_rows
 from tests.test_cells import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
-         "study-rank", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
+         "study-rank", "study-rank-null", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
 TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py",
                  "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loran.pipeline.study import configurations, study_rows, to_markdown
+from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,3 +141,17 @@ def test_labels_name_the_group_option_and_leave_out_what_only_follows_it():
     bare = sorted(g["label"] for g in configurations([{**r, "overrides": []} for r in records]))
     assert bare == ["activation=identity, adapter=loran", "activation=none, adapter=dora",
                     "activation=sine, adapter=loran", "activation=sinter, adapter=loran"]
+
+
+def test_the_seed_null_compares_two_seeds_of_one_configuration_by_example():
+    """Seeds 0 and 1 of LoRA differ on examples 0-9 (seed 1 right, seed 0 wrong) and in the text of example 0: the
+    null is +10 points over 100 examples, 10 % of scores and 1 % of texts differ; a one-seed configuration has none."""
+    correct0 = np.array([0] * 10 + [1] * 90)
+    correct1 = np.ones(100, dtype=int)
+    runs = [record("identity", {}, 0, correct0), record("identity", {}, 1, correct1, texts={0: "tech"}),
+            record("sinter", {"amp": 0.5, "omega": 100.0}, 0, correct1)]
+    rows = seed_nulls(runs, "accuracy", n_boot=200)
+    assert len(rows) == 1 and rows[0]["configuration"] == "activation=identity" and rows[0]["seeds"] == [0, 1]
+    assert rows[0]["delta"] == pytest.approx(0.10) and rows[0]["scores_differ"] == pytest.approx(0.10)
+    assert rows[0]["texts_differ"] == pytest.approx(0.01) and rows[0]["ci_low"] > 0
+    assert "| activation=identity | 1 - 0 | +10.00 [" in nulls_markdown(rows) and nulls_markdown([]) == ""

@@ -123,6 +123,38 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
     return rows
 
 
+def seed_nulls(records: list[dict[str, Any]], metric: str, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """The null of a single-seed comparison: for each configuration run with several seeds, every later seed against
+    its first, paired by example exactly as a configuration is compared with its control at one seed."""
+    rows = []
+    for group in configurations(records):
+        runs = group["records"]
+        first = runs[0]
+        for other in runs[1:]:
+            result = compare({0: scores_by_seed([other], metric)[other["choices"]["seed"]]},
+                             {0: scores_by_seed([first], metric)[first["choices"]["seed"]]}, n_boot=n_boot)
+            rows.append({"configuration": group["label"], "seeds": [first["choices"]["seed"], other["choices"]["seed"]],
+                         "delta": result.delta, "ci_low": result.ci_low, "ci_high": result.ci_high, "mde": result.mde,
+                         "significant": result.significant, "scores_differ": result.discordant,
+                         "texts_differ": changed_predictions([{**other, "choices": first["choices"]}], [first])})
+    return rows
+
+
+def nulls_markdown(rows: list[dict[str, Any]]) -> str:
+    """The seed-to-seed nulls as a markdown section (empty without any)."""
+    if not rows:
+        return ""
+    lines = ["", "## Seed-to-seed null", "", "The same configuration trained with two seeds, compared example by "
+             "example as a single-seed comparison is: what a single-seed difference looks like when nothing but the "
+             "seed changed.", "", "| configuration | seeds | difference [95% CI] | MDE | scores differ | texts differ |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['configuration']} | {r['seeds'][1]} - {r['seeds'][0]} | {_pct(r['delta'], True)} "
+                     f"[{_pct(r['ci_low'], True)}, {_pct(r['ci_high'], True)}]{'*' if r['significant'] else ''} | "
+                     f"{_pct(r['mde'])} | {_pct(r['scores_differ'])} | {_pct(r['texts_differ'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _number_first(value: str) -> tuple:
     """Sort key: numbers by value, before other strings."""
     try:
