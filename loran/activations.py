@@ -2,7 +2,8 @@
 
 LoRAN computes ``s * x @ f(B A)^T``. The memory-saving backward (``loran.autograd``) needs f' explicitly,
 so every activation is a pair ``(f, df)`` of plain functions of a float32 tensor and keyword parameters.
-Adding an activation is one entry in ``ACTIVATIONS``.
+Adding an activation is one entry in ``ACTIVATIONS``; the entry also declares where f is the identity
+(``Spec.linear``, ``Spec.identity_when``), which the layer computes as LoRA.
 
 Start-up behaviour (``Activation.build(start=...)``):
 - ``"official"``: f exactly as in the official PEFT-LoRAN code. With LoRA's init (B = 0) Sigmoid changes the
@@ -130,17 +131,25 @@ def d_sine(x: Tensor, omega: float = 200.0, g: float = 1.0) -> Tensor:
     return omega * torch.cos(omega * x) / g
 
 
+def never(params: dict) -> bool:
+    """No parameter values make f the identity."""
+    return False
+
+
 class Spec(NamedTuple):
-    """f, its derivative f' (same keyword parameters), and whether f is linear (then f(BA) = BA factorises)."""
+    """f, its derivative f' (same keyword parameters), whether f is the identity whatever its parameters (`linear`:
+    then f(BA) = BA factorises), and at which parameter values it is the identity (`identity_when(params)`, every
+    parameter given), so that f(z) = z and f'(z) = 1 exactly."""
 
     f: Callable[..., Tensor]
     df: Callable[..., Tensor]
     linear: bool = False
+    identity_when: Callable[[dict], bool] = never
 
 
 # name -> Spec. Parameters are the keyword arguments of f.
 ACTIVATIONS: dict[str, Spec] = {
-    "sinter": Spec(sinter, d_sinter),
+    "sinter": Spec(sinter, d_sinter, identity_when=lambda params: params["amp"] == 0 or params["omega"] == 0),
     "identity": Spec(identity, d_identity, linear=True),
     "sigmoid": Spec(sigmoid, d_sigmoid),
     "tanh": Spec(tanh, d_tanh),
@@ -198,6 +207,12 @@ def _pointwise(name: str, params: tuple[tuple[str, float], ...], start: str) -> 
     return Pointwise(f, df, offset)
 
 
+@functools.cache
+def _identity(name: str, params: tuple[tuple[str, float], ...]) -> bool:
+    spec = ACTIVATIONS[name]
+    return spec.linear or spec.identity_when({**activation_params(name), **dict(params)})
+
+
 @dataclass(frozen=True)
 class Activation:
     """An activation with its parameters bound: ``f(z)`` and ``df(z)`` on float32 tensors."""
@@ -211,8 +226,15 @@ class Activation:
 
     @property
     def linear(self) -> bool:
-        """True when f(B A) = B A, so the update can be computed as LoRA's (x A^T) B^T."""
+        """True when f(B A) = B A whatever the parameters (the activation `identity`; ``identity`` also covers
+        parameter values that make f the identity)."""
         return ACTIVATIONS[self.name].linear
+
+    @property
+    def identity(self) -> bool:
+        """True when f is the identity at these parameters, as its registry entry declares (always for `identity`,
+        Sinter with amp = 0 or omega = 0): the layer then computes the update as LoRA's (x A^T) B^T, bit for bit."""
+        return _identity(self.name, tuple(sorted(self.params.items())))
 
     @property
     def pointwise(self) -> Pointwise:

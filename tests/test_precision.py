@@ -14,10 +14,9 @@ from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 
 from loran import LoranConfig
-from loran.activations import Activation
+from loran.activations import ACTIVATIONS, POSITIVE_PARAMS, START_MODES, Activation, activation_params
 from loran.pipeline.checks import ConfigError
 from loran.config import UPDATE_DTYPES
-from loran.layers import acts_as_identity
 from loran.pipeline.run import build_peft_config
 from test_loran_peft import X, make_toy
 
@@ -162,7 +161,46 @@ def test_the_policy_is_one_setting_for_every_row_and_part_of_the_cell():
     ("sinter", {}, False), ("sinter", {"amp": 1e-12}, False), ("tanh", {}, False), ("relu", {}, False),
     ("cos", {"omega": 0.0}, False), ("silu", {}, False), ("swish", {}, False)])
 def test_which_activations_count_as_the_identity(name, params, expected):
-    assert acts_as_identity(Activation(name, params)) is expected
+    assert Activation(name, params).identity is expected
+
+
+# The values on which an activation must leave z and f'(z) = 1 unchanged, bit for bit, to count as the identity:
+# 0 and +-m 2^k for 8 mantissas m in [1, 2) and every k in [-100, 30], in float32 and float64 (|B A| of a trained
+# adapter lies far inside; beyond 2^30, omega z overflows for Sinter's omega in float32). The layer probed these
+# until the registry declared it (Spec.linear, Spec.identity_when); the probe stays here as the reference.
+PROBE = torch.cat([torch.zeros(1), *(sign * torch.linspace(1, 2, 9)[:-1] * 2.0**k
+                                     for k in range(-100, 31) for sign in (1, -1))]).double()
+
+
+def identity_on_probe(act: Activation) -> bool:
+    """f(z) == z and f'(z) == 1 bit for bit on PROBE in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        z = PROBE.to(dtype)
+        if not (torch.equal(act.f(z), z) and torch.equal(act.df(z), torch.ones_like(z))):
+            return False
+    return True
+
+
+def parameter_grid(name: str) -> list[dict]:
+    """Every combination of 0, 1e-12, 0.5, 30 and the default for each parameter (divisors: not 0)."""
+    grid = [{}]
+    for key, default in activation_params(name).items():
+        values = [v for v in (0.0, 1e-12, 0.5, 30.0, default) if v > 0 or key not in POSITIVE_PARAMS]
+        grid = [{**params, key: value} for params in grid for value in values]
+    return grid
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_the_declared_identity_agrees_with_the_probe(name):
+    """Each registry entry's declaration picks the activations the probe picked, at every parameter combination of
+    the grid and in both start modes (so which adapters compute as LoRA, bit for bit, is unchanged). Where they part,
+    off the grid: the probe also took Sinter with 0 < amp (1 + omega 2^31) < about 1e-16 for the identity (its
+    perturbation below float64's resolution on PROBE), and not amp = 0 with omega > about 1e29 (omega z overflowing
+    to inf in float32, sin(inf) = nan)."""
+    for params in parameter_grid(name):
+        for start in START_MODES:
+            act = Activation(name, params, start)
+            assert act.identity is identity_on_probe(act), (params, start)
 
 
 def test_bf16_effect_figures_of_the_readme():
