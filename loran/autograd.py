@@ -1,11 +1,11 @@
 """The LoRAN layer ``y = x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b`` and its gradients, without keeping f(B A).
 
 Shapes: x (..., d_in), A (r, d_in), B (d_out, r), W0 (d_out, d_in), y (..., d_out); f acts element-wise on
-Z = B A (d_out x d_in). Everything is computed in float32 (float64 if given float64) unless a compute dtype is
-passed (``dtype=``), also under bf16/fp16 autocast: at the released Sinter settings f(Z) differs from Z by at most
-5e-5 relative, which bf16 (eps 8e-3) would round away. The adapter config's ``update_dtype`` policy decides which
-dtype a layer passes (loran/config.py); ``lowrank_update`` is LoRA's s (x A^T) B^T in a given dtype, for the rows
-whose f is the identity.
+Z = B A (d_out x d_in). Everything is computed in float32 (float64 if given float64: ``compute_dtype``) unless a
+compute dtype is passed (``dtype=``), also under bf16/fp16 autocast: at the released Sinter settings f(Z) differs
+from Z by at most 5e-5 relative, which bf16 (eps 8e-3) would round away. The adapter config's ``update_dtype``
+policy decides which dtype a layer passes (loran/config.py); ``lowrank_update`` is LoRA's s (x A^T) B^T in a given
+dtype, for the rows whose f is the identity.
 
 Two interchangeable forms:
 
@@ -88,13 +88,14 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-def _up(t: Tensor) -> Tensor:
-    """t in float32, or float64 if it already is."""
-    return t if t.dtype == torch.float64 else t.float()
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype LoRAN computes in unless told otherwise: float64 for a float64 tensor, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def widened(t: Tensor) -> Tensor:
+    """t in its ``compute_dtype``: float32, or float64 if it already is (never narrowed, never copied needlessly)."""
+    return t.to(compute_dtype(t))
 
 
 def chunk_rows_for(d_in: int, elements: int = CHUNK_ELEMENTS) -> int:
@@ -106,7 +107,7 @@ def delta_weight(A: Tensor, B: Tensor, act: Activation, dtype: torch.dtype | Non
     """f(B A) in `dtype` (default float32, float64 for float64 factors), shape (d_out, d_in)."""
     with _no_autocast(A.device.type):
         if dtype is None:
-            return act.f(_up(B) @ _up(A))
+            return act.f(widened(B) @ widened(A))
         return act.f(B.to(dtype) @ A.to(dtype))
 
 
@@ -116,7 +117,7 @@ def reference_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activ
     float64 for float64 input)."""
     with _no_autocast(x.device.type):
         if dtype is None:
-            return (_up(x) @ delta_weight(A, B, act).T) * scaling
+            return (widened(x) @ delta_weight(A, B, act).T) * scaling
         return (x.to(dtype) @ delta_weight(A, B, act, dtype).T) * scaling
 
 
@@ -149,7 +150,7 @@ class _LowRankUpdate(torch.autograd.Function):
 
 def lowrank_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """LoRA's update s (x A^T) B^T computed in `dtype` with autocast off, output in `dtype`; autograd keeps x in its
-    own dtype. The path of every adapter whose f is the identity when its update must be cast (loran/layers.py)."""
+    own dtype. The path of every adapter whose f is the identity when its update must be cast (loran/variants.py)."""
     return _LowRankUpdate.apply(x, A, B, float(scaling), dtype)
 
 
@@ -274,7 +275,7 @@ class _LoranLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, result: Tensor | None, bias: Tensor | None, weight_fn: WeightFn | None,
                 meta: tuple[tuple[float, Activation], ...], sizes: tuple[int, int], dtype: torch.dtype | None,
                 *ab: Tensor) -> Tensor:
-        dt = dtype or _compute_dtype(x)
+        dt = dtype or compute_dtype(x)
         with _no_autocast(x.device.type):
             adapters = [(ab[2 * i].to(dt), ab[2 * i + 1].to(dt), s, act.pointwise) for i, (s, act) in enumerate(meta)]
             d_out, d_in = adapters[0][1].shape[0], adapters[0][0].shape[1]
