@@ -8,17 +8,19 @@ loads it as LoRAN.
 
 Precision policy (``update_dtype``), one for every row of a table: the dtype in which the update s f(B A) x is
 computed before it is added to the base layer's output (in that output's dtype).
-- ``"float32"`` (default): in float32 (float64 for float64 input) with autocast off, whatever the base computes in.
-  Sinter's perturbation (5e-5 relative at the released amp) survives; bf16 (eps 8e-3) would round it away.
+- ``"float32"`` (default): in float32 (float64 for float64 input: ``autograd.compute_dtype``) with autocast off,
+  whatever the base computes in. Sinter's perturbation (5e-5 relative at the released amp) survives; bf16 (eps 8e-3)
+  would round it away.
 - ``"autocast"``: while autocast is on (``trainer=gpu``: bf16), in autocast's dtype: B A, f(B A) and the products
   each rounded to bf16, and an identity f exactly as PEFT computes LoRA under autocast. Off autocast, as "float32".
 Without autocast and in float32 (the CPU runs) the two policies compute the same thing.
 
 QLoRA is this config with ``activation="identity"`` (configs/adapter/qlora.yaml), not ``peft.LoraConfig``: so the
 policy reaches the QLoRA row through the same code as every LoRAN row. Its update is computed as LoRA's
-(x A^T) B^T, which without a cast is PEFT's LoRA itself (bit for bit, tests/test_precision.py), and every f that is
-numerically the identity (Sinter with amp = 0) takes that same path, so the identity control equals QLoRA bit for bit
-under either policy. The price: a QLoRA adapter the pipeline saves is typed "LORAN", so stock PEFT does not load it.
+(x A^T) B^T, which without a cast is PEFT's LoRA itself (bit for bit, tests/test_precision.py), and every f declared
+the identity at its parameters (``Activation.identity``: Sinter with amp = 0) takes that same path, so the identity
+control equals QLoRA bit for bit under either policy. The price: a QLoRA adapter the pipeline saves is typed "LORAN",
+so stock PEFT does not load it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any, Callable, Literal
 from peft import LoraConfig
 
 from loran.activations import Activation, activation_params, validate_activation
+from loran.compat import register_custom_modules
 from loran.dispatch import CUSTOM_MODULES
 
 PEFT_TYPE = "LORAN"
@@ -94,7 +97,7 @@ class LoranConfig(LoraConfig):
         self.activation_kwargs = {**activation_params(self.activation), **dict(self.activation_kwargs or {})}
         self._check_peft_options()  # before LoraConfig's own checks, which need e.g. scipy for LoftQ
         super().__post_init__()
-        self._register_custom_module(CUSTOM_MODULES)
+        register_custom_modules(self, CUSTOM_MODULES)
 
     def _check_peft_options(self) -> None:
         """Refuse the PEFT options whose effect LoRAN would silently drop or change."""

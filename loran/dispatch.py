@@ -1,5 +1,5 @@
 """Which LoRAN layer wraps which base layer type: the table a LoranConfig registers with PEFT
-(``LoraConfig._register_custom_module``), bitsandbytes' layers only when it is installed (loran/compat.py), and the
+(``compat.register_custom_modules``), bitsandbytes' layers only when it is installed (loran/compat.py), and the
 refusal that stands last in it, so that no other layer type silently gets PEFT's plain LoRA layer."""
 from __future__ import annotations
 

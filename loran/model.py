@@ -7,18 +7,20 @@ import json
 import os
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
+from loran.autograd import widened
+from loran.compat import (
+    NEW_ADAPTER_CHECK, dequantized_4bit, dequantized_8bit, fix_4bit_quant_state, hub_kwargs, is_4bit, is_8bit,
+    saved_peft_type, targets_module,
+)
 from loran.config import PEFT_TYPE, LoranConfig
-from loran.compat import is_4bit, is_8bit
 from loran.dispatch import COVERED, LORAN_LAYERS, uncovered_message
-from loran.layers import LoranVariant
+from loran.variants import LoranVariant
 
 # add_weighted_adapter combinations that work on the layers' actual updates (get_delta_weight) and refactor the
 # result by SVD; the others combine the factors A and B, which is LoRA's update only when f is linear.
@@ -30,7 +32,7 @@ def register_with_peft() -> None:
     ``PeftModel.load_adapter`` aware of LoRAN (done once on ``import loran``; for adapters that are not LoRAN they
     behave exactly as PEFT's own)."""
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoranConfig
-    for owner, name, wrapper in ((LoraModel, "_check_new_adapter_config", _checks_targets),
+    for owner, name, wrapper in ((LoraModel, NEW_ADAPTER_CHECK, _checks_targets),
                                  (LoraModel, "add_weighted_adapter", _weighted),
                                  (PeftModel, "load_adapter", _loads_matching)):
         method = getattr(owner, name)
@@ -61,7 +63,7 @@ def refuse_uncovered_targets(model: nn.Module, config: LoranConfig) -> None:
             continue
         if isinstance(module, BaseTunerLayer):
             inside_adapters.append(key + ".")
-        if not LoraModel._check_target_module_exists(config, key):
+        if not targets_module(config, key):
             continue
         if isinstance(module, BaseTunerLayer) and not isinstance(module, LORAN_LAYERS):
             kind = type(module)
@@ -138,14 +140,14 @@ def _loads_matching(load_adapter):
 def _saved_config(peft_model: PeftModel, model_id, kwargs: dict, needed: bool) -> PeftConfig | None:
     """The config saved with the adapter at `model_id`, read as PEFT reads it; None (nothing to compare) when a local
     folder has none, or when it is not local and not `needed` (no hub look-up for adapters that are not LoRAN)."""
-    hub_kwargs, _ = peft_model._split_kwargs(dict(kwargs))
-    folder = os.path.join(str(model_id), hub_kwargs["subfolder"]) if hub_kwargs.get("subfolder") else str(model_id)
+    hub = hub_kwargs(peft_model, kwargs)
+    folder = os.path.join(str(model_id), hub["subfolder"]) if hub.get("subfolder") else str(model_id)
     if os.path.isdir(folder):
         return read_adapter_config(folder) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else None
     if not needed:
         return None
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(model_id), **hub_kwargs)]
-    return config_cls.from_pretrained(str(model_id), **hub_kwargs)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[saved_peft_type(str(model_id), hub)]
+    return config_cls.from_pretrained(str(model_id), **hub)
 
 
 def _update_key(config: PeftConfig) -> tuple:
@@ -254,14 +256,11 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as a (d_out, d_in) tensor in float32 (float64 if it is), dequantising bitsandbytes layers."""
     weight = layer.weight
     if is_4bit(layer):
-        from loran.layers_bnb import bnb, unpacked_4bit
-
-        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(layer)
-        data, state = unpacked_4bit(weight)  # a weight repacked for bnb's CPU kernel reads wrong as stored
-        return bnb.functional.dequantize_4bit(data, state).float()
+        fix_4bit_quant_state(layer)
+        return dequantized_4bit(weight).float()  # unpacked first if repacked for bnb's CPU kernel
     if is_8bit(layer):
-        return dequantize_bnb_weight(weight, state=layer.state).float()
-    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+        return dequantized_8bit(layer).float()
+    return widened(weight.detach())
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from torch import nn
 
 import loran.autograd as la
 from loran import LoranConfig, get_loran_model, loran_layers
+from loran.variants import Path, choose_path
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -53,7 +54,7 @@ def test_compiled_kernels_equal_the_autograd_reference(monkeypatch, dropout):
         model = _model(memory_efficient, dropout)
         layer = model.base_model.model.q_proj
         xi = x.clone().requires_grad_()
-        assert (layer._loran_fold_plan(xi, (), {}) is not None) == (memory_efficient and dropout == 0)
+        assert (choose_path(layer, xi).path is Path.FOLDED) == (memory_efficient and dropout == 0)
         torch.manual_seed(11)  # the same dropout masks on both paths
         y = model(xi)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(8)))

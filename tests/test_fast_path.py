@@ -13,6 +13,7 @@ from loran.bench import dropout_sparse as bench_dropout_sparse
 from loran.bench import train_step as bench_train
 from loran import ACTIVATIONS, Activation, LoranConfig, get_loran_model, loran_layers
 from loran.autograd import Adapter, DenseWeight, loran_linear, loran_update, reference_update
+from loran.variants import Path as LayerPath, choose_path
 
 # Parameters where each f is clearly non-linear on |z| ~ 0.1-1 (as test_loran_math).
 PARAMS = {"sinter": {"amp": 0.5, "omega": 30.0}, "swish": {"beta": 3.0}, "cos": {"omega": 20.0}}
@@ -152,7 +153,7 @@ def _block_model(memory_efficient: bool, dropout: float, two_adapters: bool, con
 
 
 def _folded(model, x) -> list[bool]:
-    return [layer._loran_fold_plan(x, (), {}) is not None for _, layer in loran_layers(model)]
+    return [choose_path(layer, x).path is LayerPath.FOLDED for _, layer in loran_layers(model)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -17,6 +17,7 @@ from loran import ACTIVATIONS, LoranConfig, get_loran_model, load_loran, loran_l
 from loran.official import import_official_adapter
 from loran.pipeline.spectrum import update_spectrum
 from loran.pipeline.tables import T80, T975, paired_difference, t80, t975
+from loran.variants import Path as LayerPath, choose_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_update_sees_dropout_x_and_base_sees_x(eager, activation, memory_efficie
     x = torch.randn(4, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float32)
     mask = (torch.rand(4, 10, generator=torch.Generator().manual_seed(3)) > 0.5).float() * 2.0
     layer.lora_dropout["default"] = FixedMask(mask)
-    assert layer._loran_fold_plan(x, (), {}) is None  # the update must take the un-folded path here
+    assert choose_path(layer, x).path is not LayerPath.FOLDED  # the update must take the un-folded path here
     y = model(x).double()
     W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
@@ -556,7 +557,7 @@ def test_fused_kernels_equal_the_eager_kernels(base, accumulate, write, separate
 
 
 def test_loran_is_not_convertible_to_lora_and_unmerge_keeps_the_dtype():
-    from loran.layers import LoranVariant
+    from loran.variants import LoranVariant
 
     assert LoranVariant().supports_lora_conversion() is False  # f(BA) is not a rank-r product
     model = get_loran_model(Proj().to(torch.bfloat16), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"],
@@ -606,28 +607,28 @@ def _nf4(compute_dtype=torch.float32):
 
 
 def test_nf4_fold_leaves_bitsandbytes_cpu_repacking_alone():
-    from loran.layers import _base_weight_fn
+    from loran.variants import base_folds
 
     x, xg = torch.randn(2, 8), torch.randn(2, 8, requires_grad=True)
     q = _nf4()
     q.support_avx512bf16_for_cpu = True  # bnb would repack to bf16 on an eval-mode forward without grad
-    assert _base_weight_fn(q.eval(), x) is None
-    assert _base_weight_fn(q.eval(), xg) is not None
-    assert _base_weight_fn(q.train(), x) is not None
+    assert base_folds(q.eval(), x) is False
+    assert base_folds(q.eval(), xg) is True
+    assert base_folds(q.train(), x) is True
     del q.support_avx512bf16_for_cpu  # an older bnb without the attribute: no repacking
-    assert _base_weight_fn(q.eval(), x) is not None
+    assert base_folds(q.eval(), x) is True
     q.support_avx512bf16_for_cpu = False
     q.weight.quant_state.packing_format_for_cpu = True  # already repacked by bnb: not a plain NF4 weight
-    assert _base_weight_fn(q.train(), xg) is None
+    assert base_folds(q.train(), xg) is False
 
 
 def test_nf4_fold_sets_the_compute_type_as_bitsandbytes_does():
-    from loran.layers import _base_weight_fn
+    from loran.variants import base_folds
 
     q = _nf4(compute_dtype=None)
     q.support_avx512bf16_for_cpu = False
     assert not q.compute_type_is_set
-    assert _base_weight_fn(q, torch.randn(2, 8)) is not None
+    assert base_folds(q, torch.randn(2, 8)) is True
     assert q.compute_type_is_set is True and q.compute_dtype == torch.float32
 
 
@@ -661,7 +662,7 @@ def test_base_layers_with_changed_forward_are_not_folded(eager, how):
                                               activation_kwargs=SINTER))
     layer = model.base_model.model.q_proj
     layer.lora_B["default"].weight.data.normal_(0, 0.5)
-    assert layer._loran_fold_plan(x, (), {}) is None
+    assert choose_path(layer, x).path is not LayerPath.FOLDED
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     update = 3.0 * x.double() @ F64["sinter"](B @ A).T
     with torch.no_grad():
@@ -682,13 +683,14 @@ def test_unfolded_update_returns_the_base_dtype(eager, activation, memory_effici
 
 
 def test_nf4_base_without_bias_folds(eager):
-    from loran.layers import _base_weight_fn
+    from loran.variants import base_folds, base_weight
 
     q = _nf4()
     q.bias = None
     q.support_avx512bf16_for_cpu = False
     x = torch.randn(3, 8)
-    weight_fn, bias = _base_weight_fn(q, x)
+    assert base_folds(q, x)
+    weight_fn, bias = base_weight(q, x)
     assert bias is None
     with torch.no_grad():
         torch.testing.assert_close(x @ weight_fn(torch.float32).weight.T, q(x), rtol=1e-5, atol=1e-5)
@@ -702,9 +704,9 @@ def test_full_dropout_zeroes_the_update_and_autocast_is_not_folded(eager):
     with torch.no_grad():
         torch.testing.assert_close(model(x), layer.base_layer(x))
     layer.lora_dropout["default"] = nn.Identity()
-    assert layer._loran_fold_plan(x, (), {}) is not None
+    assert choose_path(layer, x).path is LayerPath.FOLDED
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._loran_fold_plan(x, (), {}) is None  # PEFT's path computes the base in bf16 there
+        assert choose_path(layer, x).path is not LayerPath.FOLDED  # PEFT's path computes the base in bf16 there
 
 
 def test_forward_takes_the_folded_path_when_it_can(eager, monkeypatch):
@@ -732,7 +734,7 @@ def test_conv1d_with_a_hook_is_not_folded(eager):
     model = get_loran_model(base, LoranConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     x = torch.randn(2, 4)
     layer = model.base_model.model.c_attn
-    assert layer._loran_fold_plan(x, (), {}) is None
+    assert choose_path(layer, x).path is not LayerPath.FOLDED
     with torch.no_grad():
         torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: the hooked base output
 
@@ -1062,7 +1064,7 @@ def test_result_and_a_bias_of_another_dtype_are_both_added(eager, with_result, d
 def test_the_variant_refuses_lora_bias_with_its_message():
     """LoranConfig refuses lora_bias=True; LoranVariant.init is the backstop for a config changed afterwards.
     Mutants: its message replaced or re-cased."""
-    from loran.layers import LoranVariant
+    from loran.variants import LoranVariant
 
     model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"]))
     config = LoranConfig(r=2, target_modules=["q_proj"])
@@ -1444,7 +1446,7 @@ def test_extra_positional_arguments_are_refused_as_by_the_base_layer():
     model = _proj_model("sinter", True).eval()
     layer = model.base_model.model.q_proj
     x = torch.randn(2, 10)
-    assert layer._loran_fold_plan(x, (), {}) is not None
+    assert choose_path(layer, x).path is LayerPath.FOLDED
     with pytest.raises(TypeError):
         layer(x, 5)
     with pytest.raises(TypeError):
@@ -1459,9 +1461,9 @@ def test_an_adapter_factor_in_another_dtype_than_x_is_not_folded(eager, which):
     model = _proj_model("sinter", True).eval()
     layer = model.base_model.model.q_proj
     x = torch.randn(5, 10, generator=torch.Generator().manual_seed(12))
-    assert layer._loran_fold_plan(x, (), {}) is not None
+    assert choose_path(layer, x).path is LayerPath.FOLDED
     getattr(layer, which)["default"].weight.data = getattr(layer, which)["default"].weight.data.double()
-    assert layer._loran_fold_plan(x, (), {}) is None
+    assert choose_path(layer, x).path is not LayerPath.FOLDED
     with torch.no_grad():
         y = model(x)
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
