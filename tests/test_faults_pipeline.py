@@ -8,14 +8,12 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
+import subprocess
 
 import pytest
 import torch
 import wandb
-from hydra import compose, initialize_config_dir
 from transformers.integrations import WandbCallback
 
 import loran.pipeline.base_models
@@ -26,22 +24,7 @@ from loran.pipeline.preemption import Preempted
 from loran.pipeline.run import NoSpace, cell_paths, run_cell
 from loran.pipeline.training import claim_out_dir, training_args
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
-         "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
-         "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
-
-
-def cfg_of(*overrides, results=None):
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outputs/ lands here
-    return tmp_path
+from tests.test_run_contract import PY, REPO, SMALL, cfg_of, workdir  # noqa: F401  (workdir: a fixture)
 
 
 def nothing_under(folder: Path) -> bool:
