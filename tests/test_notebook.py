@@ -1,14 +1,14 @@
 """The Table 2 notebook executes on records the test writes and draws its four figures."""
+import importlib.util
 import math
+from pathlib import Path
 
 import nbformat
 
-from loran.pipeline.tables import ROWS
-
-import importlib.util
-from pathlib import Path
+from loran.pipeline.tables import load_rows
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS = load_rows(REPO / "configs" / "row")
 spec = importlib.util.spec_from_file_location("run_notebook", REPO / "scripts/run_notebook.py")
 run_notebook = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_notebook)
