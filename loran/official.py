@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
 
+from loran.compat import targets_module
 from loran.config import LoranConfig
 
 # Official activation name (lower-cased) -> (our activation, its parameters as read from the official config).
@@ -110,7 +110,7 @@ def check_weights_are_targeted(config: LoranConfig, weights: dict[str, torch.Ten
     """Refuse weights for a module that `config` does not target: loading would drop them silently."""
     for key in weights:
         module = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
-        if not check_target_module_exists(config, module):
+        if not targets_module(config, module):
             raise OfficialAdapterError(
                 f"{key}: module {module!r} is not targeted by the converted config (target_modules="
                 f"{config.target_modules}, layers_to_transform={config.layers_to_transform}, layers_pattern="
