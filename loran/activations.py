@@ -5,6 +5,12 @@ so every activation is a pair ``(f, df)`` of plain functions of a float32 tensor
 Adding an activation is one entry in ``ACTIVATIONS``; the entry also declares where f is the identity
 (``Spec.linear``, ``Spec.identity_when``), which the layer computes as LoRA.
 
+Residual split (``Activation.split``): a centred f (f(0) = 0: every f in the "base" start, those with f(0) = 0 in
+"official") is f(z) = c z + g(z) with c = f'(0) (the right derivative in "base"); the layer computes c z as LoRA's
+low-rank product and only g(B A) densely (loran/variants.py, Path.RESIDUAL). An entry may declare g and g' in closed
+form (``Spec.residual``: exact in float32, e.g. Sinter's amp z sin(omega z)); otherwise g(z) = f(z) - f(0) - c z is
+evaluated in float64 (in float32, f(z) - c z would cancel: tanh(z) - z ~ z^3/3 at |z| ~ 1e-3).
+
 Start-up behaviour (``Activation.build(start=...)``):
 - ``"official"``: f exactly as in the official PEFT-LoRAN code. With LoRA's init (B = 0) Sigmoid changes the
   model at step 0 (f(0) = 0.5) and ReLU never trains (f'(0) = 0, so every gradient is exactly zero).
@@ -34,6 +40,17 @@ def d_sinter(x: Tensor, amp: float = 5e-5, omega: float = 1e4) -> Tensor:
     """f'(x) = 1 + amp * sin(omega x) + amp * omega * x * cos(omega x)."""
     wx = omega * x
     return 1 + amp * torch.sin(wx) + amp * omega * x * torch.cos(wx)
+
+
+def sinter_residual(x: Tensor, amp: float = 5e-5, omega: float = 1e4) -> Tensor:
+    """g(x) = f(x) - x = amp * x * sin(omega * x), Sinter's part beyond its slope f'(0) = 1."""
+    return amp * x * torch.sin(omega * x)
+
+
+def d_sinter_residual(x: Tensor, amp: float = 5e-5, omega: float = 1e4) -> Tensor:
+    """g'(x) = amp * sin(omega x) + amp * omega * x * cos(omega x)."""
+    wx = omega * x
+    return amp * torch.sin(wx) + amp * omega * x * torch.cos(wx)
 
 
 def identity(x: Tensor) -> Tensor:
@@ -139,17 +156,20 @@ def never(params: dict) -> bool:
 class Spec(NamedTuple):
     """f, its derivative f' (same keyword parameters), whether f is the identity whatever its parameters (`linear`:
     then f(BA) = BA factorises), and at which parameter values it is the identity (`identity_when(params)`, every
-    parameter given), so that f(z) = z and f'(z) = 1 exactly."""
+    parameter given), so that f(z) = z and f'(z) = 1 exactly. `residual`: (g, g') in closed form with
+    f(z) = f'(0) z + g(z) where f(0) = 0 (None: g = f - f(0) - f'(0) z, evaluated in float64)."""
 
     f: Callable[..., Tensor]
     df: Callable[..., Tensor]
     linear: bool = False
     identity_when: Callable[[dict], bool] = never
+    residual: tuple[Callable[..., Tensor], Callable[..., Tensor]] | None = None
 
 
 # name -> Spec. Parameters are the keyword arguments of f.
 ACTIVATIONS: dict[str, Spec] = {
-    "sinter": Spec(sinter, d_sinter, identity_when=lambda params: params["amp"] == 0 or params["omega"] == 0),
+    "sinter": Spec(sinter, d_sinter, identity_when=lambda params: params["amp"] == 0 or params["omega"] == 0,
+                   residual=(sinter_residual, d_sinter_residual)),
     "identity": Spec(identity, d_identity, linear=True),
     "sigmoid": Spec(sigmoid, d_sigmoid),
     "tanh": Spec(tanh, d_tanh),
@@ -180,6 +200,15 @@ class Pointwise(NamedTuple):
     offset: float
 
 
+class Split(NamedTuple):
+    """A centred f as f(z) = slope z + g(z), slope = f'(0) (right derivative in "base"): g and g' = f' - slope as
+    plain functions of one tensor, returned in its dtype."""
+
+    slope: float
+    g: Callable[[Tensor], Tensor]
+    dg: Callable[[Tensor], Tensor]
+
+
 @functools.cache
 def _pointwise(name: str, params: tuple[tuple[str, float], ...], start: str) -> Pointwise:
     """Built once per (name, params, start): f(0) and f'(0+) are evaluated here, so a call does no host sync and
@@ -205,6 +234,29 @@ def _pointwise(name: str, params: tuple[tuple[str, float], ...], start: str) -> 
         return torch.where(z == 0, at_zero, spec.df(z, **kwargs))
 
     return Pointwise(f, df, offset)
+
+
+@functools.cache
+def _split(name: str, params: tuple[tuple[str, float], ...], start: str) -> Split | None:
+    """f = c z + g(z) for a centred f (None when f(0) != 0 in the "official" start), built once per activation."""
+    spec, kwargs, pw = ACTIVATIONS[name], dict(params), _pointwise(name, params, start)
+    zero = torch.zeros((), dtype=torch.float64)
+    if float(spec.f(zero, **kwargs)) != 0 and start != "base":
+        return None
+    # c: the slope of f at 0 as the "base" / "official" f' has it there (ReLU: 1 / 0)
+    slope = float(pw.df(zero))
+    if spec.residual is not None and slope == float(spec.df(zero, **kwargs)):
+        res, d_res = spec.residual
+        return Split(slope, lambda z: res(z, **kwargs), lambda z: d_res(z, **kwargs))
+
+    def g(z: Tensor) -> Tensor:
+        wide = z.double()
+        return (pw.f(wide) - slope * wide).to(z.dtype)
+
+    def dg(z: Tensor) -> Tensor:
+        return (pw.df(z.double()) - slope).to(z.dtype)
+
+    return Split(slope, g, dg)
 
 
 @functools.cache
@@ -240,6 +292,11 @@ class Activation:
     def pointwise(self) -> Pointwise:
         """(f, f', f(0)) as plain functions, shared by every equal activation (what the fused kernels call)."""
         return _pointwise(self.name, tuple(sorted(self.params.items())), self.start)
+
+    @property
+    def split(self) -> Split | None:
+        """f = c z + g(z) (``Split``) when f is centred, f(0) = 0 (always in "base" mode); None otherwise."""
+        return _split(self.name, tuple(sorted(self.params.items())), self.start)
 
     @property
     def offset(self) -> float:

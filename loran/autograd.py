@@ -30,11 +30,26 @@ Two interchangeable forms:
   ops on whole matrices (memory-bound, one pass per op): it is one fused kernel per block from ``torch.compile``
   where that is available and worth it (``COMPILE``), else eager ops on cache-sized chunks (``CHUNK_ELEMENTS``).
 
+- ``residual_update``: the dense half of the residual split (loran/variants.py, Path.RESIDUAL). For a centred f,
+  f(z) = c z + g(z) (``Activation.split``), so s x f(B A)^T = c s (x A^T) B^T + s x g(B A)^T: the first term is
+  LoRA's low-rank product, and only s x g(B A)^T needs a d_out x d_in matrix. It keeps x, A, B for backward and
+  recomputes Z = B A per row block:
+
+      forward   Z = B A (d_out d_in r),  y = x (s g(Z))^T                       (N d_out d_in)
+      backward  Z again (d_out d_in r),  dL/dx = g_y (s g(Z))                   (N d_out d_in)
+                G = g_y^T x (N d_out d_in),  dL/dZ = s G * g'(Z)
+                dL/dB = dL/dZ A^T,  dL/dA = B^T dL/dZ                           (2 d_out d_in r)
+
+  Z and g(Z) are computed in float32 (float64 for float64 x), IEEE (no TF32/bf16 inside the matmul: sin(omega Z)
+  runs at 14-35 rad, so Z's relative error becomes phase error); the three N-sized products run in `dtype` (bf16
+  under the "autocast" policy, with float32 accumulation; g(Z) rounded to it), dL/dZ, dL/dA, dL/dB in float32.
+
 - ``reference_update``: plain autograd through f(B A), as the official code does (keeps about four
   d_out x d_in tensors per module). Kept as the reference the tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, NamedTuple, Sequence
@@ -86,6 +101,20 @@ class Adapter(NamedTuple):
 def _no_autocast(device_type: str):
     """Autocast off on `device_type`, the device the tensors live on (a CUDA machine can compute on the CPU too)."""
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """float32 matmuls in full float32 (no TF32, no bf16 passes inside them) for the block, whatever the process set."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -152,6 +181,71 @@ def lowrank_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch
     """LoRA's update s (x A^T) B^T computed in `dtype` with autocast off, output in `dtype`; autograd keeps x in its
     own dtype. The path of every adapter whose f is the identity when its update must be cast (loran/variants.py)."""
     return _LowRankUpdate.apply(x, A, B, float(scaling), dtype)
+
+
+class _ResidualUpdate(torch.autograd.Function):
+    """s x g(B A)^T, g the residual of a centred f (module docstring, ``residual_update``); keeps x, A, B only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, dtype: torch.dtype | None,
+                block_rows: int | None) -> Tensor:
+        zt = compute_dtype(x)  # Z = B A and g(Z): float32 (float64 for float64 x)
+        pt = dtype or zt  # the N-sized products
+        g = act.split.g
+        d_out, d_in = B.shape[0], A.shape[1]
+        with _no_autocast(x.device.type), ieee_float32():
+            A_, B_ = A.to(zt), B.to(zt)
+            x2 = x.reshape(-1, d_in).to(pt)
+            y = torch.empty(x2.shape[0], d_out, dtype=pt, device=x.device)
+            for blk in _blocks(d_out, block_rows or chunk_rows_for(d_in, BLOCK_ELEMENTS)):
+                gz = g(B_[blk] @ A_).mul_(scaling).to(pt)
+                torch.mm(x2, gz.T, out=y[:, blk])
+                del gz
+        ctx.save_for_backward(x, A, B)
+        ctx.scaling, ctx.act, ctx.dtypes, ctx.block_rows = scaling, act, (zt, pt), block_rows
+        return y.reshape(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, A, B = ctx.saved_tensors
+        (zt, pt), s, split = ctx.dtypes, ctx.scaling, ctx.act.split
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        d_out, d_in = B.shape[0], A.shape[1]
+        grad_x = grad_A = grad_B = None
+        with _no_autocast(x.device.type), ieee_float32():
+            A_, B_ = A.to(zt), B.to(zt)
+            x2 = x.reshape(-1, d_in).to(pt)
+            g2 = grad_y.reshape(-1, d_out).to(pt)
+            if need_A:
+                grad_A = torch.zeros_like(A_)
+            if need_B:
+                grad_B = torch.empty_like(B_)
+            for blk in _blocks(d_out, ctx.block_rows or chunk_rows_for(d_in, BLOCK_ELEMENTS)):
+                z = B_[blk] @ A_
+                if need_x:
+                    gz = split.g(z).mul_(s).to(pt)
+                    grad_x = g2[:, blk] @ gz if grad_x is None else grad_x.addmm_(g2[:, blk], gz)
+                    del gz
+                if need_A or need_B:
+                    grad_z = (g2[:, blk].T @ x2).to(zt).mul_(split.dg(z)).mul_(s)  # dL/dZ = s G * g'(Z)
+                    if need_B:
+                        torch.mm(grad_z, A_.T, out=grad_B[blk])
+                    if need_A:
+                        grad_A.addmm_(B_[blk].T, grad_z)
+                    del grad_z
+                del z
+        return (None if grad_x is None else grad_x.reshape(x.shape).to(x.dtype),
+                None if grad_A is None else grad_A.to(A.dtype), None if grad_B is None else grad_B.to(B.dtype),
+                None, None, None, None)
+
+
+def residual_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, dtype: torch.dtype | None = None,
+                    block_rows: int | None = None) -> Tensor:
+    """s x g(B A)^T for a centred f = c z + g(z) (``act.split``), output in `dtype` (default float32, float64 for
+    float64 x); Z = B A and g(Z) in float32 IEEE, recomputed in row blocks in backward (module docstring)."""
+    if act.split is None:
+        raise ValueError(f"residual_update needs a centred activation (f(0) = 0); {act} is not")
+    return _ResidualUpdate.apply(x, A, B, float(scaling), act, dtype, block_rows)
 
 
 def _weight_kernel(out: Tensor, B: Tensor, A: Tensor, base: Tensor | None, s: float, f: Callable,

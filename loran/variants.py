@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loran.autograd import (
     Adapter, DenseWeight, WeightFn, compute_dtype, delta_weight, loran_update, lowrank_update, reference_update,
-    widened,
+    residual_update, widened,
 )
 from loran.compat import LoraVariant, bnb, dequantized_4bit, is_4bit, is_8bit, prepares_4bit_as_dense
 
@@ -33,6 +33,7 @@ class Path(Enum):
     FOLDED = "folded"  # x @ (W0 + sum_a s_a f_a(B_a A_a))^T + b, one matmul (autograd.loran_linear)
     LORA = "lora"  # f the identity: PEFT's own s lora_B(lora_A(x)), bit for bit PEFT's LoRA
     LORA_CAST = "lora cast"  # f the identity: s (x A^T) B^T in float32/float64, autocast off (lowrank_update)
+    RESIDUAL = "residual"  # centred f = c z + g(z): c s (x A^T) B^T + s x g(B A)^T (autograd.residual_update)
     DENSE = "dense"  # s x f(B A)^T, f(B A) recomputed in row chunks in backward (autograd.loran_update)
     REFERENCE = "reference"  # s x f(B A)^T through plain autograd (autograd.reference_update)
 
@@ -65,12 +66,15 @@ def choose_path(layer: LoraLayer, x: Tensor, adapter: str | None = None, extra_a
         adapter  f the identity, nothing to cast: policy "autocast" under autocast, or      LORA
                  x, A, B in the compute dtype with autocast off
         adapter  f the identity                                                             LORA_CAST
+        adapter  memory_efficient, f centred (f(0) = 0: any f in the "base" start)           RESIDUAL
         adapter  memory_efficient                                                           DENSE
         adapter  otherwise                                                                  REFERENCE
 
     BASE_ONLY and UNFOLDED run PEFT's forward, which calls ``LoranVariant.forward`` (the adapter rows) for each LoRAN
     adapter. An adapter's update is computed in autocast's dtype under policy "autocast" while autocast is on, else
-    in float32 (float64 for float64 x), and added in the result's dtype."""
+    in float32 (float64 for float64 x), and added in the result's dtype. RESIDUAL keeps that meaning for the
+    LoRAN-minus-LoRA part s x g(B A)^T: Z = B A and g(Z) always in float32 (float64), the products with x in that
+    dtype (``autograd.residual_update``); its c-part is LoRA's, as LORA (under autocast) or LORA_CAST computes it."""
     if adapter is not None:
         autocast = torch.is_autocast_enabled(x.device.type)
         own = layer.loran_update_dtype[adapter] == "autocast" and autocast  # autocast's dtype: its own rounding
@@ -79,7 +83,9 @@ def choose_path(layer: LoraLayer, x: Tensor, adapter: str | None = None, extra_a
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             uncast = own or (x.dtype == A.dtype == B.dtype == compute_dtype(x) and not autocast)
             return Plan(Path.LORA if uncast else Path.LORA_CAST, dtype)
-        return Plan(Path.DENSE if layer.loran_memory_efficient[adapter] else Path.REFERENCE, dtype)
+        if not layer.loran_memory_efficient[adapter]:
+            return Plan(Path.REFERENCE, dtype)
+        return Plan(Path.DENSE if layer.loran_activation[adapter].split is None else Path.RESIDUAL, dtype)
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if layer.disable_adapters or layer.merged or not active:
         return Plan(Path.BASE_ONLY)
@@ -193,6 +199,21 @@ def _lora_cast(module: LoraLayer, name: str, x: Tensor, result: Tensor, dtype: t
     return result + lowrank_update(x, A, B, module.scaling[name], compute_dtype(x)).to(result.dtype)
 
 
+def _residual(module: LoraLayer, name: str, x: Tensor, result: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """result + c s (x A^T) B^T + s x g(B A)^T for a centred f = c z + g(z): the c-part as LoRA's (PEFT's modules under
+    the "autocast" policy, else ``lowrank_update`` in float32/float64), the g-part by ``residual_update``; both in
+    `dtype` (None: float32, float64 for float64 x), summed, then added in the result's dtype."""
+    A, B = module.lora_A[name].weight, module.lora_B[name].weight
+    s, act = module.scaling[name], module.loran_activation[name]
+    update = residual_update(x, A, B, s, act, dtype=dtype)
+    c = act.split.slope
+    if c and dtype is not None:
+        update = module.lora_B[name](module.lora_A[name](x)) * (s * c) + update
+    elif c:
+        update = lowrank_update(x, A, B, s * c, compute_dtype(x)) + update
+    return result + update.to(result.dtype)
+
+
 def _dense(module: LoraLayer, name: str, x: Tensor, result: Tensor, dtype: torch.dtype | None) -> Tensor:
     """result + s x f(B A)^T in `dtype`, keeping no d_out x d_in tensor for backward."""
     A, B = module.lora_A[name].weight, module.lora_B[name].weight
@@ -207,4 +228,5 @@ def _reference(module: LoraLayer, name: str, x: Tensor, result: Tensor, dtype: t
 
 
 # The adapter paths of choose_path and the function that computes each.
-UPDATES = {Path.LORA: _lora, Path.LORA_CAST: _lora_cast, Path.DENSE: _dense, Path.REFERENCE: _reference}
+UPDATES = {Path.LORA: _lora, Path.LORA_CAST: _lora_cast, Path.RESIDUAL: _residual, Path.DENSE: _dense,
+           Path.REFERENCE: _reference}

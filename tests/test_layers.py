@@ -23,6 +23,8 @@ class Proj(nn.Module):
 
 
 def _layer(activation="sinter", **kwargs):
+    if activation == "sigmoid official":  # f(0) = 0.5: not centred, no residual split
+        activation, kwargs = "sigmoid", {**kwargs, "start": "official"}
     config = LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation=activation,
                          activation_kwargs=SINTER if activation == "sinter" else {}, **kwargs)
     model = get_loran_model(Proj(), config).eval()
@@ -35,7 +37,7 @@ X = torch.randn(2, 10)
 def test_the_table_names_every_path_and_each_adapter_path_has_its_function():
     rows = choose_path.__doc__.split("path\n", 1)[1]
     assert all(f" {path.name}\n" in rows for path in Path)
-    assert set(UPDATES) == {Path.LORA, Path.LORA_CAST, Path.DENSE, Path.REFERENCE}
+    assert set(UPDATES) == {Path.LORA, Path.LORA_CAST, Path.RESIDUAL, Path.DENSE, Path.REFERENCE}
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -75,8 +77,10 @@ def test_each_layer_row_picks_its_path(case, expected):
     ("identity", True, "float32", torch.bfloat16, False, Path.LORA_CAST, None),
     ("identity", True, "float32", torch.float32, True, Path.LORA_CAST, None),
     ("identity", True, "autocast", torch.float32, True, Path.LORA, torch.bfloat16),
-    ("sinter", True, "float32", torch.float32, True, Path.DENSE, None),
-    ("sinter", True, "autocast", torch.float32, True, Path.DENSE, torch.bfloat16),
+    ("sinter", True, "float32", torch.float32, True, Path.RESIDUAL, None),
+    ("sinter", True, "autocast", torch.float32, True, Path.RESIDUAL, torch.bfloat16),
+    ("sigmoid official", True, "float32", torch.float32, True, Path.DENSE, None),
+    ("sigmoid official", True, "autocast", torch.float32, True, Path.DENSE, torch.bfloat16),
     ("sinter", False, "autocast", torch.float32, False, Path.REFERENCE, None),
     ("sinter", False, "autocast", torch.float32, True, Path.REFERENCE, torch.bfloat16),
 ])
