@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import loran.autograd as la
 from loran.bench import adapter as bench_adapter
+from loran.bench import cost
 from loran.bench import dropout_sparse as bench_dropout_sparse
 from loran.bench import train_step as bench_train
 from loran import ACTIVATIONS, Activation, LoranConfig, get_loran_model, loran_layers
@@ -316,16 +317,42 @@ def test_bench_adapter_runs(eager, capsys):
     for p in (0.0, 0.1):
         assert by[(p, "loran")].saved_max_numel < 48 * 48 <= by[(p, "loran_naive")].saved_max_numel
         assert all(by[(p, m)].ms > 0 and by[(p, m)].peak_mib > 0 for m in bench.METHODS)
+        # the path that ran, as choose_path reports it, and that path's multiply-adds and floor
+        assert all(by[(p, m)].path == bench.method_path(m, p) and by[(p, m)].floor_ms > 0 for m in bench.METHODS)
+        assert all(by[(p, m)].macs == bench.multiply_adds(m, 48, 4, 16, p) for m in bench.METHODS)
 
 
 def test_bench_adapter_multiply_adds():
     """The issue's cost model at d = 2048, r = 64, N = 512: (3 N + 4 r) / (2 N + 6 N r / d) = 1792 / 1120 folded,
-    (5 N + 4 r) / 1120 with dropout, (5 N + 3 r) / 1120 for the official-style materialisation."""
+    (5 N + 4 r + 6 N r / d) / 1120 with dropout (the residual split), (5 N + 3 r) / 1120 for the official-style
+    materialisation; the dense path (the official start of a non-centred f) 5 N + 4 r."""
     macs = bench_adapter.multiply_adds
     ratio = lambda m, p: macs(m, 2048, 64, 512, p) / macs("lora", 2048, 64, 512, p)  # noqa: E731
     assert ratio("loran", 0.0) == pytest.approx(1792 / 1120)
-    assert ratio("loran", 0.05) == pytest.approx(2816 / 1120)
+    assert ratio("loran", 0.05) == pytest.approx(2912 / 1120)
     assert ratio("loran_naive", 0.0) == ratio("loran_naive", 0.05) == pytest.approx(2752 / 1120)
+    assert sum(cost.path_multiply_adds("dense", 2048, 2048, 64, 512).values()) / 2048**2 == 5 * 512 + 4 * 64
+    assert cost.path_multiply_adds("residual", 2048, 2048, 64, 512, slope=0.0)["lowrank"] == 0
+
+
+@pytest.mark.parametrize("policy", ["float32", "autocast"])
+def test_benchmarks_record_the_path_choose_path_takes_under_autocast(policy):
+    """Under bf16 autocast a Sinter layer never folds: the recorded path is the residual split, its update in bf16 only
+    under the autocast policy, Z always fp32; its floor at a GPU's rates is positive and below the fp32 one's."""
+    model = get_loran_model(nn.Sequential(nn.Linear(32, 24)), LoranConfig(r=4, target_modules=["0"],
+                                                                          update_dtype=policy))
+    x = torch.randn(8, 32)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+
+    (run,) = cost.record_paths(model, step).values()
+    assert (run.path, run.update_low, run.base_low, run.d_in, run.d_out, run.r, run.tokens) == (
+        "residual", policy == "autocast", True, 32, 24, 4, 8)
+    assert cost.part_dtypes(run)["z"] == "fp32"
+    assert 0 < cost.floor_seconds([run], cost.RATES["H100"]) <= cost.floor_seconds([run._replace(update_low=False)],
+                                                                                   cost.RATES["H100"])
 
 
 def test_bench_adapter_quick_flag_parses():
@@ -339,6 +366,7 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
                             "--steps", "1", "--batch", "2", "--seq", "8", "--new-tokens", "2", "--gen-repeats", "1",
                             "--gen-batch", "1", "--prompt-len", "4"])
     assert [(r["dropout"], r["method"]) for r in rows] == [(p, m) for p in (0.0, 0.1) for m in ("LoRA", "LoRAN")]
+    assert [r["path"] for r in rows] == ["lora", "folded", "lora", "residual"]
     assert all(r["step_s"] > 0 and r["total_mib"] > r["resident_mib"] > 0 for r in rows)
     assert [g["method"] for g in gen] == ["base", "lora", "loran"]
     out = capsys.readouterr().out
@@ -353,7 +381,9 @@ def test_bench_train_runs_on_the_tiny_model(eager, capsys):
         wrapped = train.adapt(bare, "loran", r, 16, p)
         macs = train.multiply_adds(wrapped, tokens, seq, r, p)
         assert macs["base"] == plain["base"] > 0
-        assert macs["loran"] - macs["base"] == ((3 if p else 1) * tokens + 4 * r) * adapted
+        lowrank = 3 * tokens * r * sum(m.in_features + m.out_features for n, m in bare.named_modules()
+                                       if n.split(".")[-1] in train.TARGETS)
+        assert macs["loran"] - macs["base"] == ((3 if p else 1) * tokens + 4 * r) * adapted + (lowrank if p else 0)
         bare = wrapped.unload()
     layout = train._layout(bare)
     bare.lm_head.weight.data = bare.lm_head.weight.data.T.contiguous().T  # same values, other strides

@@ -14,7 +14,9 @@ Methods (all on the same frozen nn.Linear(d, d, bias=False), fp32, x requires gr
 Time: median over `--repeats` rounds after `--warmup` rounds; each round runs every method once, in turn, so that
 load from other processes hits all methods alike; the spread column is the interquartile range / median, and the
 min column the best round (on a busy machine the better estimate of the unloaded time).
-MAC ratio: matmul multiply-adds relative to LoRA's (`multiply_adds`), where the time ratio would sit if time were
+Path: the path each arm's layer took, as choose_path reports it on the benchmark's input (``cost.record_paths``);
+MACs and the floor are that path's (loran/bench/cost.py: the formulas, the cost model, the measured CPU rates).
+MAC ratio: matmul multiply-adds relative to LoRA's, where the time ratio would sit if time were
 proportional to them; work that is not a matmul moves it either way (LoRAN's element-wise f and f', memory-bound
 thin products; LoRA's dropout mask, which is slow on CPUs).
 Memory, measured in a separate untimed pass:
@@ -45,6 +47,7 @@ import peft
 from peft import LoraConfig, get_peft_model
 
 from loran import LoranConfig, get_loran_model
+from loran.bench import cost
 
 METHODS = ("lora", "loran_naive", "loran")
 
@@ -153,26 +156,34 @@ class Row:
     peak_mib: float
     saved_mib: float
     saved_max_numel: int
+    path: str = ""
+    macs: int = 0
+    floor_ms: float = 0.0
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def method_path(method: str, dropout: float) -> str:
+    """The path each method's fp32 layer takes without autocast (what ``bench`` records): lora; loran_naive plain
+    autograd ("reference"); loran folded without active dropout, else the residual split (Sinter is centred)."""
+    return {"lora": "lora", "loran_naive": "reference", "loran": "residual" if dropout > 0 else "folded"}[method]
+
+
 def multiply_adds(method: str, d: int, r: int, tokens: int, dropout: float, d_out: int | None = None) -> int:
     """Matmul multiply-adds of one forward + backward of a d_out x d layer (d_out = d if None; x requires grad,
-    W0 frozen); the one cost model both benchmarks use.
+    W0 frozen) on the path `method` takes in fp32 without autocast (``method_path``), by ``cost.path_multiply_adds``:
 
     lora:        x W0^T, g W0 (2 N d_out d) and the update's 3 N r (d + d_out) (x A^T, then B; dL/dx through both;
                  dL/dA, dL/dB);
     loran_naive: x W0^T, dropout(x) F^T, g W0, g F, dL/dF = g^T dropout(x) (5 N d_out d); B A, dL/dA, dL/dB
                  (3 d_out d r);
     loran:       without dropout folded: x W^T, g W, G = g^T x (3 N d_out d); B A twice, dL/dA, dL/dB (4 d_out d r);
-                 with dropout the naive form's 5 N d_out d, B A recomputed in backward (4 d_out d r).
+                 with dropout the residual split: the base (2 N d_out d), LoRA's 3 N r (d + d_out), the g part
+                 x g^T, g_y g, g_y^T x (3 N d_out d), B A twice, dL/dA, dL/dB (4 d_out d r).
     """
     d_out = d if d_out is None else d_out
-    nd2, d2r = tokens * d * d_out, d * d_out * r
-    return {"lora": 2 * nd2 + 3 * tokens * r * (d + d_out), "loran_naive": 5 * nd2 + 3 * d2r,
-            "loran": (5 if dropout > 0 else 3) * nd2 + 4 * d2r}[method]
+    return sum(cost.path_multiply_adds(method_path(method, dropout), d, d_out, r, tokens).values())
 
 
 def int_list(text: str) -> list[int]:
@@ -186,12 +197,15 @@ def float_list(text: str) -> list[float]:
 
 
 def bench(d: int, r: int, tokens: int, dropout: float, warmup: int, repeats: int, methods=METHODS,
-          clock: str = "wall") -> list[Row]:
-    """Time and memory of every method for one (d, r, N, dropout) cell."""
+          clock: str = "wall", rates: cost.Rates | None = None) -> list[Row]:
+    """Time and memory of every method for one (d, r, N, dropout) cell, with the path each took (one untimed step
+    asks choose_path), its multiply-adds and its floor at `rates`."""
     models = {m: build(m, d, r, dropout) for m in methods}
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(tokens, d, generator=gen).requires_grad_()
     grad_y = torch.randn(tokens, d, generator=gen)
+    runs = {m: list(cost.record_paths(models[m], lambda m=m: fwd_bwd(models[m], x, grad_y)).values())
+            for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     now = CLOCKS[clock]
     for i in range(warmup + repeats):
@@ -206,8 +220,11 @@ def bench(d: int, r: int, tokens: int, dropout: float, warmup: int, repeats: int
         median = statistics.median(t)
         q = statistics.quantiles(t, n=4) if len(t) >= 2 else [median, median, median]
         saved, saved_max = saved_for_backward(models[m], x)
+        floor = cost.floor_seconds(runs[m], rates, act_bytes=4, weight_bytes=4) * 1e3 if rates else 0.0
         rows.append(Row(d, r, tokens, dropout, m, median * 1e3, t[0] * 1e3, (q[2] - q[0]) / median,
-                        peak_bytes(models[m], x, grad_y) / 2**20, saved / 2**20, saved_max))
+                        peak_bytes(models[m], x, grad_y) / 2**20, saved / 2**20, saved_max,
+                        "+".join(run.path for run in runs[m]),
+                        sum(sum(cost.run_multiply_adds(run).values()) for run in runs[m]), floor))
     return rows
 
 
@@ -233,9 +250,10 @@ def header(script: str, argv, clock: str) -> dict:
 
 def table(rows: list[Row]) -> str:
     """Markdown table with ratios to LoRA and to naive LoRAN in the same cell (medians; min: best of the repeats)."""
-    out = ["| d | r | N | dropout | method | fwd+bwd ms (median) | min ms | spread | /LoRA | /LoRA (min) | /naive "
-           "| /LoRA MAC | peak MiB | peak /LoRA | saved MiB | largest saved | keeps d_out x d_in |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| d | r | N | dropout | method | path | fwd+bwd ms (median) | min ms | spread | /LoRA | /LoRA (min) | /naive "
+           "| GMAC | /LoRA MAC | floor ms | /floor | peak MiB | peak /LoRA | saved MiB | largest saved "
+           "| keeps d_out x d_in |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         cells.setdefault((row.d, row.r, row.tokens, row.dropout), {})[row.method] = row
@@ -247,9 +265,10 @@ def table(rows: list[Row]) -> str:
 
         for m, row in cell.items():
             out.append(
-                f"| {d} | {r} | {n} | {p:g} | {m} | {row.ms:.1f} | {row.min_ms:.1f} | {row.spread:.0%} "
+                f"| {d} | {r} | {n} | {p:g} | {m} | {row.path} | {row.ms:.1f} | {row.min_ms:.1f} | {row.spread:.0%} "
                 f"| {ratio(row.ms, lora, 'ms')} | {ratio(row.min_ms, lora, 'min_ms')} | {ratio(row.ms, naive, 'ms')} "
-                f"| {multiply_adds(m, d, r, n, p) / multiply_adds('lora', d, r, n, p):.2f} "
+                f"| {row.macs / 1e9:.3g} | {ratio(row.macs, lora, 'macs')} "
+                f"| {row.floor_ms:.2f} | {row.ms / row.floor_ms if row.floor_ms else float('nan'):.1f} "
                 f"| {row.peak_mib:.1f} | {ratio(row.peak_mib, lora, 'peak_mib')} "
                 f"| {row.saved_mib:.2f} | {row.saved_max_numel} | {'yes' if row.saved_max_numel >= d * d else 'no'} |")
     return "\n".join(out)
@@ -283,12 +302,16 @@ def main(argv=None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = header("bench_adapter", argv, args.clock)
+    device, rates = cost.device_rates("cpu")
+    info["rates"] = dict(device=device, **rates._asdict())
+    print(f"# floor rates ({device}): {rates.fp32 / 1e9:.0f} GFLOP/s fp32 matmul, {rates.bandwidth / 1e9:.1f} GB/s",
+          flush=True)
     rows = []
     for d in args.sizes:
         for r in args.ranks:
             for p in args.dropouts:
                 repeats = args.big_repeats if d >= 4096 else args.repeats
-                cell = bench(d, r, args.tokens, p, args.warmup, repeats, clock=args.clock)
+                cell = bench(d, r, args.tokens, p, args.warmup, repeats, clock=args.clock, rates=rates)
                 rows += cell
                 print(f"# d={d} r={r} p={p:g}: " + ", ".join(f"{c.method} {c.ms:.1f} ms" for c in cell), flush=True)
     print(table(rows))

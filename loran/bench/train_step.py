@@ -12,8 +12,10 @@ Time: median over `--steps` steps after `--warmup`; the arms of one (base, dropo
 that load from other processes hits them alike. Memory: the parameters, buffers and optimizer state that exist
 before the step, plus the peak of the tensors allocated during one step (followed op by op, as
 scripts/bench_adapter.py does); the ratio LoRAN / LoRA of that total is the analogue of CUDA's
-max_memory_allocated. GMAC: the step's matmul multiply-adds counted from the model's shapes (`multiply_adds`),
-and their ratio to (Q)LoRA's. About 40 % of a QLoRA step is not matmul work here (torch.profiler, dropout 0.05:
+max_memory_allocated. Path: the paths the adapted layers took, as choose_path reports them on one untimed step
+(loran/bench/cost.py). GMAC: the step's matmul multiply-adds, the frozen model's counted from its shapes
+(`multiply_adds`) plus, per adapted layer, what the path it took adds (``cost.path_multiply_adds``), and their
+ratio to (Q)LoRA's. About 40 % of a QLoRA step is not matmul work here (torch.profiler, dropout 0.05:
 softmax over the vocabulary, dropout masks, dequantisation, the optimizer) and LoRAN adds little to it, so the time
 ratio sits below the GMAC ratio unless LoRAN's own element-wise work and call overhead outweigh that.
 
@@ -34,6 +36,7 @@ import time
 import torch
 
 
+from loran.bench import cost
 from loran.bench.adapter import CLOCKS, PeakMemory, header
 from loran.bench.adapter import multiply_adds as layer_multiply_adds
 from peft import LoraConfig, get_peft_model
@@ -110,6 +113,7 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
             peft_model = adapt(model, method, args.r, args.alpha, dropout).train()
             optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
             arms[method] = (peft_model, optimizer)
+        runs = {m: cost.record_paths(model, lambda m=m: step(*arms[m], inputs)) for m, (model, _) in arms.items()}
         times = {m: [] for m in arms}
         for i in range(args.warmup + args.steps):
             for method, (model, optimizer) in arms.items():
@@ -119,6 +123,8 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
                     times[method].append(now() - start)
         cell = []
         macs = multiply_adds(bases["lora"], tokens, args.seq, args.r, dropout)
+        ran = {m: macs["base"] + sum(sum(cost.run_multiply_adds(run).values()) - 2 * run.tokens * run.d_in * run.d_out
+                                     for run in runs[m].values()) for m in arms}
         for method, (model, optimizer) in arms.items():
             resident = resident_bytes(model, optimizer)
             with PeakMemory() as tracker:
@@ -128,7 +134,8 @@ def train_cells(quantization: str, dropouts: list[float], args) -> list[dict]:
                          "step_s": statistics.median(times[method]), "min_s": min(times[method]),
                          "spread": _spread(times[method]), "resident_mib": resident / 2**20,
                          "step_peak_mib": tracker.peak / 2**20, "total_mib": (resident + tracker.peak) / 2**20,
-                         "gmacs": macs[method] / 1e9})
+                         "path": "+".join(sorted({run.path for run in runs[method].values()})),
+                         "gmacs": ran[method] / 1e9})
             bases[method] = model.unload()  # the bare base again, for the next dropout
         print(f"# base={quantization} dropout={dropout:g}: "
               + ", ".join(f"{r['method']} {r['step_s']:.3f} s {r['total_mib']:.0f} MiB" for r in cell), flush=True)
@@ -210,16 +217,17 @@ def _layout(model) -> tuple:
 def report(train_rows: list[dict], gen_rows: list[dict]) -> str:
     out = []
     if train_rows:
-        out += ["| base | dropout | method | step s (median) | min s | spread | /LoRA time | /LoRA (min) "
+        out += ["| base | dropout | method | path | step s (median) | min s | spread | /LoRA time | /LoRA (min) "
                 "| matmul GMAC | /LoRA GMAC | resident MiB | step peak MiB | total MiB | /LoRA memory |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells = {}
     for row in train_rows:
         cells.setdefault((row["base"], row["dropout"]), []).append(row)
     for (base, dropout), rows in cells.items():
         ref = rows[0]
         for row in rows:
-            out.append(f"| {base} | {dropout:g} | {row['method']} | {row['step_s']:.3f} | {row['min_s']:.3f} "
+            out.append(f"| {base} | {dropout:g} | {row['method']} | {row.get('path', '-')} | {row['step_s']:.3f} "
+                       f"| {row['min_s']:.3f} "
                        f"| {row['spread']:.0%} | {row['step_s'] / ref['step_s']:.3f} "
                        f"| {row['min_s'] / ref['min_s']:.3f} | {row['gmacs']:.1f} | {row['gmacs'] / ref['gmacs']:.3f} "
                        f"| {row['resident_mib']:.1f} "
