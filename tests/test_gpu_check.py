@@ -24,8 +24,8 @@ check = _check_script()
 
 
 def test_arguments_select_and_skip_parts_and_refuse_unknown_ones(capsys):
-    assert check.parse_args([]).selected == ["tests", "cell", "layer", "block"]
-    assert check.parse_args(["--skip", "cell"]).selected == ["tests", "layer", "block"]
+    assert check.parse_args([]).selected == ["tests", "cell", "layer", "block", "split"]
+    assert check.parse_args(["--skip", "cell"]).selected == ["tests", "layer", "block", "split"]
     assert check.parse_args(["--parts", "block,layer", "--skip", "layer"]).selected == ["block"]
     with pytest.raises(SystemExit) as err:
         check.parse_args(["--parts", "tests,bench"])
@@ -50,7 +50,7 @@ def test_parts_that_cannot_run_are_reported_and_make_the_exit_non_zero(monkeypat
     monkeypatch.setitem(check.RUNNERS, "block", lambda args: ran.append("block") or gpu.PartResult("block", "ok"))
     parts = check.run_parts(check.parse_args(["--parts", "layer,block"]))
     assert [(p.name, p.status) for p in parts] == [("tests", "not selected"), ("cell", "not selected"),
-                                                   ("layer", "not run"), ("block", "ok")]
+                                                   ("layer", "not run"), ("block", "ok"), ("split", "not selected")]
     assert parts[2].reason == "missing package(s) ['no_such_package_xyz']" and ran == ["block"]
     assert check.exit_code(parts) == 4
     assert check.exit_code([gpu.PartResult("a", "ok"), gpu.PartResult("b", "not selected")]) == 0
@@ -96,10 +96,15 @@ def assert_time_ratio_matches_the_times(fig):
 
 
 def test_layer_bench_smallest_form_on_the_cpu():
+    """The figure names the path each arm ran and counts that path's multiply-adds (under the bench's autocast the
+    fold does not run: LoRAN takes the residual split, QLoRA its low-rank path), not the folded path's."""
+    from loran.bench import cost
+
     fig = gpu.layer_bench(d=32, r=4, tokens=8, device="cpu", warmup=0, repeats=2)
-    bench_adapter = gpu.bench_adapter
-    macs = [bench_adapter.multiply_adds(m, 32, 4, 8, 0.0) for m in ("loran", "lora")]
-    assert fig["mac_ratio"] == round(macs[0] / macs[1], 3)
+    assert (fig["loran_path"], fig["qlora_path"]) == ("residual", "lora cast")
+    macs = [sum(cost.path_multiply_adds(p, 32, 32, 4, 8).values()) for p in ("residual", "lora cast")]
+    assert fig["mac_ratio"] == round(macs[0] / macs[1], 3) != round(
+        sum(cost.path_multiply_adds("folded", 32, 32, 4, 8).values()) / macs[1], 3)
     assert_time_ratio_matches_the_times(fig)
     assert fig["qlora_peak_mib"] > 0 and fig["loran_peak_mib"] > 0
 
