@@ -30,7 +30,7 @@ def test_arguments_select_and_skip_parts_and_refuse_unknown_ones(capsys):
     with pytest.raises(SystemExit) as err:
         check.parse_args(["--parts", "tests,bench"])
     assert err.value.code == 2
-    assert "unknown part(s) ['bench']; allowed values: ['tests', 'cell', 'layer', 'block']" in capsys.readouterr().err
+    assert "unknown part(s) ['bench']; allowed values: ['tests', 'cell', 'layer', 'block', 'split']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         check.parse_args(["--policy", "bf16"])
 
