@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from loran.pipeline.tables import build, load_records
+from loran.pipeline.tables import build, load_records, load_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -91,7 +91,7 @@ def test_submitit_local_sweep_runs_every_cell_and_records_the_failed_one(tmp_pat
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == 1 and "hidden size (63) is not a multiple" in failed[0]["error"]
     assert len(csv_rows(results, "sweep")) == 4
-    table = build(load_records(results / "runs/sweep"))
+    table = build(load_records(results / "runs/sweep"), load_rows(REPO / "configs" / "row"))
     assert all(e["mean"] is None for e in table if e["row"] == "loran-sigmoid")
 
 
