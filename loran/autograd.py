@@ -43,6 +43,9 @@ Two interchangeable forms:
   Z and g(Z) are computed in float32 (float64 for float64 x), IEEE (no TF32/bf16 inside the matmul: sin(omega Z)
   runs at 14-35 rad, so Z's relative error becomes phase error); the three N-sized products run in `dtype` (bf16
   under the "autocast" policy, with float32 accumulation; g(Z) rounded to it), dL/dZ, dL/dA, dL/dB in float32.
+  The element-wise work is the dense path's, with (g, g') for (f, f'): the same row blocks, chunks and fused
+  kernels (W_g = s g(Z), then dL/dZ = s G * g'(Z) in place in G), so the split costs the dense path's time and
+  memory for the same layer plus LoRA's c s (x A^T) B^T.
 
 - ``reference_update``: plain autograd through f(B A), as the official code does (keeps about four
   d_out x d_in tensors per module). Kept as the reference the tests compare against.
@@ -184,7 +187,11 @@ def lowrank_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch
 
 
 class _ResidualUpdate(torch.autograd.Function):
-    """s x g(B A)^T, g the residual of a centred f (module docstring, ``residual_update``); keeps x, A, B only."""
+    """s x g(B A)^T, g the residual of a centred f (module docstring, ``residual_update``); keeps x, A, B only.
+
+    The element-wise work runs on DENSE's kernels (``KERNELS``, row blocks and chunks as ``_LoranLinear``) with
+    (g, g') in place of (f, f'): per block of rows, W_g = s g(Z) into a float32 (float64) buffer, then rounded to the
+    products' dtype (a no-op under the float32 policy); in backward dL/dZ = s G * g'(Z) in place in G = g_y^T x."""
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, dtype: torch.dtype | None,
@@ -193,14 +200,18 @@ class _ResidualUpdate(torch.autograd.Function):
         pt = dtype or zt  # the N-sized products
         g = act.split.g
         d_out, d_in = B.shape[0], A.shape[1]
+        compiled = KERNELS.use_compiled(d_out * d_in)
+        rows, blocks = _sizes((block_rows, block_rows), d_in, compiled)
         with _no_autocast(x.device.type), ieee_float32():
             A_, B_ = A.to(zt), B.to(zt)
             x2 = x.reshape(-1, d_in).to(pt)
             y = torch.empty(x2.shape[0], d_out, dtype=pt, device=x.device)
-            for blk in _blocks(d_out, block_rows or chunk_rows_for(d_in, BLOCK_ELEMENTS)):
-                gz = g(B_[blk] @ A_).mul_(scaling).to(pt)
-                torch.mm(x2, gz.T, out=y[:, blk])
-                del gz
+            for blk in _blocks(d_out, blocks):
+                w = torch.empty(blk.stop - blk.start, d_in, dtype=zt, device=x.device)
+                for sl in _blocks(w.shape[0], rows):
+                    KERNELS.weight(compiled, w[sl], B_[blk][sl], A_, None, scaling, g, False)
+                torch.mm(x2, w.to(pt).T, out=y[:, blk])
+                del w
         ctx.save_for_backward(x, A, B)
         ctx.scaling, ctx.act, ctx.dtypes, ctx.block_rows = scaling, act, (zt, pt), block_rows
         return y.reshape(*x.shape[:-1], d_out)
@@ -211,6 +222,8 @@ class _ResidualUpdate(torch.autograd.Function):
         (zt, pt), s, split = ctx.dtypes, ctx.scaling, ctx.act.split
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         d_out, d_in = B.shape[0], A.shape[1]
+        compiled = KERNELS.use_compiled(d_out * d_in)
+        rows, blocks = _sizes((ctx.block_rows, ctx.block_rows), d_in, compiled)
         grad_x = grad_A = grad_B = None
         with _no_autocast(x.device.type), ieee_float32():
             A_, B_ = A.to(zt), B.to(zt)
@@ -220,20 +233,24 @@ class _ResidualUpdate(torch.autograd.Function):
                 grad_A = torch.zeros_like(A_)
             if need_B:
                 grad_B = torch.empty_like(B_)
-            for blk in _blocks(d_out, ctx.block_rows or chunk_rows_for(d_in, BLOCK_ELEMENTS)):
-                z = B_[blk] @ A_
+            for blk in _blocks(d_out, blocks):
+                w = torch.empty(blk.stop - blk.start, d_in, dtype=zt, device=x.device) if need_x else None
+                grad_z = (g2[:, blk].T @ x2).to(zt) if (need_A or need_B) else None  # G, then s G * g'(Z) in place
+                for sl in _blocks(blk.stop - blk.start, rows):
+                    out, Bs = None if w is None else w[sl], B_[blk][sl]
+                    if grad_z is not None:
+                        KERNELS.grad(compiled, out, None, grad_z[sl], Bs, A_, None, s, split.g, split.dg, False)
+                    elif out is not None:
+                        KERNELS.weight(compiled, out, Bs, A_, None, s, split.g, False)
                 if need_x:
-                    gz = split.g(z).mul_(s).to(pt)
-                    grad_x = g2[:, blk] @ gz if grad_x is None else grad_x.addmm_(g2[:, blk], gz)
-                    del gz
-                if need_A or need_B:
-                    grad_z = (g2[:, blk].T @ x2).to(zt).mul_(split.dg(z)).mul_(s)  # dL/dZ = s G * g'(Z)
+                    w = w.to(pt)
+                    grad_x = g2[:, blk] @ w if grad_x is None else grad_x.addmm_(g2[:, blk], w)
+                if grad_z is not None:
                     if need_B:
                         torch.mm(grad_z, A_.T, out=grad_B[blk])
                     if need_A:
                         grad_A.addmm_(B_[blk].T, grad_z)
-                    del grad_z
-                del z
+                del w, grad_z
         return (None if grad_x is None else grad_x.reshape(x.shape).to(x.dtype),
                 None if grad_A is None else grad_A.to(A.dtype), None if grad_B is None else grad_B.to(B.dtype),
                 None, None, None, None)
@@ -242,7 +259,9 @@ class _ResidualUpdate(torch.autograd.Function):
 def residual_update(x: Tensor, A: Tensor, B: Tensor, scaling: float, act: Activation, dtype: torch.dtype | None = None,
                     block_rows: int | None = None) -> Tensor:
     """s x g(B A)^T for a centred f = c z + g(z) (``act.split``), output in `dtype` (default float32, float64 for
-    float64 x); Z = B A and g(Z) in float32 IEEE, recomputed in row blocks in backward (module docstring)."""
+    float64 x); Z = B A and g(Z) in float32 IEEE, recomputed in row blocks in backward (module docstring).
+    `block_rows`: rows per block and per element-wise chunk (default: as the dense path, BLOCK_ELEMENTS and
+    CHUNK_ELEMENTS / COMPILED_CHUNK_ELEMENTS)."""
     if act.split is None:
         raise ValueError(f"residual_update needs a centred activation (f(0) = 0); {act} is not")
     return _ResidualUpdate.apply(x, A, B, float(scaling), act, dtype, block_rows)

@@ -188,3 +188,24 @@ def test_residual_update_keeps_only_x_a_b_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         residual_update(x, A, B, 2.0, act)
     assert max(saved) < 48 * 64
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 1e-2)])
+def test_residual_update_runs_on_the_dense_paths_kernels(monkeypatch, dtype, tol):
+    """The g-part's element-wise work is DENSE's: fused (torch.compile) kernels in row blocks and chunks (block_rows)
+    give the eager, one-block result, under both policies (float32 products; bf16 products of float32 g(Z))."""
+    from loran import autograd
+
+    act = Activation("sinter", RELEASED)
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(64, 512, generator=gen)
+    A0, B0 = torch.randn(16, 512, generator=gen) * 0.02, torch.randn(512, 16, generator=gen) * 0.02
+    outs = []
+    for compile_mode, block_rows in (("never", None), ("always", 200)):
+        monkeypatch.setattr(autograd, "COMPILE", compile_mode)
+        x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+        y = residual_update(x, A, B, 2.0, act, dtype=dtype, block_rows=block_rows)
+        y.float().pow(2).sum().backward()
+        outs.append([y.float(), x.grad, A.grad, B.grad])
+    for got, ref in zip(*outs):
+        assert relative(got, ref.double()) <= tol
