@@ -4,22 +4,12 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig
-from torch import nn
 
 from loran import LoranConfig, compat, get_loran_model
 from loran.variants import UPDATES, Path, choose_path
+from test_compiled_kernels import Proj  # one Linear named q_proj, 10 -> 7
 
 SINTER = {"amp": 0.5, "omega": 30.0}
-
-
-class Proj(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.q_proj = nn.Linear(10, 7)
-
-    def forward(self, x):
-        return self.q_proj(x)
 
 
 def _layer(activation="sinter", **kwargs):
