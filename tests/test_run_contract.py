@@ -111,6 +111,17 @@ def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides)
         assert record["config"]["trainer"]["args"]["bf16"] is True
 
 
+def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
+    """experiment=smoke in its smallest real form (the tiny model): its own 10 steps on 40 examples, 16 scored, no
+    W&B, its own experiment folder; every other choice still applies (here the tiny model)."""
+    cfg = cfg_of("experiment=smoke", "model=tiny", results=workdir / "results")
+    assert "wandb" not in list(cfg.logger.report_to)
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and record["experiment"] == "smoke"
+    assert (record["n_train"], record["n_eval"]) == (40, 16) and record["loss_history"][-1]["step"] == 10
+    assert (workdir / "results" / "runs" / "smoke").is_dir()
+
+
 # --- 4 and 7. checks before anything is loaded ------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["model.target_modules=[]"], r"model.target_modules=\[\] must be a non-empty list of module names"),
