@@ -9,7 +9,6 @@ amp 5e-5, is secondary and left out of it). Next to each method: its learning ra
 tried for it on validation (results/<validation>_choices.json). ROUGE-1/2 differences are reported, not tested.
 """
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.paired import holm
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.study import configurations, study_rows
+from loran.pipeline.study import _pct, configurations, study_rows, write_csv
 from loran.pipeline.tables import load_records
 from loran.pipeline.tuning import LR_KEY
 
@@ -52,10 +51,6 @@ def rows_of(records: list[dict], choices: list[dict]) -> list[dict]:
     for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
         row["p_holm"] = adjusted
     return out
-
-
-def _pct(x, signed=False) -> str:
-    return "-" if x is None else (f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}")
 
 
 def to_markdown(rows: list[dict], title: str) -> str:
@@ -95,11 +90,7 @@ def main(argv=None) -> None:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs")
     (results / f"{args.experiment}.md").write_text(markdown)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(results / f"{args.experiment}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
+    write_csv(rows, results / f"{args.experiment}.csv")
     print(markdown)
 
 
