@@ -76,8 +76,9 @@ CHUNK_ELEMENTS = 2**16
 COMPILED_CHUNK_ELEMENTS = 2**22
 # Fused element-wise kernels from torch.compile: "auto" uses them for layers with at least COMPILE_MIN_ELEMENTS
 # weights (compiling costs seconds once per activation and process, then is cached on disk), "always", "never".
-# Set by the environment variable LORAN_COMPILE; a failed compile falls back to eager ops with a warning.
-COMPILE = os.environ.get("LORAN_COMPILE", "auto")
+# None: the environment variable LORAN_COMPILE decides, read at each call (else "auto"); set COMPILE to override it.
+# A failed compile falls back to eager ops with a warning.
+COMPILE: str | None = None
 COMPILE_MIN_ELEMENTS = 2**16
 
 
@@ -329,7 +330,7 @@ class _Kernels:
         self.failed = False
 
     def use_compiled(self, numel: int) -> bool:
-        mode = COMPILE.lower()
+        mode = (COMPILE or os.environ.get("LORAN_COMPILE", "auto")).lower()
         # Under a Python dispatch mode (memory tracking, FakeTensor, ...) dynamo does not compile: run eagerly.
         if self.failed or mode in ("never", "0", "false", "off") or _get_current_dispatch_mode() is not None:
             return False

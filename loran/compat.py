@@ -7,8 +7,8 @@ the same way (``is_bnb_available``).
 
 The adapter's other modules reach the internals of bitsandbytes and PEFT (names starting with _, attributes the
 library documents nowhere, names importable only from a non-public module) through the functions and names here.
-Each says the version it was written for; ``TESTED`` holds the ranges, checked once on import: a version outside
-them gets one warning (not an error), since the internals may have moved.
+Each says the version it was written for; ``TESTED`` holds the ranges, checked once per process: a version outside
+them gets one warning (not an error) when LoRAN is first used, since the internals may have moved.
 """
 from __future__ import annotations
 
@@ -54,13 +54,19 @@ def untested(installed: dict[str, str]) -> list[str]:
     return messages
 
 
-def _check_versions() -> None:
+_checked = False
+
+
+def check_versions() -> None:
+    """Warn (once per process) for each installed library outside ``TESTED``; run when LoRAN is first used
+    (``loran.register_with_peft``), not on import."""
+    global _checked
+    if _checked:
+        return
+    _checked = True
     installed = {"peft": peft.__version__, **({"bitsandbytes": bnb.__version__} if bnb is not None else {})}
     for message in untested(installed):
-        warnings.warn(message, stacklevel=2)
-
-
-_check_versions()
+        warnings.warn(message, stacklevel=3)
 
 
 def is_4bit(module) -> bool:

@@ -3,7 +3,7 @@
 In memory a LoranConfig is a LoRA config (``peft_type == LORA``), so every PEFT code path for LoRA (state
 dicts, adapters side by side, merging, quantised bases) applies unchanged. On disk it is written with
 ``"peft_type": "LORAN"``: stock PEFT cannot read that (``KeyError: 'LORAN'``) instead of silently loading
-the adapter as plain LoRA, and ``import loran`` registers the type so that ``PeftModel.from_pretrained``
+the adapter as plain LoRA, and this module registers the type so that ``PeftModel.from_pretrained``
 loads it as LoRAN.
 
 Precision policy (``update_dtype``), one for every row of a table: the dtype in which the update s f(B A) x is
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from peft import LoraConfig
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, LoraConfig
 
 from loran.activations import Activation, activation_params, validate_activation
 from loran.compat import register_custom_modules
@@ -38,6 +38,9 @@ from loran.dispatch import CUSTOM_MODULES
 
 PEFT_TYPE = "LORAN"
 UPDATE_DTYPES = ("float32", "autocast")
+# Called (no arguments) whenever a LoranConfig is built: loran.model adds register_with_peft, which wraps the PEFT
+# methods LoRAN needs at the point LoRAN adapters can first exist instead of on import (it is idempotent).
+ON_NEW_CONFIG: list[Callable[[], None]] = []
 
 
 def _integer(value: Any) -> bool:
@@ -98,6 +101,8 @@ class LoranConfig(LoraConfig):
         self._check_peft_options()  # before LoraConfig's own checks, which need e.g. scipy for LoftQ
         super().__post_init__()
         register_custom_modules(self, CUSTOM_MODULES)
+        for hook in ON_NEW_CONFIG:
+            hook()
 
     def _check_peft_options(self) -> None:
         """Refuse the PEFT options whose effect LoRAN would silently drop or change."""
@@ -139,3 +144,8 @@ class LoranConfig(LoraConfig):
         out.pop("loran", None)
         out["peft_type"] = PEFT_TYPE
         return out
+
+
+# The adapter type in PEFT's table of config types, as PEFT registers its own methods: PeftModel.from_pretrained then
+# reads an adapter_config.json typed "LORAN" as a LoranConfig (whose construction wraps the PEFT methods).
+PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoranConfig

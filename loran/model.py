@@ -15,10 +15,10 @@ from torch import nn
 
 from loran.autograd import widened
 from loran.compat import (
-    NEW_ADAPTER_CHECK, dequantized_4bit, dequantized_8bit, fix_4bit_quant_state, hub_kwargs, is_4bit, is_8bit,
+    NEW_ADAPTER_CHECK, check_versions, dequantized_4bit, dequantized_8bit, fix_4bit_quant_state, hub_kwargs, is_4bit, is_8bit,
     saved_peft_type, targets_module,
 )
-from loran.config import PEFT_TYPE, LoranConfig
+from loran.config import ON_NEW_CONFIG, PEFT_TYPE, LoranConfig
 from loran.dispatch import COVERED, LORAN_LAYERS, uncovered_message
 from loran.variants import LoranVariant
 
@@ -28,10 +28,12 @@ SVD_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magn
 
 
 def register_with_peft() -> None:
-    """Let ``PeftModel.from_pretrained`` read adapter configs typed "LORAN", and make two LoraModel methods and
-    ``PeftModel.load_adapter`` aware of LoRAN (done once on ``import loran``; for adapters that are not LoRAN they
-    behave exactly as PEFT's own)."""
-    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoranConfig
+    """Make two LoraModel methods and ``PeftModel.load_adapter`` aware of LoRAN; for adapters that are not LoRAN they
+    behave exactly as PEFT's own. Idempotent. Every LoranConfig calls it when built (``loran.config.ON_NEW_CONFIG``),
+    and the first call checks the PEFT and bitsandbytes versions against those loran.compat was
+    written for. Call it yourself only before ``PeftModel.load_adapter`` of a LoRAN adapter into a model that holds no
+    LoRAN adapter yet, in a process that has built no LoranConfig."""
+    check_versions()
     for owner, name, wrapper in ((LoraModel, NEW_ADAPTER_CHECK, _checks_targets),
                                  (LoraModel, "add_weighted_adapter", _weighted),
                                  (PeftModel, "load_adapter", _loads_matching)):
@@ -40,6 +42,9 @@ def register_with_peft() -> None:
             wrapped = functools.wraps(method)(wrapper(method))
             wrapped._loran = True
             setattr(owner, name, wrapped)
+
+
+ON_NEW_CONFIG.append(register_with_peft)
 
 
 def _checks_targets(check):

@@ -25,7 +25,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from loran.pipeline.cells import NOT_RESULT, config_hash, flatten, identity
+from loran.pipeline.cells import NOT_RESULT, config_hash, flatten, identity, register_resolver
 from loran.pipeline.records import cells_csv, git_revision, read_record, rebuild_table, write_record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,6 +39,7 @@ def result_keys(config: dict) -> dict:
 def migrate(path: Path, assume: dict[str, str], changed: dict[str, str] | None = None) -> str:
     """Migrate one record; returns what happened."""
     record = read_record(path)
+    register_resolver()
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=list(record["overrides"]))
     if record.get("config_hash") == config_hash(cfg) and record.get("cell") == cfg.cell:

@@ -17,6 +17,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from loran.pipeline.cells import register_resolver  # noqa: E402
+
+register_resolver()  # the tests compose configs/train.yaml, whose cell name is ${loran.config_hash:}
+
 
 def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict,
                        status: str = "ok", row: str | None = None, **extra) -> dict:

@@ -6,7 +6,7 @@
 switches, checkpoint cadence, progress bars) and with the seed left symbolic, so that the identities of a
 grid's seeds are equal. ``config_hash(cfg)`` hashes (identity, seed). Two commands that differ in any
 result-relevant value therefore never share a record, a CSV row, a checkpoint folder or a W&B run, and
-identical ones always do. The hash is registered as the OmegaConf resolver ``${loran.config_hash:}``.
+identical ones always do. ``register_resolver()`` makes it the OmegaConf resolver ``${loran.config_hash:}``.
 """
 from __future__ import annotations
 
@@ -84,9 +84,15 @@ def check_name(field: str, value: Any) -> None:
                          "starting with a letter or digit (no '/', '..', spaces or absolute paths)")
 
 
+RESOLVER = "loran.config_hash"
+
+
 def _resolver(*, _root_: DictConfig) -> str:
     return config_hash(_root_)
 
 
-if not OmegaConf.has_resolver("loran.config_hash"):
-    OmegaConf.register_new_resolver("loran.config_hash", _resolver)
+def register_resolver() -> None:
+    """Register ``${loran.config_hash:}`` with OmegaConf (idempotent): the entry points that compose configs/train.yaml
+    call it (train.py has its own lazy twin, so that --help does not import this package)."""
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, _resolver)
