@@ -18,11 +18,23 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_ERROR = 2
 log = logging.getLogger("train")
 _task_started = False  # False while Hydra composes the config: a failure then is a configuration error
+
+
+def _config_hash(*, _root_: DictConfig) -> str:
+    """${loran.config_hash:} (configs/train.yaml's cell name): loran.pipeline.cells.config_hash, imported when first
+    resolved, so that --help and shell completion import nothing of the library."""
+    from loran.pipeline.cells import config_hash
+
+    return config_hash(_root_)
+
+
+if not OmegaConf.has_resolver("loran.config_hash"):
+    OmegaConf.register_new_resolver("loran.config_hash", _config_hash)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -48,7 +60,7 @@ def main(cfg: DictConfig) -> None:
         code, label = stops[type(err)]
         print(f"\n{label}: {err}", file=sys.stderr)
         sys.exit(code if code is not None else err.exit_code)
-    if "metrics" not in record:  # a non-zero rank under torchrun
+    if record.get("metrics") is None:  # a non-zero rank under torchrun
         return
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
     zero = ", ".join(f"{k}={v:.4f}" for k, v in (record.get("zero_shot") or {}).items())

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
+from loran.pipeline.record import RunRecord
+
 log = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "hydra-core", "wandb", "rouge-score")
 
@@ -69,6 +71,10 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         raise CorruptRecord(f"{path} holds a {type(record).__name__}, not a record. Move it away (or restore "
                             "it with git) and run the same command again to redo this cell.")
+    try:
+        RunRecord.from_dict(record)  # a schema version this code reads
+    except (ValueError, TypeError) as err:
+        raise CorruptRecord(f"{path}: {err}") from err
     return record
 
 
@@ -128,15 +134,14 @@ def choices(cfg) -> dict[str, Any]:
             "activation": cfg.activation.name, "row": cfg.row.name if "row" in cfg else None, "seed": cfg.seed}
 
 
-def table_row(record: dict[str, Any]) -> dict[str, Any]:
+def table_row(record: RunRecord) -> dict[str, Any]:
     """The run-table row of a finished record: coordinates, hash, metrics, cost."""
-    return {**record["choices"], "experiment": record["experiment"], "cell": record["cell"],
-            "config_hash": record.get("config_hash"),
-            **{k: round(v, 6) for k, v in record["metrics"].items()},
-            **{f"zero_shot_{k}": round(v, 6) for k, v in (record.get("zero_shot") or {}).items()},
-            "trainable_params": record["trainable_params"], "train_time_s": round(record["train_time_s"], 1),
-            "wall_time_s": round(record["wall_time_s"], 1), "peak_memory_mb": round(record["peak_memory_mb"], 1),
-            "git_commit": (record["git"] or {}).get("commit"), "finished_at": record["finished_at"]}
+    return {**record.choices, "experiment": record.experiment, "cell": record.cell, "config_hash": record.config_hash,
+            **{k: round(v, 6) for k, v in record.metrics.items()},
+            **{f"zero_shot_{k}": round(v, 6) for k, v in (record.zero_shot or {}).items()},
+            "trainable_params": record.trainable_params, "train_time_s": round(record.train_time_s, 1),
+            "wall_time_s": round(record.wall_time_s, 1), "peak_memory_mb": round(record.peak_memory_mb, 1),
+            "git_commit": (record.git or {}).get("commit"), "finished_at": record.finished_at}
 
 
 def cells_csv(results_dir: str | Path, experiment: str) -> Path:
@@ -166,7 +171,7 @@ def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
             if problem := record_problem(record, {**RESULT_FIELDS, **RUN_FIELDS}):
                 log.warning("per-cell CSV: %s left out: %s", path, problem)
                 continue
-            rows.append(table_row(record))
+            rows.append(table_row(RunRecord.from_dict(record)))
         rows.sort(key=lambda r: (str(r["finished_at"]), r["cell"]))
         columns: list[str] = []
         for row in rows:

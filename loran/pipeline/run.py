@@ -53,8 +53,9 @@ import time
 import traceback
 from contextlib import nullcontext
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -70,6 +71,7 @@ from loran.pipeline.data import eval_dataset, subset, train_dataset, validate_co
 from loran.pipeline.evaluation import evaluate
 from loran.pipeline.generation import GenerationStopped, stop_generation_when
 from loran.pipeline.preemption import Preempted, PreemptionCallback
+from loran.pipeline.record import RunRecord
 from loran.pipeline.records import (
     RESULT_FIELDS, RUN_FIELDS, CorruptRecord, cell_lock, cells_csv, choices, environment, git_revision, read_record,
     rebuild_table, record_problem, write_record,
@@ -210,14 +212,13 @@ def evaluate_or_stop(preemption: PreemptionCallback, out_dir: Path, during: str,
         raise  # handover raises Preempted; this only satisfies the reader
 
 
-def write_failed(path: Path, record: dict[str, Any]) -> None:
+def write_failed(path: Path, record: RunRecord) -> None:
     """Write a failed (or diverged) record if the disk allows it; an error doing so is logged, not raised, so the
     run's own error is the one reported."""
     try:
-        write_record(path, record)
+        write_record(path, record.to_dict())
     except OSError as err:
-        log.error("the %s record could not be written to %s (%s: %s)", record["status"], path, type(err).__name__,
-                  err)
+        log.error("the %s record could not be written to %s (%s: %s)", record.status, path, type(err).__name__, err)
 
 
 def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
@@ -226,7 +227,7 @@ def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
         existing = read_record(paths["record"])
     except CorruptRecord as err:
         raise ConfigError(str(err)) from err
-    if not (cfg.skip_existing and existing and existing.get("status") == "ok"):
+    if not (cfg.skip_existing and existing and RunRecord.from_dict(existing).status == "ok"):
         return None
     if problem := record_problem(existing, {**RESULT_FIELDS, **RUN_FIELDS}):
         raise ConfigError(f"{paths['record']} is not a usable record ({problem}): move it away to run the cell again")
@@ -259,92 +260,127 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         return _train_and_record(cfg, paths, peft_config, args, main)
 
 
+@dataclass
+class Loaded:
+    """What the load step makes: the model, its tokenizer, the data and how to score it."""
+
+    model: Any
+    tokenizer: Any
+    train: Any
+    test: Any
+    metric: Callable
+    eval_kwargs: dict[str, Any]
+
+
+def start_record(cfg: DictConfig, paths: dict[str, Path]) -> RunRecord:
+    """The record of a cell about to run: what it is, how it was asked for, the code and the machine."""
+    return RunRecord(experiment=cfg.experiment_name, cell=cfg.cell, config_hash=config_hash(cfg),
+                     choices=choices(cfg), overrides=_overrides(),
+                     command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), identity=identity(cfg),
+                     config=to_plain(cfg), git=git_revision(), **environment(), record_path=str(paths["record"]))
+
+
+def load(cfg: DictConfig, peft_config, record: RunRecord) -> Loaded:
+    """The base model, its tokenizer and the data, checked against the config (ConfigError naming the field)."""
+    model, tokenizer = instantiate(cfg.model.load, _convert_="all")
+    check_target_modules(model, peft_config.target_modules, cfg.model.name)
+    spec, train, test = load_data(cfg, tokenizer)
+    record.n_train, record.n_eval = len(train), len(test)
+    return Loaded(model, tokenizer, train, test, instantiate(cfg.dataset.metric, _convert_="all"),
+                  {"max_new_tokens": spec.max_target_tokens, "batch_size": cfg.trainer.eval_batch_size})
+
+
+def train(cfg: DictConfig, paths: dict[str, Path], args, peft_config, data: Loaded, record: RunRecord,
+          preemption: PreemptionCallback, wandb_run):
+    """The adapter, trained (or resumed from the newest checkpoint, or loaded when training had finished); Diverged
+    when the loss or the gradient norm stopped being finite."""
+    trainer = build_trainer(args, data.model, peft_config, data.tokenizer, data.train, wandb_run=wandb_run)
+    trainer.add_callback(preemption)
+    record.trainable_params, record.total_params = trainer.model.get_nb_trainable_parameters()
+    record.world_size = trainer.args.world_size
+    if torch.distributed.is_initialized():
+        record.distributed_backend = torch.distributed.get_backend()
+    resume = last_checkpoint(paths["out_dir"]) if cfg.trainer.resume else None
+    if resume:
+        log.info("resuming %s from checkpoint %s", cfg.cell, resume)
+    started = time.time()
+    train_or_load(trainer, resume)
+    if preemption.signum is not None:
+        preemption.handover(last_checkpoint(paths["out_dir"]))
+    record.train_time_s, record.resumed_from = time.time() - started, resume
+    record.loss_history = loss_history(trainer.state.log_history)
+    if trainer.divergence.found:
+        record.divergence = trainer.divergence.found
+        raise Diverged(f"training diverged at step {trainer.divergence.found['step']}: "
+                       f"{trainer.divergence.found}; lower trainer.args.learning_rate or check the data")
+    return trainer
+
+
+def evaluate_trained(cfg: DictConfig, paths: dict[str, Path], trainer, data: Loaded, record: RunRecord,
+                     preemption: PreemptionCallback) -> None:
+    """The trained model's metrics, its per-example predictions and its update's spectrum, into the record."""
+    started = time.time()
+    result = evaluate_or_stop(preemption, paths["out_dir"], "final evaluation", trainer.model, data.tokenizer,
+                              data.test, data.metric, **data.eval_kwargs)
+    record.update_spectrum = update_spectrum(trainer.model)
+    record.eval_time_s, record.metrics, record.examples = time.time() - started, result["metrics"], result["examples"]
+    record.eval_split, record.predictions = cfg.dataset.eval_split, result["predictions"]
+
+
 def _train_and_record(cfg: DictConfig, paths: dict[str, Path], peft_config, args, main: bool) -> dict[str, Any]:
+    """start, load, (zero-shot evaluate), train, evaluate, write: the record is written here and in write_failed."""
     torch.manual_seed(cfg.seed)
     started = time.time()
-    record: dict[str, Any] = {
-        "status": "running", "experiment": cfg.experiment_name, "cell": cfg.cell, "config_hash": config_hash(cfg),
-        "choices": choices(cfg), "overrides": _overrides(),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "identity": identity(cfg), "config": to_plain(cfg), "git": git_revision(), **environment(),
-    }
+    record = start_record(cfg, paths)
     wandb_run = None
     preemption = PreemptionCallback().install()
     try:
-        model, tokenizer = instantiate(cfg.model.load, _convert_="all")
-        check_target_modules(model, peft_config.target_modules, cfg.model.name)
-        spec, train, test = load_data(cfg, tokenizer)
-        metric = instantiate(cfg.dataset.metric, _convert_="all")
-        eval_kwargs = {"max_new_tokens": spec.max_target_tokens, "batch_size": cfg.trainer.eval_batch_size}
-        record.update(n_train=len(train), n_eval=len(test))
-        wandb_run = start_wandb(cfg, paths["out_dir"], record) if main else None
+        data = load(cfg, peft_config, record)
+        wandb_run = start_wandb(cfg, paths["out_dir"], record.to_dict()) if main else None
         if cfg.zero_shot and main:
-            record["zero_shot"] = evaluate_or_stop(preemption, paths["out_dir"], "zero-shot evaluation", model,
-                                                   tokenizer, test, metric, **eval_kwargs)["metrics"]
-            log.info("zero-shot %s", record["zero_shot"])
-        trainer = build_trainer(args, model, peft_config, tokenizer, train, wandb_run=wandb_run)
-        trainer.add_callback(preemption)
-        record["trainable_params"], record["total_params"] = trainer.model.get_nb_trainable_parameters()
-        record["world_size"] = trainer.args.world_size
-        if torch.distributed.is_initialized():
-            record["distributed_backend"] = torch.distributed.get_backend()
-        resume = last_checkpoint(paths["out_dir"]) if cfg.trainer.resume else None
-        if resume:
-            log.info("resuming %s from checkpoint %s", cfg.cell, resume)
-        t_train = time.time()
-        train_or_load(trainer, resume)
-        if preemption.signum is not None:
-            preemption.handover(last_checkpoint(paths["out_dir"]))
-        record.update(train_time_s=time.time() - t_train, resumed_from=resume,
-                      loss_history=loss_history(trainer.state.log_history))
-        if trainer.divergence.found:
-            record.update(divergence=trainer.divergence.found)
-            raise Diverged(f"training diverged at step {trainer.divergence.found['step']}: "
-                           f"{trainer.divergence.found}; lower trainer.args.learning_rate or check the data")
+            record.zero_shot = evaluate_or_stop(preemption, paths["out_dir"], "zero-shot evaluation", data.model,
+                                                data.tokenizer, data.test, data.metric, **data.eval_kwargs)["metrics"]
+            log.info("zero-shot %s", record.zero_shot)
+        trainer = train(cfg, paths, args, peft_config, data, record, preemption, wandb_run)
         if not main:
-            return record  # rank 0 evaluates and writes the results
-        t_eval = time.time()
-        result = evaluate_or_stop(preemption, paths["out_dir"], "final evaluation", trainer.model, tokenizer, test,
-                                  metric, **eval_kwargs)
-        record["update_spectrum"] = update_spectrum(trainer.model)
-        record.update(eval_time_s=time.time() - t_eval, metrics=result["metrics"], examples=result["examples"],
-                      eval_split=cfg.dataset.eval_split, predictions=result["predictions"],
-                      status="ok", wall_time_s=time.time() - started, peak_memory_mb=peak_memory_mb(),
-                      finished_at=datetime.now(timezone.utc).isoformat(), record_path=str(paths["record"]))
+            return record.to_dict()  # rank 0 evaluates and writes the results
+        evaluate_trained(cfg, paths, trainer, data, record, preemption)
+        record.status, record.wall_time_s, record.peak_memory_mb = "ok", time.time() - started, peak_memory_mb()
+        record.finished_at = datetime.now(timezone.utc).isoformat()
     except Preempted:
-        finish_wandb(wandb_run, {**record, "status": "preempted"})
+        finish_wandb(wandb_run, {**record.to_dict(), "status": "preempted"})
         raise
     except ConfigError:
         raise  # bad input: stopped before training, nothing written
     except Exception as err:
-        status = "diverged" if isinstance(err, Diverged) else "failed"
         full = no_space(err, paths["out_dir"])  # a checkpoint (or another file of the cell's folder) did not fit
-        record.update(status=status, error=str(full) if full else f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc(), wall_time_s=time.time() - started)
+        record.status = "diverged" if isinstance(err, Diverged) else "failed"
+        record.error = str(full) if full else f"{type(err).__name__}: {err}"
+        record.traceback, record.wall_time_s = traceback.format_exc(), time.time() - started
         if main:
             write_failed(paths["record"], record)
-            finish_wandb(wandb_run, record)
+            finish_wandb(wandb_run, record.to_dict())
         if full:
             raise full from err
         raise
     finally:
         preemption.restore()
     _record_ok(paths, record, wandb_run)
-    log.info("%s: %s", cfg.cell, record["metrics"])
-    return record
+    log.info("%s: %s", cfg.cell, record.metrics)
+    return record.to_dict()
 
 
-def _record_ok(paths: dict[str, Path], record: dict[str, Any], wandb_run) -> None:
+def _record_ok(paths: dict[str, Path], record: RunRecord, wandb_run) -> None:
     """Write the successful record and the cell's table row; a full disk fails the cell (NoSpace) instead."""
     try:
-        write_record(paths["record"], record)
+        write_record(paths["record"], record.to_dict())
     except OSError as err:
         if not (full := no_space(err, paths["record"])):
             raise
-        failed = {k: v for k, v in record.items() if k != "predictions"}  # smaller: it may still fit
-        failed.update(status="failed", error=str(full))
+        failed = record.without_predictions()  # smaller: it may still fit
+        failed.status, failed.error = "failed", str(full)
         write_failed(paths["record"], failed)
-        finish_wandb(wandb_run, failed)
+        finish_wandb(wandb_run, failed.to_dict())
         raise full from err
     try:
         rebuild_table(paths["runs"], paths["cells_csv"])
@@ -354,4 +390,4 @@ def _record_ok(paths: dict[str, Path], record: dict[str, Any], wandb_run) -> Non
             raise full from err
         raise
     finally:
-        finish_wandb(wandb_run, record)
+        finish_wandb(wandb_run, record.to_dict())
