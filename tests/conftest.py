@@ -36,3 +36,11 @@ def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, 
 def write_fake_record():
     """Write a fake run record: write_fake_record(runs_dir, adapter, activation, dataset, seed, metrics, ...)."""
     return _write_fake_record
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The element-wise kernels run eagerly (no torch.compile)."""
+    import loran.autograd as la
+
+    monkeypatch.setattr(la, "COMPILE", "never")
