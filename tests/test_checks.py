@@ -59,7 +59,9 @@ def test_an_experiment_name_that_just_fits_is_accepted(workdir):
     (workdir / f"results/runs/.{'x' * 231}_cells.csv.12345678.tmp").write_text("")  # the longest file it makes
 
 
-@pytest.mark.parametrize("sweep", [[], ["-m"]])
+# the single run ([]) is covered fast by test_bad_values_stop_before_loading_and_write_nothing (the long name refused)
+# and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder in test_run.py (exit 2, no folder)
+@pytest.mark.parametrize("sweep", [pytest.param([], marks=pytest.mark.slow), ["-m"]])
 def test_train_py_refuses_a_name_too_long_for_a_folder_with_exit_code_2_and_makes_no_folder(workdir, sweep):
     """It gave an OSError after Hydra made a folder."""
     proc = subprocess.run([PY, str(REPO / "train.py"), *sweep, *SMALL, f"experiment_name={LONG}",

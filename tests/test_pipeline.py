@@ -115,6 +115,9 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
     assert len(list(csv.DictReader(open(results / "runs/e2e_cells.csv")))) == 1
 
 
+# covered fast by test_a_wandb_cell_logs_its_losses_through_the_guarded_callback_and_a_failing_log_fails_nothing in
+# test_training.py (a logger=wandb cell runs offline and logs its losses) and test_tracking.py's offline fallback
+@pytest.mark.slow
 def test_train_py_writes_an_offline_wandb_run(workdir):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     args = [a for a in SMALL if a != "logger=none"] + ["logger=wandb", "experiment_name=wb",
@@ -192,6 +195,9 @@ def test_unknown_group_option_names_the_allowed_ones():
     assert {"loran", "qlora"} <= set(err.value.options)
 
 
+# covered fast by test_bad_input_stops_before_training_and_leaves_results_clean (adapter=qlora with an activation
+# refused) and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder in test_run.py (exit 2)
+@pytest.mark.slow
 def test_train_py_reports_a_config_error_with_exit_code_2(workdir):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *SMALL, "adapter=qlora", "activation=tanh",
                            f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,

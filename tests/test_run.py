@@ -36,6 +36,10 @@ def rows(results, experiment="default"):
 
 
 # The cell is the configuration.
+# covered fast by test_every_result_relevant_value_makes_another_cell_and_nothing_else_does in test_cells.py (the
+# learning rate makes another cell) and test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them in
+# test_make_grids.py (every -m sweep value is a distinct cell)
+@pytest.mark.slow
 def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
     """`train.py -m trainer.args.learning_rate=1e-3,1e-2` once trained the first and reported it for both."""
     results = workdir / "results"
@@ -144,6 +148,9 @@ def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(
     assert not (workdir / "results").exists()
 
 
+# covered fast by test_bad_input_stops_before_training_and_leaves_results_clean in test_pipeline.py (amp=-1 refused
+# before training) and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder (train.py's exit 2)
+@pytest.mark.slow
 def test_train_py_refuses_a_bad_activation_with_exit_code_2_and_makes_no_folder(workdir):
     """The adapter's own checks (LoranConfig: the activation and its parameters) run in check_config, so a single run
     stops before Hydra makes its output folder."""

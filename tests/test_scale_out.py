@@ -109,6 +109,10 @@ def test_torchrun_two_gloo_processes_train_and_rank0_writes_once(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
 
 
+# covered fast by test_sigterm_saves_a_checkpoint_at_the_step_it_stops in test_preemption.py (SIGTERM: a checkpoint at
+# its step, exit 143, no record) and test_a_truncated_newest_checkpoint_falls_back_to_the_previous_complete_one in
+# test_run.py (a run resumed mid-training, dropout on, ends with the uninterrupted run's loss)
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_to_the_uninterrupted_result(tmp_path):
     """Exact equality is expected: CPU kernels are deterministic here, the Trainer restores the optimizer,
     scheduler, RNG states and the data order from the checkpoint. Tolerance 1e-6 absorbs summation order only."""
