@@ -1,4 +1,6 @@
-"""Shared test set-up: no network, caches in a temporary folder, deterministic CPU threads."""
+"""Shared test set-up: no network, caches in a temporary folder, deterministic CPU threads; and the helpers several
+test files use (import them with `from conftest import ...`): the composed train config (cfg_of), a config group's
+options, the runner's tiny CPU cell (SMALL), and fixtures for a working folder, eager kernels and the tiny model."""
 import os
 import tempfile
 
@@ -13,13 +15,81 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from loran.pipeline.cells import register_resolver  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+PY = sys.executable
+# The runner's tiny CPU cell: the tiny model, a few examples, two optimizer steps, a checkpoint after each.
+SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
+         "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
+         "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
 
-register_resolver()  # the tests compose configs/train.yaml, whose cell name is ${loran.config_hash:}
+
+def cfg_of(*overrides: str, results=None):
+    """configs/train.yaml composed with these overrides, as train.py composes it (results: the results_dir)."""
+    from hydra import compose, initialize_config_dir  # the pipeline's extra: the adapter-only CI job has no Hydra
+
+    from loran.pipeline.cells import register_resolver
+
+    register_resolver()  # configs/train.yaml's cell name is ${loran.config_hash:}, registered by the entry points
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group (configs/<group>/*.yaml), sorted."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def nothing_under(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.rglob("*"))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs/ (checkpoints) lands here
+    return tmp_path
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The element-wise kernels run eagerly (no torch.compile)."""
+    import loran.autograd as la
+
+    monkeypatch.setattr(la, "COMPILE", "never")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny Llama and its tokenizer (loran.pipeline.base_models.tiny_causal_lm), once per test module."""
+    from loran.pipeline.base_models import tiny_causal_lm
+
+    return tiny_causal_lm(seed=0)
+
+
+@pytest.fixture
+def noisy_model(tiny, monkeypatch):
+    """The tiny Llama with a strong LoRAN update behind dropout 0.9, left in train mode."""
+    import copy
+
+    import torch
+
+    import loran.autograd as la
+    from loran import LoranConfig, get_loran_model, loran_layers
+
+    monkeypatch.setattr(la, "COMPILE", "never")
+    base, tokenizer = tiny
+    model = get_loran_model(copy.deepcopy(base), LoranConfig(r=4, lora_alpha=32, lora_dropout=0.9,
+                                                             target_modules=["q_proj", "v_proj"], activation="tanh"))
+    gen = torch.Generator().manual_seed(3)
+    for _, layer in loran_layers(model):
+        for lin in (layer.lora_A["default"], layer.lora_B["default"]):
+            lin.weight.data = torch.randn(lin.weight.shape, generator=gen)
+    return model.train(), tokenizer
 
 
 def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict,

@@ -1,33 +1,25 @@
-"""A cell is its configuration: every result-relevant value changes the hash, nothing else does; every option of
-every config group composes, names a valid cell and builds its trainer arguments; committed records keep their cells."""
+"""loran/pipeline/cells.py and the configs it names: a cell is its configuration: every result-relevant value changes
+the hash, nothing else does; every option of every config group composes, names a valid cell and builds its trainer
+arguments; each Table 2 row builds its activation with its parameters and start; committed records keep their cells."""
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from loran.activations import ACTIVATIONS
 from loran.pipeline.cells import config_hash, flatten, identity
 from loran.pipeline.checks import check_config
 from loran.pipeline.run import build_peft_config, build_training_args
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from conftest import CONFIGS, REPO, cfg_of, options
+
 # The one override a machine without CUDA needs to build trainer=gpu (configs/trainer/gpu.yaml says so).
 NO_CUDA = "trainer.args.use_cpu=true"
-
-
-def cfg_of(*overrides):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
-
-
 RESULT_RELEVANT = [
     "trainer.args.learning_rate=1e-2", "adapter.peft.r=4", "adapter.peft.lora_alpha=8",
     "adapter.peft.lora_dropout=0.0", "activation.params.amp=5e-3", "activation.params.omega=100.0",
@@ -156,3 +148,43 @@ def test_study_test_split_is_the_screening_scored_on_test():
     test = flatten(identity(cfg_of("experiment=study_test")))
     assert {k for k in screen.keys() | test.keys() if screen.get(k) != test.get(k)} == {"dataset.eval_split"}
     assert (screen["dataset.eval_split"], test["dataset.eval_split"]) == ("validation", "test")
+
+
+# Each Table 2 row runs its activation with its parameters and start="base".
+ROWS = [r for r in options("row") if r.startswith("loran_")]
+
+
+@pytest.mark.parametrize("experiment", [None, "table2_mini", "table2"])
+@pytest.mark.parametrize("row", ROWS)
+def test_every_loran_row_builds_its_activation_with_its_start(row, experiment):
+    """Planted: `start: official` in configs/adapter/loran.yaml -> fails (it reached every row). Rows named
+    *_official start as the official code does; every other row starts at the base model."""
+    overrides = [f"row={row}"] + ([f"experiment={experiment}"] if experiment else [])
+    cfg = cfg_of(*overrides)
+    peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+    activation, _, official = row.removeprefix("loran_").partition("_")
+    start = "official" if official else "base"
+    own = OmegaConf.load(CONFIGS / "activation" / f"{activation}.yaml")  # read without the composition
+    assert (peft.activation, peft.start) == (activation, start)
+    assert peft.activation_kwargs == OmegaConf.to_container(own.params)
+    act = peft.build_activation()
+    assert (act.name, act.params, act.start) == (activation, dict(own.params), start)
+    uncentred = float(ACTIVATIONS[activation].f(torch.zeros(()), **own.params))  # Sigmoid: 0.5
+    assert float(act.f(torch.zeros(()))) == (uncentred if official else 0.0)
+
+
+def test_start_and_params_overrides_reach_the_peft_config():
+    cfg = cfg_of("row=loran_sigmoid", "activation.start=official")
+    peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+    assert peft.start == "official" and float(peft.build_activation().f(torch.zeros(()))) == 0.5
+    cfg = cfg_of("row=loran_sinter", "activation.params.amp=0.25")
+    peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+    assert peft.activation_kwargs == {"amp": 0.25, "omega": 1e4}
+
+
+def test_qlora_row_is_lora():
+    """QLoRA is LoRAN with the identity, computed as LoRA (loran/config.py explains why it is not peft.LoraConfig)."""
+    cfg = cfg_of("row=qlora")
+    peft = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
+    assert type(peft).__name__ == "LoranConfig" and peft.activation == "identity" and cfg.activation.name == "none"
+    assert peft.build_activation().linear

@@ -21,11 +21,6 @@ PARAMS = {"sinter": {"amp": 0.5, "omega": 30.0}, "swish": {"beta": 3.0}, "cos": 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@pytest.fixture
-def eager(monkeypatch):
-    monkeypatch.setattr(la, "COMPILE", "never")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The element-wise functions the fast path uses are Activation.f and Activation.df.
 

@@ -1,98 +1,117 @@
-"""The layer's path table (loran.variants.choose_path), row by row, and the version check of loran/compat.py."""
-import warnings
+"""loran/layers.py and loran/layers_bnb.py: the LoRAN layers PEFT builds (LoranLinear, LoranConv1D, LoranLinear4bit):
+their fan_in_fan_out handling, the folded forward and its arguments, get_delta_weight, the 4-bit merge."""
+import json
 
 import pytest
 import torch
-from peft import LoraConfig
+from torch import nn
 
-from loran import LoranConfig, compat, get_loran_model
-from loran.variants import UPDATES, Path, choose_path
-from test_compiled_kernels import Proj  # one Linear named q_proj, 10 -> 7
+from loran import LoranConfig, get_loran_model
+from loran.variants import Path as LayerPath, choose_path
 
-SINTER = {"amp": 0.5, "omega": 30.0}
-
-
-def _layer(activation="sinter", **kwargs):
-    if activation == "sigmoid official":  # f(0) = 0.5: not centred, no residual split
-        activation, kwargs = "sigmoid", {**kwargs, "start": "official"}
-    config = LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation=activation,
-                         activation_kwargs=SINTER if activation == "sinter" else {}, **kwargs)
-    model = get_loran_model(Proj(), config).eval()
-    return model, model.base_model.model.q_proj
+from test_variants import SINTER, Proj, _proj_model
 
 
-X = torch.randn(2, 10)
+def test_conv1d_flags_and_warning_text():
+    import warnings
+
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2ish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(6, 4)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(GPT2ish(), LoranConfig(r=2, target_modules=["c_attn"]))
+    assert "fan_in_fan_out=False but the target is Conv1D; setting fan_in_fan_out=True." in [
+        str(w.message) for w in caught]
+    layer = model.base_model.model.c_attn
+    assert layer.is_target_conv_1d_layer is True and layer.fan_in_fan_out is True
 
 
-def test_the_table_names_every_path_and_each_adapter_path_has_its_function():
-    rows = choose_path.__doc__.split("path\n", 1)[1]
-    assert all(f" {path.name}\n" in rows for path in Path)
-    assert set(UPDATES) == {Path.LORA, Path.LORA_CAST, Path.RESIDUAL, Path.DENSE, Path.REFERENCE}
+def test_fan_in_fan_out_on_nn_linear_warns_in_full_and_is_saved_false(tmp_path):
+    """fan_in_fan_out=True on an nn.Linear target: the warning word for word, and the config (as saved with the
+    adapter) says false, not null. Mutants: the message replaced, the flag set to None."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_loran_model(Proj(), LoranConfig(r=2, target_modules=["q_proj"], fan_in_fan_out=True))
+    assert "fan_in_fan_out=True but the target is nn.Linear; setting fan_in_fan_out=False." in [
+        str(w.message) for w in caught]
+    assert model.base_model.model.q_proj.fan_in_fan_out is False
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("plain", Path.FOLDED), ("disabled", Path.BASE_ONLY), ("merged", Path.BASE_ONLY), ("none active", Path.BASE_ONLY),
-    ("extra args", Path.UNFOLDED), ("bf16 x", Path.UNFOLDED), ("autocast", Path.UNFOLDED),
-    ("dropout", Path.UNFOLDED), ("not memory-efficient", Path.UNFOLDED), ("plain LoRA beside", Path.UNFOLDED),
-    ("identity", Path.UNFOLDED), ("sinter amp 0", Path.UNFOLDED), ("hooked base", Path.UNFOLDED),
-])
-def test_each_layer_row_picks_its_path(case, expected):
-    model, layer = _layer(activation="identity" if case == "identity" else "sinter",
-                          lora_dropout=0.3 if case == "dropout" else 0.0,
-                          memory_efficient=case != "not memory-efficient")
-    x, extra = (X.bfloat16() if case == "bf16 x" else X), case == "extra args"
-    if case == "disabled":
-        layer.enable_adapters(False)
-    elif case == "merged":
-        model.merge_adapter()
-    elif case == "none active":
-        layer.set_adapter("absent")
-    elif case == "dropout":
-        layer.train()
-    elif case == "plain LoRA beside":
-        model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
-        model.base_model.set_adapter(["default", "plain"])
-    elif case == "sinter amp 0":
-        layer.loran_activation["default"] = LoranConfig(activation_kwargs={"amp": 0.0}).build_activation()
-    elif case == "hooked base":
-        layer.base_layer.register_forward_hook(lambda m, i, out: out)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        plan = choose_path(layer, x, extra_args=extra)
-    assert plan.path is expected
-    assert (plan.weight_fn is not None, len(plan.adapters)) == ((True, 1) if expected is Path.FOLDED else (False, 0))
+def test_forward_takes_the_folded_path_when_it_can(eager, monkeypatch):
+    import loran.layers as ll
+
+    calls = []
+    real = ll.loran_linear
+    monkeypatch.setattr(ll, "loran_linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model = _proj_model("sinter", True).train()
+    model(torch.randn(2, 10))
+    assert len(calls) == 1 and calls[0] is not None  # one call, with the base weight folded in
 
 
-@pytest.mark.parametrize("activation, memory_efficient, policy, x_dtype, autocast, expected, dtype", [
-    ("identity", True, "float32", torch.float32, False, Path.LORA, None),
-    ("identity", True, "float32", torch.bfloat16, False, Path.LORA_CAST, None),
-    ("identity", True, "float32", torch.float32, True, Path.LORA_CAST, None),
-    ("identity", True, "autocast", torch.float32, True, Path.LORA, torch.bfloat16),
-    ("sinter", True, "float32", torch.float32, True, Path.RESIDUAL, None),
-    ("sinter", True, "autocast", torch.float32, True, Path.RESIDUAL, torch.bfloat16),
-    ("sigmoid official", True, "float32", torch.float32, True, Path.DENSE, None),
-    ("sigmoid official", True, "autocast", torch.float32, True, Path.DENSE, torch.bfloat16),
-    ("sinter", False, "autocast", torch.float32, False, Path.REFERENCE, None),
-    ("sinter", False, "autocast", torch.float32, True, Path.REFERENCE, torch.bfloat16),
-])
-def test_each_adapter_row_picks_its_path_and_dtype(activation, memory_efficient, policy, x_dtype, autocast, expected,
-                                                    dtype):
-    _, layer = _layer(activation, memory_efficient=memory_efficient, update_dtype=policy)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        plan = choose_path(layer, X.to(x_dtype), "default")
-    assert (plan.path, plan.dtype) == (expected, dtype)
+def test_extra_positional_arguments_are_refused_as_by_the_base_layer():
+    """nn.Linear takes no positional argument besides x: the adapted layer passes extras on to it (which refuses them)
+    on both paths, rather than folding the update and ignoring them. Mutants: the extras dropped before the fold
+    check or before PEFT's forward."""
+    model = _proj_model("sinter", True).eval()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(2, 10)
+    assert choose_path(layer, x).path is LayerPath.FOLDED
+    with pytest.raises(TypeError):
+        layer(x, 5)
+    with pytest.raises(TypeError):
+        layer.base_layer(x, 5)
 
 
-def test_the_version_check_warns_outside_the_tested_ranges(monkeypatch):
-    assert compat.release("0.50.2") == (0, 50, 2) and compat.release("0.21.0.dev0") == (0, 21, 0)
-    assert compat.untested({"peft": "0.21.0", "bitsandbytes": "0.50.2"}) == []
-    assert compat.untested({"peft": "1.3.0"}) == []
-    old, new = compat.untested({"peft": "0.20.1", "bitsandbytes": "0.51.0"})
-    assert "peft written for 0.21.0 or later; 0.20.1 is installed" in old
-    assert "bitsandbytes written for 0.50.0 up to before 0.51.0; 0.51.0 is installed" in new
-    monkeypatch.setattr(compat.peft, "__version__", "0.20.0")
-    with pytest.warns(UserWarning, match="private APIs of peft .* 0.20.0 is installed"):
-        compat._check_versions()
-    monkeypatch.undo()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        compat._check_versions()  # the installed versions are in range
+def test_get_delta_weight_has_the_adapter_dtype_and_plain_lora_keeps_its_own():
+    """Mutants: get_delta_weight not cast to the adapter's dtype (.to(None): float32 from a bf16 adapter), and a
+    plain LoRA adapter's delta asked for with adapter None. References: s f(B A) in bf16, and PEFT's s B A."""
+    from peft import LoraConfig
+
+    from loran.activations import Activation
+
+    model = get_loran_model(Proj(), LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                                activation_kwargs=SINTER))
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    layer = model.base_model.model.q_proj
+    gen = torch.Generator().manual_seed(42)
+    for lin in layer.lora_B.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=gen) * 0.5
+    A, B = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
+    torch.testing.assert_close(layer.get_delta_weight("plain"), 3.0 * B @ A)
+    layer.lora_A["default"].to(torch.bfloat16)
+    layer.lora_B["default"].to(torch.bfloat16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.bfloat16
+    expected = 3.0 * Activation("sinter", SINTER).f(B.float() @ A.float())
+    assert torch.equal(delta, expected.bfloat16())
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_nf4_merge_passes_its_arguments_to_pefts_merge(how):
+    """Mutants: LoranLinear4bit.merge calling super().merge without *args, or without **kwargs (adapter_names lost:
+    every active adapter merged)."""
+    from test_loran_peft import SINTER as SINTER_KW, _quantise
+
+    base = Proj(16, 16)
+    base.q_proj, base.is_loaded_in_4bit = _quantise(base.q_proj, "nf4"), True
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], **SINTER_KW)
+    model = get_loran_model(base, LoranConfig(**config))
+    model.add_adapter("b", LoranConfig(**config))
+    layer = model.base_model.model.q_proj
+    layer.set_adapter(["default", "b"])
+    with pytest.warns(UserWarning, match="rounding errors"):
+        if how == "positional":
+            layer.merge(False, ["b"])
+        else:
+            layer.merge(adapter_names=["b"])
+    assert layer.merged_adapters == ["b"]

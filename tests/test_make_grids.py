@@ -13,7 +13,7 @@ import pytest
 from loran.pipeline.cells import identity
 from loran.pipeline.checks import check_config
 from loran.pipeline.study import study_rows
-from tests.test_cells import REPO, cfg_of
+from conftest import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
          "study-rank", "study-rank-null", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]

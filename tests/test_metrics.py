@@ -1,4 +1,5 @@
-"""ROUGE against hand-computed overlaps and rouge-score itself; label parsing and classification metrics."""
+"""loran/pipeline/metrics.py: ROUGE against hand-computed overlaps and rouge-score itself; label parsing and
+classification metrics."""
 import pytest
 from rouge_score import rouge_scorer
 
@@ -103,3 +104,13 @@ def test_per_example_scores_are_each_examples_own_and_average_to_the_dataset_val
     for p, r, e in zip(preds, refs, per):
         assert e["rouge1"] == scorer.score(r, p)["rouge1"].fmeasure and e["rougeL"] == scorer.score(r, p)["rougeL"].fmeasure
     assert rouge(preds, refs)["rouge2"] == pytest.approx((per[0]["rouge2"] + per[1]["rouge2"]) / 2, abs=1e-15)
+
+
+# Metrics and spectrum details.
+def test_labels_longest_first_regardless_of_case_and_duplicates_refused():
+    from loran.pipeline.metrics import parse_label
+
+    # Reverse alphabetical order would try "tech" before "Tech Support" ('t' > 'T'); longest first does not.
+    assert parse_label("tech support news", ["tech", "Tech Support"]) == "Tech Support"
+    with pytest.raises(ValueError, match=r"^labels must differ case-insensitively, got \['Tech', 'tech'\]$"):
+        parse_label("x", ["Tech", "tech"])

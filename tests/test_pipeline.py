@@ -1,4 +1,5 @@
-"""The experiment pipeline: every config composes, train.py runs a cell end to end, bad input stops early."""
+"""The experiment pipeline as a whole (configs/, train.py and loran/pipeline/ together): every config composes, train.py
+runs a cell end to end, bad input stops early."""
 import csv
 import json
 import math
@@ -6,10 +7,8 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -20,13 +19,7 @@ from loran.config import LORA_FIELDS
 from loran.pipeline.checks import ConfigError, check_config
 from loran.pipeline.run import run_cell
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
-
+from conftest import CONFIGS, REPO, cfg_of, options
 
 MODELS, DATASETS = options("model"), options("dataset")
 ACTIVATIONS = [a for a in options("activation") if not a.endswith("_default")]
@@ -34,12 +27,6 @@ ACTIVATIONS = [a for a in options("activation") if not a.endswith("_default")]
 SMALL = ["model=tiny", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
          "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
          "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
-
-
-def cfg_of(overrides=(), results_dir=None):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        extra = [f"results_dir={results_dir}"] if results_dir else []
-        return compose("train", overrides=[*overrides, *extra])
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -50,7 +37,7 @@ def test_every_combination_composes_and_builds(model, dataset):
     for adapter, activation in cells:
         overrides = [f"model={model}", f"dataset={dataset}", f"adapter={adapter}"]
         overrides += [f"activation={activation}"] if activation else []
-        cfg = cfg_of(overrides)
+        cfg = cfg_of(*overrides)
         peft_config = instantiate(cfg.adapter.peft, target_modules=list(cfg.model.target_modules), _convert_="all")
         assert type(peft_config).__name__ == "LoranConfig"  # QLoRA: f = identity, so the precision policy reaches it
         assert peft_config.update_dtype == "float32"
@@ -90,22 +77,16 @@ def test_defaults_are_the_embedded_loran_sinter_cell():
 ])
 def test_an_experiment_overrides_the_primary_config(experiment, expected):
     """An experiment's own top-level keys must beat train.yaml's (they did not while _self_ came last)."""
-    cfg = cfg_of([f"experiment={experiment}", "row=loran_relu", "dataset=bbc_headlines"])
+    cfg = cfg_of(f"experiment={experiment}", "row=loran_relu", "dataset=bbc_headlines")
     assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
     assert (cfg.adapter.name, cfg.activation.name) == ("loran", "relu")
     assert re.fullmatch(rf"bbc_headlines\.{expected['model.name']}\.loran-relu\.seed0\.[0-9a-f]{{8}}", cfg.cell)
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outputs/ (checkpoints) lands here
-    return tmp_path
-
-
 def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
     results = workdir / "results"
     base = [*SMALL, "dataset=bbc_headlines", "experiment_name=e2e"]
-    first = run_cell(cfg_of(base, results))
+    first = run_cell(cfg_of(*base, results=results))
     assert first["status"] == "ok"
     record = json.loads((results / "runs/e2e" / first["cell"] / "record.json").read_text())
     assert record["choices"]["seed"] == 0
@@ -125,15 +106,18 @@ def test_end_to_end_cell_writes_record_and_row_and_same_seed_repeats(workdir):
         first["metrics"]["rouge1"], 6)
 
     # Same seed, fresh folders: the same losses and metrics.
-    again = run_cell(cfg_of([*base, "skip_existing=false", "experiment_name=e2e_again"], workdir / "results2"))
+    again = run_cell(cfg_of(*base, "skip_existing=false", "experiment_name=e2e_again", results=workdir / "results2"))
     assert again["metrics"] == first["metrics"] and again["predictions"] == first["predictions"]
     assert again["loss_history"] == first["loss_history"]
 
     # Running the finished cell again is skipped: no second row.
-    run_cell(cfg_of(base, results))
+    run_cell(cfg_of(*base, results=results))
     assert len(list(csv.DictReader(open(results / "runs/e2e_cells.csv")))) == 1
 
 
+# covered fast by test_a_wandb_cell_logs_its_losses_through_the_guarded_callback_and_a_failing_log_fails_nothing in
+# test_training.py (a logger=wandb cell runs offline and logs its losses) and test_tracking.py's offline fallback
+@pytest.mark.slow
 def test_train_py_writes_an_offline_wandb_run(workdir):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     args = [a for a in SMALL if a != "logger=none"] + ["logger=wandb", "experiment_name=wb",
@@ -164,7 +148,7 @@ def test_train_py_writes_an_offline_wandb_run(workdir):
 def test_bad_input_stops_before_training_and_leaves_results_clean(workdir, overrides, message):
     results = workdir / "results"
     with pytest.raises(ConfigError, match=message):
-        run_cell(cfg_of([*SMALL, *overrides], results))
+        run_cell(cfg_of(*SMALL, *overrides, results=results))
     assert not results.exists() or not any(results.rglob("*"))
     assert not (workdir / "outputs").exists() or not any((workdir / "outputs").rglob("checkpoint-*"))
 
@@ -182,7 +166,7 @@ def test_the_pipeline_checks_lora_sizes_by_the_adapters_own_rules(adapter):
         for value in values:
             _, description = LORA_FIELDS[name]
             with pytest.raises(ConfigError) as err:
-                check_config(cfg_of([f"adapter={adapter}", f"adapter.peft.{name}={value}"]))
+                check_config(cfg_of(f"adapter={adapter}", f"adapter.peft.{name}={value}"))
             assert str(err.value) == f"adapter.peft.{name}={value!r} ({type(value).__name__}) must be {description}"
             with pytest.raises(ValueError) as err:
                 LoranConfig(target_modules=["q_proj"], **{name: value})
@@ -200,17 +184,20 @@ def test_empty_split_is_refused(workdir):
     files = f"{{train:{data}/train.jsonl,validation:{data}/validation.jsonl,test:{data}/test.jsonl}}"
     overrides = [*SMALL, "dataset=samsum", "dataset.loader.path=json", f"+dataset.loader.data_files={files}"]
     with pytest.raises(ConfigError, match=r"dataset=samsum: json: a split is empty \(Instruction .test. corresponds to no data"):
-        run_cell(cfg_of(overrides, workdir / "results"))
+        run_cell(cfg_of(*overrides, results=workdir / "results"))
     assert not (workdir / "results").exists()
 
 
 def test_unknown_group_option_names_the_allowed_ones():
     with pytest.raises(MissingConfigException) as err:
-        cfg_of(["adapter=lora"])
+        cfg_of("adapter=lora")
     assert "Could not find 'adapter/lora'" in str(err.value)
     assert {"loran", "qlora"} <= set(err.value.options)
 
 
+# covered fast by test_bad_input_stops_before_training_and_leaves_results_clean (adapter=qlora with an activation
+# refused) and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder in test_run.py (exit 2)
+@pytest.mark.slow
 def test_train_py_reports_a_config_error_with_exit_code_2(workdir):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *SMALL, "adapter=qlora", "activation=tanh",
                            f"results_dir={workdir / 'results'}"], cwd=workdir, capture_output=True, text=True,
@@ -226,10 +213,10 @@ def test_eval_split_chooses_the_evaluated_examples_and_not_the_seed():
     from loran.pipeline.run import load_data
 
     _, tokenizer = tiny_causal_lm()
-    raw = instantiate(cfg_of(["dataset=bbc_news"]).dataset.loader)
+    raw = instantiate(cfg_of("dataset=bbc_news").dataset.loader)
     for split in ("validation", "test"):
-        ids = [list(load_data(cfg_of(["dataset=bbc_news", "dataset.n_eval=20", f"dataset.eval_split={split}",
-                                      f"seed={seed}"]), tokenizer)[2]["example_id"]) for seed in (0, 3)]
+        ids = [list(load_data(cfg_of("dataset=bbc_news", "dataset.n_eval=20", f"dataset.eval_split={split}",
+                                      f"seed={seed}"), tokenizer)[2]["example_id"]) for seed in (0, 3)]
         assert ids[0] == ids[1] and set(ids[0]) <= set(raw[split]["id"]) and len(ids[0]) == 20
     with pytest.raises(ConfigError, match=r"dataset.eval_split='train' is not one of \['test', 'validation'\]"):
-        run_cell(cfg_of([*SMALL, "dataset.eval_split=train"]))
+        run_cell(cfg_of(*SMALL, "dataset.eval_split=train"))

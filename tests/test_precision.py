@@ -6,11 +6,9 @@ amp = 0) computes the same numbers bit for bit, in each policy; "float32" comput
 the old peft.LoraConfig row did, training included (why its records could be re-homed)."""
 import copy
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 
 from loran import LoranConfig
@@ -18,9 +16,9 @@ from loran.activations import ACTIVATIONS, POSITIVE_PARAMS, START_MODES, Activat
 from loran.pipeline.checks import ConfigError
 from loran.config import UPDATE_DTYPES
 from loran.pipeline.run import build_peft_config
+from conftest import cfg_of
 from test_loran_peft import X, make_toy
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IDENTITY_ROWS = {"qlora": ["row=qlora"], "identity": ["row=loran_identity"],
                  "sinter_amp0": ["row=loran_sinter", "activation.params.amp=0.0"]}
 
@@ -28,8 +26,7 @@ IDENTITY_ROWS = {"qlora": ["row=qlora"], "identity": ["row=loran_identity"],
 def row_config(overrides, policy=None, **replace):
     """The adapter config a Table 2 row builds (composed from configs/, as train.py does), for the toy's targets."""
     extra = [] if policy is None else [f"adapter.peft.update_dtype={policy}"]
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, *extra])
+    cfg = cfg_of(*overrides, *extra)
     config = build_peft_config(cfg)
     config.task_type = None  # the toy is not a causal LM
     for key, value in replace.items():
@@ -148,9 +145,8 @@ def test_the_policy_is_validated_naming_the_field_and_the_allowed_values():
 
 
 def test_the_policy_is_one_setting_for_every_row_and_part_of_the_cell():
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        rows = {row: compose("train", overrides=[f"row={row}"]) for row in ("qlora", "loran_sinter", "loran_relu")}
-        autocast = compose("train", overrides=["row=qlora", "adapter.peft.update_dtype=autocast"])
+    rows = {row: cfg_of(f"row={row}") for row in ("qlora", "loran_sinter", "loran_relu")}
+    autocast = cfg_of("row=qlora", "adapter.peft.update_dtype=autocast")
     assert {cfg.adapter.peft.update_dtype for cfg in rows.values()} == {"float32"}
     assert autocast.cell != rows["qlora"].cell
     assert all(build_peft_config(cfg).update_dtype == "float32" for cfg in rows.values())

@@ -204,7 +204,8 @@ def test_an_unreadable_record_is_named_and_left_out_of_the_run_table(tmp_path, c
 def test_a_cell_finishing_next_to_a_bad_and_a_corrupt_record_gets_its_row(tmp_path, monkeypatch, caplog):
     """The issue's path end to end: a tiny cell runs in an experiment that holds a hand-edited "ok" record without
     metrics and a non-JSON record of other cells; it finishes, and the table holds its row."""
-    from test_run_contract import SMALL, cfg_of, rows  # the runner's tiny CPU cell
+    from conftest import SMALL, cfg_of  # the runner's tiny CPU cell
+    from test_run import rows
     from loran.pipeline.run import cell_paths, run_cell
 
     monkeypatch.chdir(tmp_path)
@@ -227,7 +228,7 @@ def test_a_bad_ok_record_of_the_cell_itself_stops_it_naming_the_file(tmp_path):
 
     from loran.pipeline.checks import ConfigError
     from loran.pipeline.run import cell_paths, finished
-    from tests.test_cells import cfg_of
+    from conftest import cfg_of
 
     cfg = cfg_of("model=tiny", f"results_dir={tmp_path}")
     paths = cell_paths(cfg)

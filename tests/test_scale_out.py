@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from loran.pipeline.cells import register_resolver
 from loran.pipeline.tables import build, load_records, load_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    register_resolver()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/sweep",
                                           f"hydra.searchpath=[file://{tmp_path}/extra]"], return_hydra_config=True)
@@ -109,6 +111,10 @@ def test_torchrun_two_gloo_processes_train_and_rank0_writes_once(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
 
 
+# covered fast by test_sigterm_saves_a_checkpoint_at_the_step_it_stops in test_preemption.py (SIGTERM: a checkpoint at
+# its step, exit 143, no record) and test_a_truncated_newest_checkpoint_falls_back_to_the_previous_complete_one in
+# test_run.py (a run resumed mid-training, dropout on, ends with the uninterrupted run's loss)
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_to_the_uninterrupted_result(tmp_path):
     """Exact equality is expected: CPU kernels are deterministic here, the Trainer restores the optimizer,
     scheduler, RNG states and the data order from the checkpoint. Tolerance 1e-6 absorbs summation order only."""

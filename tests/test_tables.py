@@ -1,14 +1,18 @@
-"""Table 2 from records: means, paired intervals checked against numpy, missing and failed cells as dashes."""
+"""loran/pipeline/tables.py, Table 2 from records: means, paired intervals checked against numpy and the tabulated t
+quantiles, missing and failed cells as dashes, the rendered markdown and CSV, rows, the one-config check."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.tables import MixedConfigs, build, load_records, load_rows, paired_difference, read_paper, to_markdown
+from loran.pipeline.tables import (T80, T975, MixedConfigs, build, load_records, load_rows, paired_difference, read_paper,
+                                   t80, t975, to_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = load_rows(REPO / "configs" / "row")
@@ -224,3 +228,228 @@ def test_the_study_script_asks_for_migration_of_a_record_without_identity(tmp_pa
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no table written: screen: records ['identity{}.seed1'] carry no config identity" in proc.stderr
     assert "scripts/migrate_records.py" in proc.stderr
+
+
+# Student t quantiles: every tabulated df against an independent computation.
+def _t_quantile(df: int, p: float = 0.975) -> float:
+    """Inverse of the t CDF, F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2, by mpmath root finding."""
+    cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: cdf(t) - p, 1.0 if p < 0.9 else 2.0 if df > 2 else 5.0))
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_every_tabulated_t_quantile_is_right_to_three_decimals(df):
+    """Planted: T975[4] = 2.576 (or any other entry) -> fails; only df = 2 was checked before."""
+    assert abs(T975[df] - _t_quantile(df)) < 6e-4, (df, T975[df], _t_quantile(df))
+
+
+@pytest.mark.parametrize("df", sorted(T80))
+def test_every_tabulated_power_quantile_is_right_to_three_decimals(df):
+    assert sorted(T80) == sorted(T975)
+    assert abs(T80[df] - _t_quantile(df, 0.80)) < 6e-4, (df, T80[df], _t_quantile(df, 0.80))
+
+
+def test_the_minimal_detectable_effect_of_a_paired_t_test():
+    """(t_.975 + t_.80) x SE of the paired differences, every df looked up at n - 1 (5 seeds: df 4; 40: beyond 30)."""
+    for n in (2, 3, 5, 12, 40):
+        values, base = {s: 0.5 + 0.01 * (s % 3) + 0.002 * s for s in range(n)}, {s: 0.5 for s in range(n)}
+        d = np.array([values[s] - base[s] for s in range(n)])
+        df, se = n - 1, d.std(ddof=1) / math.sqrt(n)
+        expected = ((1.96 + 0.8416) if df > 30 else (_t_quantile(df) + _t_quantile(df, 0.80))) * se
+        assert paired_difference(values, base)["mde"] == pytest.approx(expected, rel=2e-3), n
+    assert t80(31) == 0.842 and t80(30) == T80[30] and t80(11) == T80[11] and t80(22) == T80[20]
+
+
+def test_t975_uses_the_nearest_tabulated_df_at_or_below():
+    assert t975(4) == T975[4] and t975(22) == T975[20] and t975(29) == T975[25] and t975(30) == T975[30]
+    assert t975(31) == 1.96 and t975(1) == T975[1]
+
+
+def test_paired_interval_with_five_seeds_uses_df_4():
+    values, base = {s: 0.5 + 0.01 * s * s for s in range(5)}, {s: 0.5 for s in range(5)}
+    d = np.array([values[s] - base[s] for s in range(5)])
+    half = _t_quantile(4) * d.std(ddof=1) / math.sqrt(5)
+    out = paired_difference(values, base)
+    assert out["pairs"] == 5 and out["delta"] == pytest.approx(d.mean())
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=2e-5)
+
+
+def test_identical_to_the_baseline_is_not_significant():
+    """LoRAN-identity can equal QLoRA exactly (same numbers): a zero-width interval at 0 excludes nothing."""
+    out = paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.5, 1: 0.7, 2: 0.6})
+    assert (out["delta"], out["ci_low"], out["ci_high"], out["significant"]) == (0.0, 0.0, 0.0, False)
+    assert paired_difference({0: 0.4, 1: 0.4}, {0: 0.5, 1: 0.5})["significant"] is True  # below, zero spread
+
+
+# Table 2 end to end in-process (mutation testing: the script runs in a subprocess that mutmut cannot see).
+@pytest.fixture
+def grid(tmp_path, write_fake_record):
+    """QLoRA and three LoRAN rows on accuracy: better (significant), worse (significant), a tie; one-seed
+    identity; two-seed sigmoid; tanh has rouge1 but QLoRA has none."""
+    runs = tmp_path / "runs"
+    acc = {"qlora-none": [0.80, 0.82, 0.81], "loran-sinter": [0.85, 0.86, 0.87], "loran-relu": [0.70, 0.71, 0.73],
+           "loran-tanh": [0.79, 0.84, 0.80], "loran-identity": [0.9], "loran-sigmoid": [0.83, 0.84]}
+    for row, values in acc.items():
+        adapter, activation = row.split("-")
+        for seed, value in enumerate(values):
+            extra = {"rouge1": 0.25} if row == "loran-tanh" else {}
+            write_fake_record(runs, adapter, activation, "bbc_news", seed, {"accuracy": value, **extra})
+    return runs
+
+
+def _entry(table, row, metric):
+    return next(e for e in table if e["row"] == row and e["metric"] == metric)
+
+
+def test_table_entries_in_full(grid):
+    from loran.pipeline.tables import build, load_records, load_rows
+
+    table = build(load_records(grid), load_rows(REPO / "configs" / "row"))
+    assert [(e["row"], e["metric"]) for e in table][:5] == [("qlora-none", m) for m in
+                                                            ("rouge1", "rouge2", "rougeL", "accuracy")] + [
+        ("loran-sigmoid", "rouge1")]
+    assert len(table) == 8 * 4  # every row of configs/row, with or without records
+    missing = _entry(table, "loran-sinter", "rouge2")
+    assert missing == {"row": "loran-sinter", "label": "LoRAN (Sinter)", "metric": "rouge2", "paper": "",
+                       "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
+                       "mde": None, "pairs": 0, "significant": None, "seeds": []}
+    base = _entry(table, "qlora-none", "accuracy")
+    assert base["delta"] is None and base["pairs"] == 0 and base["seeds"] == [0, 1, 2]  # no difference to itself
+    two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std and a paired interval with df = 1
+    assert two["std"] == pytest.approx(0.00707107, rel=1e-5) and two["pairs"] == 2
+    assert two["ci_high"] - two["delta"] == pytest.approx(12.706 * 0.01 / 2, rel=1e-4)  # sd(d) = 0.01 / sqrt(2)
+    assert _entry(table, "loran-tanh", "rouge1")["delta"] is None  # no QLoRA values to pair with
+    assert _entry(table, "loran-tanh", "rouge1")["mean"] == pytest.approx(0.25)
+    worse = _entry(table, "loran-relu", "accuracy")
+    assert worse["significant"] is True and worse["ci_high"] < 0
+    assert _entry(table, "loran-tanh", "accuracy")["significant"] is False
+
+
+EXPECTED_MD = """\
+# Grid
+
+Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, [95% t interval]; \
+* = the interval excludes 0; MDE = minimal detectable effect at 80% power of that paired t test, (t.975 + t.80) x SE \
+(0 when a row equals QLoRA on every seed: no seed-to-seed noise is seen then). `-` = no successful run for that cell.
+
+| row | rouge1 | rouge2 | rougeL | accuracy | paper |
+|---|---|---|---|---|---|
+| QLoRA | - | - | - | 81.00 +- 1.00 (3) | - / - / - / 80.1 |
+| LoRAN (Sigmoid) | - | - | - | 83.50 +- 0.71 (2) | - / - / - / - |
+| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85], MDE 7.04 | |
+| LoRAN (ReLU) | - | - | - | 71.33 +- 1.53 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]*, MDE 4.73 | |
+| LoRAN (Tanh) | 25.00 +- 0.00 (3) | - | - | 81.00 +- 2.65 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30], MDE 5.36 | |
+| LoRAN (Sinter) | - | - | - | 86.00 +- 1.00 (3) | - / - / - / - |
+| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]*, MDE 3.10 | |
+| LoRAN (identity = LoRA control) | - | - | - | 90.00 (1) | - / - / - / - |
+| LoRAN (Sigmoid, official start) | - | - | - | - | - / - / - / - |
+| LoRAN (ReLU, official start) | - | - | - | - | - / - / - / - |
+"""
+
+
+def test_markdown_and_csv_in_full(grid, tmp_path):
+    """The whole rendered table, checked by hand: percent, signs, intervals, stars, dashes, the paper column."""
+    from loran.pipeline.tables import build, load_records, load_rows, read_paper, to_markdown, write_csv
+
+    paper = tmp_path / "paper.csv"
+    paper.write_text("# test\nrow,label,rouge1,rouge2,rougeL,accuracy\nqlora-none,QLoRA,,,, 80.1 \n")
+    table = build(load_records(grid), load_rows(REPO / "configs" / "row"), read_paper(paper))
+    assert to_markdown(table, "Grid") == EXPECTED_MD
+    write_csv(table, tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,mde,pairs,significant,paper"
+    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,,0,,"
+    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,,0,,80.1")
+    relu = next(x for x in lines if x.startswith("loran-relu,LoRAN (ReLU),accuracy,"))
+    fields = relu.split(",")
+    assert (fields[5], fields[10], fields[11], fields[12]) == ("3", "3", "True", "")
+    assert [float(v) for v in fields[6:10]] == pytest.approx([-0.0966667, -0.1346, -0.0587, 0.0473], abs=1e-4)
+    assert len(lines) == 1 + 8 * 4
+
+
+def test_load_rows_reads_every_yaml_file_in_the_order_it_gives(tmp_path):
+    """Eight rows whose `order` is a permutation unrelated to their file names (and to the folder's listing order),
+    and a file that is not YAML. Mutants: no files found (glob pattern changed), not sorted by `order`, errors."""
+    from loran.pipeline.tables import load_rows
+
+    orders = [5, 2, 7, 0, 3, 6, 1, 4]
+    for i, order in enumerate(orders):
+        (tmp_path / f"r{i}.yaml").write_text(f"row:\n  name: row{i}\n  label: 'Row {i}'\n  order: {order}\n")
+    (tmp_path / "notes.txt").write_text("row:\n  name: not-a-row\n  label: x\n  order: -1\n")
+    expected = [(f"row{i}", f"Row {i}") for i in sorted(range(len(orders)), key=lambda i: orders[i])]
+    assert load_rows(tmp_path) == expected
+
+
+def test_row_key_prefers_the_rows_own_name():
+    """A record's row is its `row` choice when it has one (rows whose name is not "<adapter>-<activation>", e.g.
+    "loran-relu-official"); only older records fall back to the pair. Mutant: the `row` key misspelt."""
+    from loran.pipeline.tables import row_key
+
+    assert row_key({"choices": {"row": "loran-relu-official", "adapter": "loran", "activation": "relu"}}) \
+        == "loran-relu-official"
+    assert row_key({"choices": {"adapter": "loran", "activation": "relu"}}) == "loran-relu"
+
+
+def _identity_record(cell, identity):
+    return {"cell": cell, "identity": identity}
+
+
+def test_one_config_check_messages_in_full():
+    """The two MixedConfigs messages, word for word: the records without identity, and every differing key
+    ("; "-separated, absent keys shown as "<absent>") with every record (", "-separated). Mutants: text replaced
+    or re-cased, the separators changed, the record list dropped, the <absent> marker changed."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config([{"cell": "c1"}, _identity_record("c2", {"a": 1})], "r / m")
+    assert str(err.value) == ("r / m: records ['c1'] carry no config identity (written before cells were hashed), so "
+                              "they cannot be shown to share a config; run scripts/migrate_records.py")
+    records = [_identity_record("c2", {"lr": 0.1, "opt": {"name": "adam"}, "x": 1}),
+               _identity_record("c1", {"lr": 0.2, "opt": {"name": "sgd"}})]
+    with pytest.raises(MixedConfigs) as err:
+        check_one_config(records, "r / m")
+    assert str(err.value) == (
+        'r / m would pool records whose configs differ in more than the seed (lr: 0.1 vs 0.2; opt.name: "adam" vs '
+        '"sgd"; x: "<absent>" vs 1); records: c1, c2. Give each configuration its own experiment_name, or move the '
+        "extra records out of the folder.")
+
+
+def test_one_config_check_tells_absent_from_null_and_ignores_key_order():
+    """A key set to null in one config and absent from the other is a difference (the two can mean different
+    defaults); the same dicts inside a list, with their keys in another order, are not. Mutants: the absent marker
+    replaced by None (null == absent), json.dumps without sort_keys (key order counts)."""
+    from loran.pipeline.tables import MixedConfigs, check_one_config
+
+    with pytest.raises(MixedConfigs, match=r'x: "<absent>" vs null'):
+        check_one_config([_identity_record("c1", {"a": 1, "x": None}), _identity_record("c2", {"a": 1})], "r / m")
+    check_one_config([_identity_record("c1", {"sched": [{"step": 1, "gamma": 0.5}]}),
+                      _identity_record("c2", {"sched": [{"gamma": 0.5, "step": 1}]})], "r / m")
+
+
+def test_paper_values_are_read_as_written_in_a_csv_with_windows_line_ends(tmp_path):
+    """read_paper returns each paper value as written, also from a CSV saved with \\r\\n line ends whose quoted cell
+    holds a line break (a value with a note under it): the csv module needs the file opened with newline="" for that.
+    Mutants: the file opened with universal newlines (the cell's \\r\\n read as \\n)."""
+    from loran.pipeline.tables import read_paper
+
+    path = tmp_path / "paper.csv"
+    path.write_bytes(b'# transcribed from Table 2\r\nrow,rouge1,rouge2,rougeL,accuracy\r\n'
+                     b'loran-sinter,51.2,,30.1,"88.4\r\n(dev)"\r\n')
+    paper = read_paper(path)
+    assert paper[("loran-sinter", "rouge1")] == "51.2" and paper[("loran-sinter", "rouge2")] == ""
+    assert paper[("loran-sinter", "accuracy")] == "88.4\r\n(dev)"
+
+
+def test_write_csv_leaves_a_missing_value_empty(tmp_path):
+    """write_csv writes a value that is None or absent from an entry as an empty field (never 0, never an error), and
+    a present 0 as 0. Mutant: absent values looked up with e[k] (KeyError)."""
+    import csv
+
+    from loran.pipeline.tables import write_csv
+
+    write_csv([{"row": "r", "label": "R", "metric": "accuracy", "mean": 0.0, "std": None}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["mean"] == "0.0" and line["std"] == "" and line["delta"] == "" and line["paper"] == ""

@@ -10,7 +10,7 @@ import pytest
 from loran.pipeline.cells import flatten, identity
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.tuning import choose_length, choose_settings, length_curve
-from tests.test_cells import REPO, cfg_of
+from conftest import REPO, cfg_of
 
 CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", "trainer.args.learning_rate": "0.001"}
 

@@ -10,7 +10,7 @@ The cell's name carries the hash of its result-relevant config (loran/pipeline/c
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
 last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
 
-The contract in full (tests/test_run_contract.py checks it; the README has the summary):
+The contract in full (tests/test_run.py checks it; the README has the summary):
 - Checked before anything is loaded (exit code 2, nothing written under results/; check_config's checks, in
   loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere
   (`+anything=1`; a typo in trainer.args gets a "did you mean"), types and ranges (seed in [0, 2**32), zero_shot a

@@ -1,47 +1,33 @@
-"""The runner's contract (loran/pipeline/run.py's docstring; the README summarises it): distinct cells per
-configuration, checks before loading, no result from a run that is not one, one process per cell, one row per
-finished cell, and recoverable faults."""
+"""loran/pipeline/run.py and its contract (its docstring; the README summarises it): distinct cells per configuration,
+checks before loading, no result from a run that is not one, one process per cell, one row per finished cell, and
+recoverable faults (a signal during the final evaluation, a full disk, a truncated checkpoint); load_data's splits;
+train.py's exit codes."""
 import csv
+import errno
 import json
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 import loran.pipeline.base_models
 import loran.pipeline.run
-from loran.pipeline.checks import ONE_SWITCH, ConfigError
+from loran.pipeline.checks import ConfigError
+from loran.pipeline.preemption import Preempted
 from loran.pipeline.records import CellBusy, cell_lock
-from loran.pipeline.run import Diverged, build_peft_config, cell_paths, run_cell
-from loran.pipeline.training import build_trainer, checkpoint_problem, claim_out_dir, last_checkpoint, training_args
+from loran.pipeline.run import Diverged, NoSpace, cell_paths, load_data, run_cell
+from loran.pipeline.training import checkpoint_problem, last_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_eval=4", "trainer.args.max_steps=2",
-         "trainer.args.save_steps=1", "trainer.args.logging_steps=1", "trainer.eval_batch_size=4",
-         "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
-
-
-def cfg_of(*overrides, results=None):
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outputs/ lands here
-    return tmp_path
+from conftest import PY, REPO, SMALL, cfg_of, nothing_under, options
 
 
 def rows(results, experiment="default"):
@@ -49,11 +35,11 @@ def rows(results, experiment="default"):
     return list(csv.DictReader(open(path))) if path.exists() else []
 
 
-def nothing_under(folder: Path) -> bool:
-    return not folder.exists() or not any(folder.rglob("*"))
-
-
-# --- 1. the cell is the configuration ---------------------------------------------------------------------------
+# The cell is the configuration.
+# covered fast by test_every_result_relevant_value_makes_another_cell_and_nothing_else_does in test_cells.py (the
+# learning rate makes another cell) and test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them in
+# test_make_grids.py (every -m sweep value is a distinct cell)
+@pytest.mark.slow
 def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
     """`train.py -m trainer.args.learning_rate=1e-3,1e-2` once trained the first and reported it for both."""
     results = workdir / "results"
@@ -73,28 +59,7 @@ def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
     assert outs == sorted(r["cell"] for r in records)  # two checkpoint folders, one per configuration
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_gradient_checkpointing_is_the_models_switch_alone(tmp_path, trainer, checkpointing):
-    """model.load.gradient_checkpointing decides, under either trainer: the trainer groups have no switch of their own
-    and building the Trainer neither adds nor removes it (for PEFT's k-bit preparation: tests/test_models.py)."""
-    cfg = cfg_of(f"trainer={trainer}", "trainer.args.use_cpu=true", *SMALL,
-                 f"model.load.gradient_checkpointing={str(checkpointing).lower()}")
-    assert not any(OmegaConf.select(cfg, key) is not None for key in ONE_SWITCH)
-    model, tokenizer = instantiate(cfg.model.load, _convert_="all")
-    assert model.is_activation_checkpointing is checkpointing
-    built = build_trainer(training_args(cfg, tmp_path), model, build_peft_config(cfg), tokenizer, [])
-    assert built.model.get_base_model().is_activation_checkpointing is checkpointing
-
-
-def test_a_checkpoint_folder_is_resumed_only_by_the_configuration_that_wrote_it(tmp_path):
-    claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")
-    claim_out_dir(tmp_path, "a.seed0.11111111", "11111111")  # the same configuration: fine
-    with pytest.raises(ValueError, match=r"holds the checkpoints of cell a.seed0.11111111, not of b"):
-        claim_out_dir(tmp_path, "b.seed0.22222222", "22222222")
-
-
-# --- 3. every trainer and experiment config runs ----------------------------------------------------------------
+# Every trainer and experiment config runs.
 @pytest.mark.parametrize("overrides", [
     ["trainer=gpu", "trainer.args.use_cpu=true",                         # bf16 autocast, paged AdamW (CPU fallback)
      "model.load.gradient_checkpointing=true"],                          # as the 7B/13B models train
@@ -122,7 +87,7 @@ def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
     assert (workdir / "results" / "runs" / "smoke").is_dir()
 
 
-# --- 4 and 7. checks before anything is loaded ------------------------------------------------------------------
+# Checks before anything is loaded.
 @pytest.mark.parametrize("overrides, message", [
     (["model.target_modules=[]"], r"model.target_modules=\[\] must be a non-empty list of module names"),
     (["seed=-1"], r"seed=-1 \(int\) must be an integer in \[0, 2\*\*32\)"),
@@ -183,6 +148,9 @@ def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(
     assert not (workdir / "results").exists()
 
 
+# covered fast by test_bad_input_stops_before_training_and_leaves_results_clean in test_pipeline.py (amp=-1 refused
+# before training) and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder (train.py's exit 2)
+@pytest.mark.slow
 def test_train_py_refuses_a_bad_activation_with_exit_code_2_and_makes_no_folder(workdir):
     """The adapter's own checks (LoranConfig: the activation and its parameters) run in check_config, so a single run
     stops before Hydra makes its output folder."""
@@ -194,7 +162,7 @@ def test_train_py_refuses_a_bad_activation_with_exit_code_2_and_makes_no_folder(
     assert not (workdir / "outputs").exists() and not (workdir / "results").exists()
 
 
-# --- 5. a run that is not a result is not recorded as one ------------------------------------------------------
+# A run that is not a result is not recorded as one.
 class PoisonAtStep(TrainerCallback):
     """Sets every trainable weight to NaN after step 3, as an exploding update would."""
 
@@ -232,7 +200,7 @@ def test_a_diverging_run_is_recorded_as_diverged_with_its_step_and_gets_no_row(w
     assert not (ckpts / "checkpoint-4").exists()  # no checkpoint of NaN weights, though step 4 was a save step
 
 
-# --- 6. one process per cell, one row per finished cell ---------------------------------------------------------
+# One process per cell, one row per finished cell.
 def _hold(path, held, release):
     with cell_lock(path):
         held.set()
@@ -274,7 +242,7 @@ def test_a_process_dying_between_record_and_row_leaves_the_row_to_the_next_run(w
     assert [r["cell"] for r in rows(results)] == [again["cell"]]
 
 
-# --- 8. faults --------------------------------------------------------------------------------------------------
+# Faults.
 def test_a_corrupt_record_names_its_file_before_anything_runs(workdir):
     cfg = cfg_of(*SMALL, results=workdir / "results")
     record = cell_paths(cfg)["record"]
@@ -329,3 +297,151 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(workdir):
     (record,) = [json.loads(p.read_text()) for p in (workdir / "results/runs/ctrlc").glob("*/record.json")]
     assert record["resumed_from"] == str(ckpt.absolute()) or record["resumed_from"].endswith(ckpt.name)
     assert record["loss_history"][-1]["step"] == 16
+
+
+def record_of(cfg) -> dict:
+    return json.loads(cell_paths(cfg)["record"].read_text())
+
+
+# Found right after loading.
+@pytest.mark.parametrize("field", ["n_train", "n_eval"])
+def test_more_examples_than_the_split_has_are_refused_naming_the_field_and_the_size(workdir, field):
+    """They were cut to the split's size silently, while the cell's name and hash kept the number asked for."""
+    with pytest.raises(ConfigError, match=rf"dataset.{field}=100000 is more than the (\d+) examples of "
+                                          rf"dataset=bbc_headlines's (train|test) split; set at most \1, or null"):
+        run_cell(cfg_of(*SMALL, f"dataset.{field}=100000", results=workdir / "results"))
+    assert nothing_under(workdir / "results")
+
+
+# A signal during the final evaluation.
+def test_sigterm_during_the_final_evaluation_stops_before_the_next_batch_and_the_same_command_redoes_it(
+        workdir, monkeypatch):
+    """It was ignored: the evaluation ran to its end and the record said "ok", however long that took."""
+    cfg = cfg_of(*SMALL, "dataset.n_eval=8", "trainer.eval_batch_size=2", results=workdir / "results")
+    evaluate, batches = loran.pipeline.run.evaluate, []
+
+    def evaluate_with_sigterm(model, *args, **kwargs):
+        generate = model.generate
+
+        def first_batch_gets_a_sigterm(*a, **k):
+            batches.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; this batch still finishes
+            return generate(*a, **k)
+
+        model.generate = first_batch_gets_a_sigterm
+        try:
+            return evaluate(model, *args, **kwargs)
+        finally:
+            del model.generate
+
+    monkeypatch.setattr(loran.pipeline.run, "evaluate", evaluate_with_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match=r"stopped on SIGTERM during the final evaluation \(nothing recorded\); run "
+                                        r"the same command again to redo it: it resumes from .*checkpoint-2") as err:
+        run_cell(cfg)
+    assert err.value.exit_code == 143
+    assert batches == [1]  # of 4 batches: stopped before the second
+    assert not cell_paths(cfg)["record"].exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is gone again
+
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and record["resumed_from"].endswith("checkpoint-2")
+    assert [e["step"] for e in record["loss_history"]] == [1, 2] and len(record["predictions"]) == 8
+    straight = run_cell(cfg_of(*SMALL, "dataset.n_eval=8", "trainer.eval_batch_size=2", "experiment_name=straight",
+                               results=workdir / "results"))  # the same cell, never stopped
+    assert straight["cell"] == record["cell"] and straight["resumed_from"] is None
+    assert record["loss_history"] == straight["loss_history"]  # no step past max_steps on resuming the last one
+    assert record["predictions"] == straight["predictions"] and record["metrics"] == straight["metrics"]
+
+
+# A full disk.
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("how", ["ENOSPC", "torch's writer"])
+def test_a_checkpoint_on_a_full_disk_ends_in_one_line_and_a_failed_record(workdir, monkeypatch, how):
+    """It ended in a traceback whose record said only 'OSError: [Errno 28] ...' (or torch's 'unexpected pos')."""
+    if how == "ENOSPC":
+        monkeypatch.setattr(torch, "save", _full)
+    else:  # what torch.save raises on a full disk; the free space left tells it apart
+        def unexpected_pos(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        monkeypatch.setattr(torch, "save", unexpected_pos)
+        usage = loran.pipeline.run.shutil.disk_usage
+        monkeypatch.setattr(loran.pipeline.run.shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    with pytest.raises(NoSpace, match=r"^no space left on the device writing .*outputs/default/bbc_headlines\.\S+ "
+                                      r"\(.*\); free space there \(df -h .*\) and run the same command again$") as err:
+        run_cell(cfg)
+    assert "\n" not in str(err.value)
+    record = record_of(cfg)
+    assert record["status"] == "failed" and record["error"] == str(err.value)
+
+
+@pytest.mark.parametrize("then", ["fits", "does not fit"])
+def test_a_record_on_a_full_disk_ends_in_one_line_and_a_failed_record_if_one_fits(workdir, monkeypatch, caplog, then):
+    write_record, written = loran.pipeline.run.write_record, []
+
+    def full_for_ok_records(path, record):
+        if record["status"] == "ok" or then == "does not fit":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(record)
+        write_record(path, record)
+
+    monkeypatch.setattr(loran.pipeline.run, "write_record", full_for_ok_records)
+    cfg = cfg_of(*SMALL, results=workdir / "results")
+    record_path = cell_paths(cfg)["record"]
+    with pytest.raises(NoSpace, match=rf"^no space left on the device writing {re.escape(str(record_path))} "):
+        run_cell(cfg)
+    if then == "fits":
+        record = record_of(cfg)
+        assert record["status"] == "failed" and record["error"].startswith("no space left on the device writing")
+        assert record.get("predictions") is None and math.isfinite(record["metrics"]["rougeL"])
+    else:
+        assert not record_path.exists()
+        assert f"the failed record could not be written to {record_path}" in caplog.text
+    assert not (workdir / "results/runs/default_cells.csv").exists() or "ok" not in (
+        workdir / "results/runs/default_cells.csv").read_text()
+
+
+# The evaluation split does not depend on the training seed (so seeds are paired on the same examples).
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_dataset_loader_config_does_not_depend_on_the_seed(dataset):
+    """Planted: `seed: ${seed}` in configs/dataset/bbc_news.yaml's loader -> fails (and in load_data below)."""
+    loaders = [OmegaConf.to_container(cfg_of(f"dataset={dataset}", f"seed={s}").dataset.loader, resolve=True)
+               for s in (0, 1, 7)]
+    assert loaders[0] == loaders[1] == loaders[2]
+
+
+def _samsum_files(tmp_path) -> list[str]:
+    folder = tmp_path / "samsum"
+    folder.mkdir()
+    for split, n in (("train", 30), ("validation", 5), ("test", 30)):
+        rows = [json.dumps({"id": f"{split}{i}", "dialogue": f"A: {split} message {i}\nB: ok {i}",
+                            "summary": f"{split} summary {i}."}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    files = ",".join(f"{s}:{folder}/{s}.jsonl" for s in ("train", "validation", "test"))
+    return ["dataset.loader.path=json", f"+dataset.loader.data_files={{{files}}}"]
+
+
+@pytest.mark.parametrize("dataset", ["bbc_news", "bbc_headlines", "samsum"])
+def test_eval_split_is_the_same_for_every_seed(tmp_path, tiny, dataset):
+    """Planted: `subset(raw["test"], cfg.dataset.n_eval, cfg.seed)` in load_data -> fails; so does a seeded
+    BBC loader. The training subset must still follow the seed (else the check below would be vacuous)."""
+    _, tokenizer = tiny
+    extra = _samsum_files(tmp_path) if dataset == "samsum" else []
+    splits = {}
+    for seed in (0, 1):
+        cfg = cfg_of(f"dataset={dataset}", f"seed={seed}", "model=tiny", "dataset.n_train=6", "dataset.n_eval=12",
+                     *extra)
+        _, train, test = load_data(cfg, tokenizer)
+        splits[seed] = (train, test)
+    (train0, test0), (train1, test1) = splits[0], splits[1]
+    assert len(test0) == 12
+    for column in ("prompt", "target", "input_ids"):
+        assert test0[column] == test1[column], column
+    assert train0["input_ids"] != train1["input_ids"]

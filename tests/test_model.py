@@ -1,5 +1,5 @@
-"""Issue 24, the adapter library: loading a saved adapter refuses, naming the file or adapter, whatever would otherwise
-load config and weights that do not belong together (or fail with a message about something else)."""
+"""loran/model.py, the adapter library's loading: a saved adapter whose config and weights do not belong together (or
+that clashes with an adapter already loaded) is refused, naming the file or the adapter."""
 import json
 import re
 import shutil
@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from loran import LoranConfig, get_loran_model, load_loran
 
 from test_loran_peft import SINTER, TARGETS, X, make_toy, randomise_B
+
 
 TANH = {"activation": "tanh"}
 
@@ -28,7 +29,7 @@ def edit_config(folder, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-# 2. load_adapter over an existing adapter of another activation.
+# load_adapter over an existing adapter of another activation.
 def test_load_adapter_over_an_adapter_of_another_activation_is_refused(tmp_path):
     saved(tmp_path / "sinter", SINTER)
     saved(tmp_path / "tanh", TANH, seed=2)
@@ -66,7 +67,7 @@ def test_plain_lora_and_loran_weights_never_load_into_each_others_adapter(tmp_pa
         model.load_adapter(other, adapter_name="default")
 
 
-# 3. No weights file.
+# No weights file.
 def test_a_folder_without_weights_names_the_folder_and_the_file(tmp_path):
     saved(tmp_path)
     (tmp_path / "adapter_model.safetensors").unlink()
@@ -74,7 +75,7 @@ def test_a_folder_without_weights_names_the_folder_and_the_file(tmp_path):
         load_loran(make_toy(), tmp_path)
 
 
-# 4. A truncated adapter_config.json.
+# A truncated adapter_config.json.
 def test_a_truncated_config_is_named_as_not_valid_json(tmp_path):
     saved(tmp_path)
     path = tmp_path / "adapter_config.json"
@@ -83,7 +84,7 @@ def test_a_truncated_config_is_named_as_not_valid_json(tmp_path):
         load_loran(make_toy(), tmp_path)
 
 
-# 5. target_modules that no longer match the weights.
+# target_modules that no longer match the weights.
 @pytest.mark.parametrize("targets, message", [
     (["q_proj"], r"adapted but no weights saved: none; weights saved for modules not adapted: \['v_proj'\]"),
     (["q_proj", "v_proj"], r"adapted but no weights saved: \['v_proj'\]; weights saved for modules not adapted: none"),
@@ -111,15 +112,3 @@ def test_a_matching_adapter_still_loads_bit_identically(tmp_path):
     y = saved(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert torch.equal(load_loran(make_toy(), tmp_path / "b")(X), y)
-
-
-# 6. activation_kwargs that is not a mapping.
-def test_activation_kwargs_must_be_a_mapping():
-    message = ("activation_kwargs='amp=1.0' must be a mapping of the activation's parameters, such as "
-               '{"amp": 5e-5, "omega": 1e4}')
-    with pytest.raises(ValueError, match=re.escape(message)):
-        LoranConfig(target_modules=["q_proj"], activation_kwargs="amp=1.0")
-    with pytest.raises(ValueError, match=r"activation_kwargs=\[\('amp', 1.0\)\] must be a mapping"):
-        LoranConfig(target_modules=["q_proj"], activation_kwargs=[("amp", 1.0)])
-    assert LoranConfig(target_modules=["q_proj"], activation_kwargs=None).activation_kwargs == {"amp": 5e-5,
-                                                                                                 "omega": 1e4}

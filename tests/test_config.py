@@ -1,4 +1,4 @@
-"""LoranConfig rejects bad values with a message naming the field and what is allowed."""
+"""loran/config.py: LoranConfig rejects bad values with a message naming the field and what is allowed."""
 import math
 import re
 
@@ -42,3 +42,15 @@ def test_defaults_are_the_released_sinter_settings_and_are_written_out():
     assert cfg.activation == "sinter" and cfg.activation_kwargs == {"amp": 5e-5, "omega": 1e4}
     assert cfg.start == "base" and cfg.memory_efficient
     assert cfg.to_dict()["peft_type"] == "LORAN"
+
+
+# activation_kwargs that is not a mapping.
+def test_activation_kwargs_must_be_a_mapping():
+    message = ("activation_kwargs='amp=1.0' must be a mapping of the activation's parameters, such as "
+               '{"amp": 5e-5, "omega": 1e4}')
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LoranConfig(target_modules=["q_proj"], activation_kwargs="amp=1.0")
+    with pytest.raises(ValueError, match=r"activation_kwargs=\[\('amp', 1.0\)\] must be a mapping"):
+        LoranConfig(target_modules=["q_proj"], activation_kwargs=[("amp", 1.0)])
+    assert LoranConfig(target_modules=["q_proj"], activation_kwargs=None).activation_kwargs == {"amp": 5e-5,
+                                                                                                 "omega": 1e4}
