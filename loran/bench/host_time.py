@@ -70,7 +70,7 @@ from loran.bench import cost
 
 BASE, DROPOUT, LORA_MODULES, WRAPPER = "base layer", "dropout", "PEFT lora_A/lora_B", "PEFT forward + LoRAN glue"
 FN_FORWARD, FN_BACKWARD = "loran.autograd Function forward", "loran.autograd Function backward"
-COMPILED, ENGINE, OUTSIDE = "compiled (bench arm)", "autograd engine (AccumulateGrad)", "outside the layer"
+COMPILED, ENGINE, OUTSIDE = "compiled graph", "autograd engine (AccumulateGrad)", "outside the layer"
 BACKWARD = " (backward)"  # suffix: backward of built-in ops created in that group's forward
 GROUPS = (BASE, DROPOUT, LORA_MODULES, WRAPPER, FN_FORWARD, COMPILED, BASE + BACKWARD, DROPOUT + BACKWARD,
           LORA_MODULES + BACKWARD, WRAPPER + BACKWARD, FN_BACKWARD, COMPILED + BACKWARD, ENGINE, OUTSIDE)
@@ -213,12 +213,12 @@ class OpCounter(TorchDispatchMode):
             self.count.casts[group] += 1
         return func(*args, **(kwargs or {}))
 
-    def compiled_call(self, group: str, fn: Callable, *args):
-        """Run a torch.compile'd `fn` (dynamo does not run under a dispatch mode) with this mode suspended, counting
-        it as one compiled call of `group`."""
+    def compiled_call(self, group: str, fn: Callable[[], object]):
+        """Run a call of a torch.compile'd function (dynamo does not run under a dispatch mode) with this mode
+        suspended, counting it as one compiled call of `group`."""
         self.count.compiled[group] += 1
         with _disable_current_modes():
-            return fn(*args)
+            return fn()
 
     def compiled_backward_seen(self, node) -> None:
         """A compiled graph's backward node that dispatches no aten op the mode sees still counts once."""
@@ -247,20 +247,27 @@ def library_kernels_counted(counter: OpCounter):
         yield
         return
     compiled = kernels._get()
+    # a whole-update graph of the library, where there is one (results/host_time_proposal.patch), compiled by now
+    whole = getattr(la, "FUSED", None)
+    whole_compiled = getattr(whole, "compiled", None)
 
-    def wrap(fn):
-        def call(*args):
-            group = FN_BACKWARD if torch._C._current_autograd_node() is not None else FN_FORWARD
-            return counter.compiled_call(group, fn, *args)
+    def wrap(fn, group=None):
+        def call(*args, **kwargs):
+            where = group or (FN_BACKWARD if torch._C._current_autograd_node() is not None else FN_FORWARD)
+            return counter.compiled_call(where, lambda: fn(*args, **kwargs))
         return call
 
     la._get_current_dispatch_mode = lambda: None if isinstance(original_mode(), OpCounter) else original_mode()
     kernels.compiled = tuple(wrap(fn) for fn in compiled)
+    if whole_compiled is not None:
+        whole.compiled = wrap(whole_compiled, COMPILED)
     try:
         yield
     finally:
         la._get_current_dispatch_mode = original_mode
         kernels.compiled = compiled
+        if whole_compiled is not None:
+            whole.compiled = whole_compiled
 
 
 def count_ops(step: Callable[[], object], layers: Iterable[nn.Module]) -> OpCount:
@@ -308,7 +315,7 @@ def residual_update_fn(layer: nn.Module, name: str, dtype: torch.dtype | None, w
 def compiled_update(layer: nn.Module, x: Tensor, mode: str = "update") -> Callable[[Tensor], Tensor]:
     """A forward for `layer` (one adapter, on the residual path for input x, per ``choose_path``) that computes the
     update by one torch.compile'd, checkpointed call (`mode` "update"; "layer": the base matmul in the same graph;
-    "update-cudagraphs": mode="reduce-overhead"). A bench arm: installed as the layer's forward (``install``)."""
+    "update-cudagraphs": mode="reduce-overhead"). A bench arm: ``measure_arm`` sets it as the layer instance's forward."""
     from torch.utils.checkpoint import checkpoint
 
     from loran.variants import Path, choose_path
@@ -338,7 +345,7 @@ def compiled_update(layer: nn.Module, x: Tensor, mode: str = "update") -> Callab
     def call(*args):
         counter = _current_counter()
         with torch.autocast(dev, enabled=False):
-            out = compiled(*args) if counter is None else counter.compiled_call(COMPILED, compiled, *args)
+            out = compiled(*args) if counter is None else counter.compiled_call(COMPILED, lambda: compiled(*args))
         if counter is not None:
             for t in out if isinstance(out, tuple) else (out,):
                 if t.grad_fn is not None:
