@@ -137,3 +137,14 @@ def test_a_fused_kernel_call_counts_once_and_leaves_the_path_alone():
     assert not row.error and row.path == "residual"
     assert row.groups[ht.FN_FORWARD]["compiled"] == row.groups[ht.FN_BACKWARD]["compiled"] == 1
     assert row.compiled_calls == 2
+
+
+def test_a_cast_peft_makes_before_the_dropout_counts_as_peft_glue_not_dropout():
+    """Under autocast PEFT casts x to the adapter's dtype before the adapter's dropout (nn.Identity at p = 0, no op):
+    the cast's backward belongs to PEFT's forward, not to the dropout module it feeds."""
+    spec = _arm("qlora bf16 autocast")
+    model, layer = ht.build_arm(spec, D, R, "cpu")
+    x = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
+    count = ht.count_ops(ht.make_step(model, spec, x, torch.randn(T, D, dtype=torch.bfloat16)), [layer])
+    assert count.ops[ht.DROPOUT] == count.ops[ht.DROPOUT + ht.BACKWARD] == 0
+    assert count.detail[(ht.WRAPPER + ht.BACKWARD, "aten._to_copy.default")] == 1

@@ -116,7 +116,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = OpCount()
-        self._stack: list[str] = []
+        self._stack: list[tuple[str, set[int]]] = []  # (group, ids of the nodes of its inputs)
         self._labels: dict[int, str] = {}
         self._nodes: list = []  # keeps labelled nodes alive, so that their ids stay theirs during the step
         self._handles: list = []
@@ -153,21 +153,24 @@ class OpCounter(TorchDispatchMode):
             self._leave(group, out)
 
     def _enter(self, group: str, args) -> None:
+        inputs = [t.grad_fn for t in args if isinstance(t, Tensor) and t.grad_fn is not None]
         if group == WRAPPER:  # the layer's input was made outside it: its node is not the layer's
-            for t in args:
-                if isinstance(t, Tensor) and t.grad_fn is not None:
-                    self._label(t.grad_fn, OUTSIDE)
-        self._stack.append(group)
+            for node in inputs:
+                self._label(node, OUTSIDE)
+        self._stack.append((group, {id(node) for node in inputs}))
 
     def _leave(self, group: str, out) -> None:
-        self._stack.pop()
+        _, made_before = self._stack.pop()
         todo = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else [out])
                 if isinstance(t, Tensor) and t.grad_fn is not None]
-        while todo:  # the nodes this module created: those reachable from its output not labelled yet
-            node = todo.pop()
-            if node is None or id(node) in self._labels:
+        seen: set[int] = set()
+        while todo:  # the nodes this module created: reachable from its output, not through its inputs' nodes;
+            node = todo.pop()  # those an inner module created keep that module's label
+            if node is None or id(node) in seen or id(node) in made_before:
                 continue
-            self._label(node, group)
+            seen.add(id(node))
+            if id(node) not in self._labels:
+                self._label(node, group)
             todo.extend(n for n, _ in node.next_functions)
 
     def _label(self, node, group: str) -> None:
@@ -192,7 +195,7 @@ class OpCounter(TorchDispatchMode):
             if code.co_name == "forward" and code.co_filename.endswith(_AUTOGRAD_FILE):
                 return FN_FORWARD
             frame = frame.f_back
-        return self._stack[-1] if self._stack else OUTSIDE
+        return self._stack[-1][0] if self._stack else OUTSIDE
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         node = torch._C._current_autograd_node()
