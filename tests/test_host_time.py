@@ -10,6 +10,15 @@ from loran.variants import Path, choose_path
 D, R, T = 32, 4, 4
 
 
+@pytest.fixture(autouse=True)
+def row_blocked_residual_path(monkeypatch):
+    """These counts are the library's row-blocked residual path; results/host_time_proposal.patch would add a whole
+    update graph behind LORAN_FUSED_UPDATE (default off): pinned off here, whatever the environment says."""
+    import loran.autograd as la
+
+    monkeypatch.setattr(la, "FUSED_UPDATE", "never", raising=False)
+
+
 def fwd_bwd(module, x):
     grad_y = torch.ones(x.shape[0], module.out_features)
 
