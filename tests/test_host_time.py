@@ -157,3 +157,8 @@ def test_a_cast_peft_makes_before_the_dropout_counts_as_peft_glue_not_dropout():
     count = ht.count_ops(ht.make_step(model, spec, x, torch.randn(T, D, dtype=torch.bfloat16)), [layer])
     assert count.ops[ht.DROPOUT] == count.ops[ht.DROPOUT + ht.BACKWARD] == 0
     assert count.detail[(ht.WRAPPER + ht.BACKWARD, "aten._to_copy.default")] == 1
+
+
+def test_the_profiler_path_runs_and_finds_no_device_events_on_the_cpu():
+    x = torch.randn(16, 16)
+    assert ht.profiled_device(lambda: (x @ x).sum(), torch.device("cpu"), steps=2) == (0.0, 0.0)
