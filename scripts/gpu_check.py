@@ -14,7 +14,11 @@ Parts, each in its own subprocess with a time limit (the whole check fits in 8 m
   multiply-add ratio;
 - split: issue 22's device targets under the "autocast" policy (the residual split's products in bf16): one
   d=4096, r=64, T=2048 NF4 layer, no dropout (LoRAN/QLoRA <= 1.3) and the block step with dropout 0.2 (<= 1.25x time,
-  <= 1.05x peak memory); each arm's path, time, floor and time / floor.
+  <= 1.05x peak memory); each arm's path, time, floor and time / floor;
+- host:  issue 22's host time (loran.bench.host_time): one d=4096, r=64, T=2048 layer (NF4 base where bitsandbytes is
+  installed, bf16), per arm (QLoRA / LoRAN under each policy, the bench's compiled-update and one-block arms, fp32
+  folded/unfolded): the path it ran, aten ops per step, host ms (until the step returns), wall ms, device kernel ms
+  (torch.profiler), peak MiB; host ms > device ms is a host-bound step. Prints the table.
 Every part prints the path each arm ran and its time against the cost model's floor (loran/bench/cost.py).
 `--smoke`: the benchmark parts at tiny sizes on whatever device there is (CPU included), the report in a temporary
 folder: shows the machinery runs; only a GPU gives the figures.
@@ -45,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 from loran.bench.gpu import PartResult, report, report_path  # noqa: E402  (imports torch only)
 
-PARTS = ("tests", "cell", "layer", "block", "split")
-SMOKE_PARTS = ("layer", "block", "split")
+PARTS = ("tests", "cell", "layer", "block", "split", "host")
+SMOKE_PARTS = ("layer", "block", "split", "host")
 # issue 22's device targets: figure of the split part -> limit
 SPLIT_LIMITS = {"layer_time_ratio": 1.3, "block_time_ratio": 1.25, "block_memory_ratio": 1.05}
 # part -> (packages it imports, time limit in seconds)
@@ -57,7 +61,11 @@ REQUIRES = {
     "layer": (("peft", "transformers", "bitsandbytes"), 60),
     "block": (("peft", "transformers", "bitsandbytes"), 90),
     "split": (("peft", "transformers", "bitsandbytes"), 150),
+    "host": (("peft", "transformers"), 300),
 }
+# host part: the issue's size, and the smoke size (compute small; the op counts are those of d >= 256)
+HOST_SIZES = {"full": ["--d", "4096", "--r", "64", "--tokens", "2048", "--warmup", "3", "--repeats", "20"],
+              "quick": ["--d", "256", "--r", "8", "--tokens", "16", "--warmup", "1", "--repeats", "3"]}
 VERSIONS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton", "tokenizers", "huggingface_hub",
             "datasets", "hydra", "numpy", "pyarrow")
 EXIT = {"ok": 0, "failed": 1, "no_cuda": 3, "not_run": 4}
@@ -205,8 +213,32 @@ def split_part(args) -> PartResult:
     return PartResult("split", "failed" if failed else "ok", "; ".join(p.reason for p in failed), seconds, figures)
 
 
+def host_part(args) -> PartResult:
+    """loran.bench.host_time at the issue's size (smoke: d=256): per arm its path, ops, host / wall / device ms."""
+    from loran.bench import host_time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "host.json"
+        cmd = [args.python, "-m", "loran.bench.host_time", "--device", args.device, "--base", "auto",
+               "--json", str(out), *HOST_SIZES["quick" if args.quick else "full"]]
+        code, text, seconds = run_part(cmd, REQUIRES["host"][1])
+        if code != 0 or not out.exists():
+            return PartResult("host", "failed", f"exit {code}: {_last_line(text)}", seconds)
+        result = json.loads(out.read_text())
+    rows = [host_time.HostRow(**row) for row in result["rows"]]
+    print(host_time.table(rows), flush=True)
+    machine = result["machine"]
+    figures = {k: machine[k] for k in ("d", "r", "tokens", "base", "dispatch_us") if k in machine}
+    figures.update(host_time.figures(rows))
+    failed = [row.arm for row in rows if row.error and "compiled" not in row.arm]  # the library's own paths
+    bench = [row.arm for row in rows if row.error and "compiled" in row.arm]  # the bench's compiled arms
+    reason = "; ".join(f"{what}: {arms}" for what, arms in (("arms failed", failed),
+                                                              ("compiled bench arms could not run", bench)) if arms)
+    return PartResult("host", "failed" if failed else "ok", reason, seconds, figures)
+
+
 RUNNERS = {"tests": tests_part, "cell": cell_part, "layer": lambda a: bench_part("layer", a),
-           "block": lambda a: bench_part("block", a), "split": split_part}
+           "block": lambda a: bench_part("block", a), "split": split_part, "host": host_part}
 
 
 def run_parts(args) -> list[PartResult]:

@@ -24,13 +24,15 @@ check = _check_script()
 
 
 def test_arguments_select_and_skip_parts_and_refuse_unknown_ones(capsys):
-    assert check.parse_args([]).selected == ["tests", "cell", "layer", "block", "split"]
-    assert check.parse_args(["--skip", "cell"]).selected == ["tests", "layer", "block", "split"]
+    assert check.parse_args([]).selected == ["tests", "cell", "layer", "block", "split", "host"]
+    assert check.parse_args(["--skip", "cell"]).selected == ["tests", "layer", "block", "split", "host"]
+    assert check.parse_args(["--smoke"]).selected == ["layer", "block", "split", "host"]
     assert check.parse_args(["--parts", "block,layer", "--skip", "layer"]).selected == ["block"]
     with pytest.raises(SystemExit) as err:
         check.parse_args(["--parts", "tests,bench"])
     assert err.value.code == 2
-    assert "unknown part(s) ['bench']; allowed values: ['tests', 'cell', 'layer', 'block', 'split']" in capsys.readouterr().err
+    assert ("unknown part(s) ['bench']; allowed values: ['tests', 'cell', 'layer', 'block', 'split', 'host']"
+            in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         check.parse_args(["--policy", "bf16"])
 
@@ -50,7 +52,8 @@ def test_parts_that_cannot_run_are_reported_and_make_the_exit_non_zero(monkeypat
     monkeypatch.setitem(check.RUNNERS, "block", lambda args: ran.append("block") or gpu.PartResult("block", "ok"))
     parts = check.run_parts(check.parse_args(["--parts", "layer,block"]))
     assert [(p.name, p.status) for p in parts] == [("tests", "not selected"), ("cell", "not selected"),
-                                                   ("layer", "not run"), ("block", "ok"), ("split", "not selected")]
+                                                   ("layer", "not run"), ("block", "ok"), ("split", "not selected"),
+                                                   ("host", "not selected")]
     assert parts[2].reason == "missing package(s) ['no_such_package_xyz']" and ran == ["block"]
     assert check.exit_code(parts) == 4
     assert check.exit_code([gpu.PartResult("a", "ok"), gpu.PartResult("b", "not selected")]) == 0
@@ -121,3 +124,23 @@ def test_block_bench_smallest_form_on_the_cpu_with_an_nf4_base():
     assert 1 < fig["mac_ratio"] < 2
     assert_time_ratio_matches_the_times(fig)
     assert fig["qlora_peak_mib"] > 0
+
+
+def test_host_part_smoke_on_the_cpu_names_each_arms_path_ops_and_host_time(capsys):
+    """The host part as `--smoke` runs it (d=256, the op structure of the issue's width less its row blocks): every
+    arm ran, its figures name the path choose_path gave it, LoRAN's residual step dispatches more ops than QLoRA's,
+    and the table is printed."""
+    args = check.parse_args(["--smoke", "--parts", "host"])
+    args.device = "cpu"
+    part = check.host_part(args)
+    assert part.status == "ok", part.reason
+    fig = part.figures
+    assert (fig["d"], fig["r"], fig["tokens"], fig["base"]) == (256, 8, 16, "bf16")
+    assert fig["qlora_bf16_autocast_path"] == "lora" and fig["qlora_bf16_float32_path"] == "lora cast"
+    assert fig["loran_bf16_autocast_path"] == fig["loran_bf16_float32_path"] == "residual"
+    assert fig["loran_fp32_path"] == "folded" and fig["loran_fp32_dropout_0.1_path"] == "residual"
+    assert fig["loran_bf16_autocast_ops"] > fig["qlora_bf16_autocast_ops"] > 0
+    assert all(fig[f"{arm}_host_ms"] > 0 for arm in ("qlora_bf16_autocast", "loran_bf16_autocast", "loran_fp32"))
+    assert "loran_fp32_device_ms" not in fig  # no CUDA: no device time
+    out = capsys.readouterr().out
+    assert "| loran bf16 autocast | residual |" in out and "| loran fp32 | folded |" in out
