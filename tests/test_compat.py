@@ -14,9 +14,14 @@ def test_the_version_check_warns_outside_the_tested_ranges(monkeypatch):
     assert "peft written for 0.21.0 or later; 0.20.1 is installed" in old
     assert "bitsandbytes written for 0.50.0 up to before 0.51.0; 0.51.0 is installed" in new
     monkeypatch.setattr(compat.peft, "__version__", "0.20.0")
+    monkeypatch.setattr(compat, "_checked", False)
     with pytest.warns(UserWarning, match="private APIs of peft .* 0.20.0 is installed"):
-        compat._check_versions()
-    monkeypatch.undo()
+        compat.check_versions()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compat._check_versions()  # the installed versions are in range
+        compat.check_versions()  # once per process: the second call says nothing
+    monkeypatch.undo()
+    monkeypatch.setattr(compat, "_checked", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.check_versions()  # the installed versions are in range

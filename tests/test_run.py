@@ -189,7 +189,7 @@ def test_a_diverging_run_is_recorded_as_diverged_with_its_step_and_gets_no_row(w
     with pytest.raises(Diverged, match=r"training diverged at step 4"):
         run_cell(cfg)
     record = json.loads(Path(cell_paths(cfg)["record"]).read_text())
-    assert record["status"] == "diverged" and "metrics" not in record
+    assert record["status"] == "diverged" and record["metrics"] is None  # schema 2: every field, null if not run
     assert record["divergence"]["step"] == 4 and math.isnan(record["divergence"]["loss"])
     history = record["loss_history"]
     assert [e["step"] for e in history] == [1, 2, 3, 4]  # stopped at the first non-finite value
