@@ -30,13 +30,15 @@ $(STAMP): pyproject.toml constraints.txt requirements-embedded.txt
 demo: $(STAMP)
 	$(PY) train.py
 
-## The default test suite, offline; slow tests skipped [~10 min, 2-core CPU]
+## The default test suite, offline; slow tests skipped [~5 min, 2-core CPU]
+# One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process), one thread each (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 ## The default suite plus the slow tests [10+ min, 2-core CPU]
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow"
 
 ## Mutation testing of the math and table modules, not in CI [hours, 2-core CPU]
 # mutmut over activations, autograd, layers, official import, metrics, tables and spectrum: run it when those modules
