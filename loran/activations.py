@@ -11,7 +11,7 @@ low-rank product and only g(B A) densely (loran/variants.py, Path.RESIDUAL). An 
 form (``Spec.residual``: exact in float32, e.g. Sinter's amp z sin(omega z)); otherwise g(z) = f(z) - f(0) - c z is
 evaluated in float64 (in float32, f(z) - c z would cancel: tanh(z) - z ~ z^3/3 at |z| ~ 1e-3).
 
-Start-up behaviour (``Activation.build(start=...)``):
+Start-up behaviour (``Activation(name, params, start=...)``, the config's ``start``):
 - ``"official"``: f exactly as in the official PEFT-LoRAN code. With LoRA's init (B = 0) Sigmoid changes the
   model at step 0 (f(0) = 0.5) and ReLU never trains (f'(0) = 0, so every gradient is exactly zero).
 - ``"base"`` (the default): the centred f(x) - f(0), and at exactly x = 0 the right derivative f'(0+).
