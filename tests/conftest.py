@@ -32,14 +32,15 @@ SMALL = ["model=tiny", "dataset=bbc_headlines", "dataset.n_train=8", "dataset.n_
          "trainer.args.per_device_train_batch_size=2", "zero_shot=false", "logger=none"]
 
 
-def cfg_of(*overrides: str, results=None):
-    """configs/train.yaml composed with these overrides, as train.py composes it (results: the results_dir)."""
+def cfg_of(*overrides: str, results=None, configs: Path = CONFIGS):
+    """configs/train.yaml composed with these overrides, as train.py composes it (results: the results_dir; configs:
+    another copy of the config tree)."""
     from hydra import compose, initialize_config_dir  # the pipeline's extra: the adapter-only CI job has no Hydra
 
     from loran.pipeline.cells import register_resolver
 
     register_resolver()  # configs/train.yaml's cell name is ${loran.config_hash:}, registered by the entry points
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(str(configs), version_base="1.3"):
         return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
 
 

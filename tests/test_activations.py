@@ -69,3 +69,51 @@ def test_sines_divisor_g_must_be_finite_and_positive():
     for g in (1e-3, 0.5, 1, 24.0):
         z = torch.linspace(-1, 1, 5, dtype=torch.float64)
         torch.testing.assert_close(Activation("sine", {"g": g, "omega": 3.0}).f(z), torch.sin(3.0 * z) / g)
+
+
+def _softsign(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + x.abs())
+
+
+def _d_softsign(x: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + x.abs()) ** 2
+
+
+def test_adding_an_activation_is_its_registry_entry_and_one_yaml(tmp_path, monkeypatch):
+    """Where a change goes (README): a new activation is its (f, f') entry in loran.activations.ACTIVATIONS plus
+    configs/activation/<name>.yaml, nothing else. Done here for softsign, f(z) = z / (1 + |z|): composed and checked
+    as train.py does, named in the cell, and the layer computes W0 x + s x f(B A)^T with that f and its gradients."""
+    import shutil
+
+    from conftest import CONFIGS, cfg_of
+    from loran import LoranConfig, activations, get_loran_model
+    from loran.pipeline.checks import build_peft_config, check_config
+    from test_variants import Proj
+
+    monkeypatch.setitem(activations.ACTIVATIONS, "softsign", activations.Spec(_softsign, _d_softsign))
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    (configs / "activation" / "softsign.yaml").write_text("name: softsign\nparams: {}\nstart: base\n")
+
+    cfg = cfg_of("adapter=loran", "activation=softsign", results=tmp_path / "results", configs=configs)
+    check_config(cfg)
+    assert cfg.cell.startswith("bbc_news.smollm2_135m.loran-softsign.seed0.")
+    built = build_peft_config(cfg)
+    assert (built.activation, built.activation_kwargs, built.start) == ("softsign", {}, "base")
+
+    config = LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation=built.activation,
+                         activation_kwargs=built.activation_kwargs, start=built.start)
+    model = get_loran_model(Proj(), config)
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape,
+                                                      generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(4))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    expected = layer.base_layer(x).double() + 3.0 * x.double() @ _softsign(B64 @ A64).T
+    out = model(x)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(A.grad.double(), A64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(B.grad.double(), B64.grad, rtol=1e-4, atol=1e-6)
