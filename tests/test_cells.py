@@ -61,16 +61,17 @@ def test_the_hash_follows_the_resolved_value_not_how_it_was_written():
     assert cfg_of("adapter.peft.r=8").cell == cfg_of().cell  # the default, set explicitly
 
 
+ADAPTER_OF_ACTIVATION = {"none": "qlora"}
+
+
 @pytest.mark.parametrize("group", ["model", "dataset", "adapter", "activation", "trainer", "logger", "row",
                                    "experiment"])
 def test_every_option_of_every_group_composes_checks_and_builds(group, tmp_path):
     """Composed, checked as a run would be, its adapter config and its TrainingArguments built."""
     for option in options(group):
-        if option.endswith("_default"):
-            continue
         overrides = [f"{group}={option}", f"results_dir={tmp_path}"]
-        if group == "activation":
-            overrides.append("adapter=loran")
+        if group == "activation":  # activation=none is the adapters' without an activation; the others are LoRAN's
+            overrides.append(f"adapter={ADAPTER_OF_ACTIVATION.get(option, 'loran')}")
         if not cfg_of(*overrides).trainer.args.use_cpu:  # a GPU trainer, built here on a CPU
             overrides.append(NO_CUDA)
         cfg = cfg_of(*overrides)
@@ -128,8 +129,8 @@ def test_dora_has_the_qlora_sizes():
 
 
 @pytest.mark.parametrize("overrides", [
-    ["adapter=dora", "activation=dora_default"], ["adapter=loran", "activation=loran_default"],
-    ["adapter=qlora", "activation=qlora_default"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
+    ["adapter=dora"], ["adapter=dora", "activation=none"], ["adapter=loran", "activation=sinter"],
+    ["adapter=qlora", "activation=none"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
     ["experiment=study_test"],     ["model=falcon_7b"], ["model=llama2_13b"], ["row=loran_relu_official"], ["row=loran_sigmoid_official"],
 ])
 def test_named_options_compose_check_and_build(overrides, tmp_path):
