@@ -121,7 +121,20 @@ def test_migration_moves_a_record_only_when_todays_configs_reproduce_it(tmp_path
     assert moved["migrated"][0]["assumed"] == {"adapter.peft.memory_efficient": True}
 
 
+def test_the_keys_that_do_not_change_a_result_are_the_schemas_result_false_fields():
+    """NOT_RESULT is derived from loran/pipeline/schema.py; a field marked there moves cells, so the set is pinned here
+    (changing it changes which commands share a cell: a deliberate edit of both)."""
+    from loran.pipeline.cells import NOT_RESULT
+
+    assert sorted(NOT_RESULT) == sorted([
+        "hydra", "cell", "row", "experiment_name", "results_dir", "skip_existing", "logger", "trainer.resume",
+        "trainer.args.output_dir", "trainer.args.run_name", "trainer.args.report_to", "trainer.args.logging_steps",
+        "trainer.args.save_strategy", "trainer.args.save_steps", "trainer.args.save_total_limit",
+        "trainer.args.disable_tqdm"])
+
+
 def test_dora_has_the_qlora_sizes():
+    """Both take LoRA's sizes from the schema's one default (loran/pipeline/schema.py, LORA_SIZES)."""
     dora, qlora = cfg_of("adapter=dora").adapter.peft, cfg_of("adapter=qlora").adapter.peft
     assert dora.use_dora is True
     assert [dora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")] == \

@@ -1,6 +1,9 @@
 """Checks that stop a bad cell before anything is loaded, with a message naming the field and what is allowed.
 
-``check_config(cfg)`` runs them all; it reads no model and no data and writes nothing. ``train.py`` also runs
+``check_config(cfg)`` runs them all; it reads no model and no data and writes nothing. Types and closed choices
+are the schema's (loran/pipeline/schema.py), enforced while Hydra composes; check_schema applies what the schema says
+beyond that (keys that `+key=value` added, range rules); the other checks are rules that span fields or need the
+target's signature, the file system or the adapter's own validation. ``train.py`` also runs
 it through ``CheckBeforeRun`` before Hydra creates the run's output folder, so a bad name never makes a folder.
 """
 from __future__ import annotations
