@@ -8,14 +8,17 @@
 
 Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why; a full disk
 is one line naming the path); 2
-configuration error, from Hydra (an unknown group option or key, a malformed override) or from the project's checks
+configuration error, from Hydra (an unknown group option or key, a malformed override, a value of the wrong type for
+the schema, loran/pipeline/schema.py) or from the project's checks
 (nothing was loaded or written); 3 training diverged (record written, no table row); 4 another process is running
 this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same command again to
 resume). The heavy stack (torch, transformers, PEFT) is imported inside the task, so `--help` and shell completion
 answer at Hydra's speed.
 """
+import importlib.util
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +38,22 @@ def _config_hash(*, _root_: DictConfig) -> str:
 
 if not OmegaConf.has_resolver("loran.config_hash"):
     OmegaConf.register_new_resolver("loran.config_hash", _config_hash)
+
+
+def _register_schema() -> None:
+    """loran.pipeline.schema.register_schema() (configs/train.yaml's defaults list starts with the schema), with the
+    module loaded from its file: `import loran.pipeline.schema` would first import the `loran` package (torch, PEFT).
+    It is put in sys.modules under its own name, so a later import of it finds this module."""
+    name = "loran.pipeline.schema"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "loran/pipeline/schema.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    sys.modules[name].register_schema()
+
+
+_register_schema()
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

@@ -39,7 +39,7 @@ def cfg_of(*overrides: str, results=None, configs: Path = CONFIGS):
 
     from loran.pipeline.cells import register_resolver
 
-    register_resolver()  # configs/train.yaml's cell name is ${loran.config_hash:}, registered by the entry points
+    register_resolver()  # the schema and ${loran.config_hash:} (the cell name), registered by the entry points
     with initialize_config_dir(str(configs), version_base="1.3"):
         return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
 

@@ -61,16 +61,17 @@ def test_the_hash_follows_the_resolved_value_not_how_it_was_written():
     assert cfg_of("adapter.peft.r=8").cell == cfg_of().cell  # the default, set explicitly
 
 
+ADAPTER_OF_ACTIVATION = {"none": "qlora"}
+
+
 @pytest.mark.parametrize("group", ["model", "dataset", "adapter", "activation", "trainer", "logger", "row",
                                    "experiment"])
 def test_every_option_of_every_group_composes_checks_and_builds(group, tmp_path):
     """Composed, checked as a run would be, its adapter config and its TrainingArguments built."""
     for option in options(group):
-        if option.endswith("_default"):
-            continue
         overrides = [f"{group}={option}", f"results_dir={tmp_path}"]
-        if group == "activation":
-            overrides.append("adapter=loran")
+        if group == "activation":  # activation=none is the adapters' without an activation; the others are LoRAN's
+            overrides.append(f"adapter={ADAPTER_OF_ACTIVATION.get(option, 'loran')}")
         if not cfg_of(*overrides).trainer.args.use_cpu:  # a GPU trainer, built here on a CPU
             overrides.append(NO_CUDA)
         cfg = cfg_of(*overrides)
@@ -120,7 +121,20 @@ def test_migration_moves_a_record_only_when_todays_configs_reproduce_it(tmp_path
     assert moved["migrated"][0]["assumed"] == {"adapter.peft.memory_efficient": True}
 
 
+def test_the_keys_that_do_not_change_a_result_are_the_schemas_result_false_fields():
+    """NOT_RESULT is derived from loran/pipeline/schema.py; a field marked there moves cells, so the set is pinned here
+    (changing it changes which commands share a cell: a deliberate edit of both)."""
+    from loran.pipeline.cells import NOT_RESULT
+
+    assert sorted(NOT_RESULT) == sorted([
+        "hydra", "cell", "row", "experiment_name", "results_dir", "skip_existing", "logger", "trainer.resume",
+        "trainer.args.output_dir", "trainer.args.run_name", "trainer.args.report_to", "trainer.args.logging_steps",
+        "trainer.args.save_strategy", "trainer.args.save_steps", "trainer.args.save_total_limit",
+        "trainer.args.disable_tqdm"])
+
+
 def test_dora_has_the_qlora_sizes():
+    """Both take LoRA's sizes from the schema's one default (loran/pipeline/schema.py, LORA_SIZES)."""
     dora, qlora = cfg_of("adapter=dora").adapter.peft, cfg_of("adapter=qlora").adapter.peft
     assert dora.use_dora is True
     assert [dora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")] == \
@@ -128,8 +142,8 @@ def test_dora_has_the_qlora_sizes():
 
 
 @pytest.mark.parametrize("overrides", [
-    ["adapter=dora", "activation=dora_default"], ["adapter=loran", "activation=loran_default"],
-    ["adapter=qlora", "activation=qlora_default"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
+    ["adapter=dora"], ["adapter=dora", "activation=none"], ["adapter=loran", "activation=sinter"],
+    ["adapter=qlora", "activation=none"], ["dataset=aclsum"], ["experiment=study_sinter_screen"],
     ["experiment=study_test"],     ["model=falcon_7b"], ["model=llama2_13b"], ["row=loran_relu_official"], ["row=loran_sigmoid_official"],
 ])
 def test_named_options_compose_check_and_build(overrides, tmp_path):

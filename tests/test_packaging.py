@@ -153,6 +153,10 @@ def test_help_and_completion_import_no_heavy_library():
         imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
         assert not imported & set(heavy), sorted(imported & set(heavy))
     assert "adapter=dora" in out.stdout and "adapter=qlora" in out.stdout
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                               timeout=120).stdout
+    activations = re.search(r"^activation: (.*)$", help_text, re.M).group(1).split(", ")
+    assert "none" in activations and not [a for a in activations if a.endswith("_default")], activations
 
 
 def test_make_help_lists_every_target_with_its_time_and_hardware_and_is_the_default():

@@ -3,14 +3,13 @@
     cell = <dataset>.<model>.<adapter>-<activation>.seed<seed>.<hash>       (configs/train.yaml)
 
 ``identity(cfg)`` is the resolved config without the keys in NOT_RESULT (where to write and log, resume/skip
-switches, checkpoint cadence, progress bars) and with the seed left symbolic, so that the identities of a
+switches, checkpoint cadence, progress bars: the fields loran/pipeline/schema.py marks result=False) and with the seed left symbolic, so that the identities of a
 grid's seeds are equal. ``config_hash(cfg)`` hashes (identity, seed). Two commands that differ in any
 result-relevant value therefore never share a record, a CSV row, a checkpoint folder or a W&B run, and
 identical ones always do. ``register_resolver()`` makes it the OmegaConf resolver ``${loran.config_hash:}``.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -18,25 +17,27 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-# Keys that cannot change a result (dotted paths from the root of the task config).
-NOT_RESULT = (
-    "hydra",                          # launcher and output folders
-    "cell",                           # derived from the identity itself
-    "row",                            # a Table 2 row's name and label (its adapter and activation are in the identity)
-    "experiment_name",                # where the record, the CSV and the W&B group go
-    "results_dir",                    # where records go
-    "skip_existing",                  # whether a finished cell is run again
-    "logger",                         # W&B on/off, project, group, tags
-    "trainer.resume",                 # whether a checkpoint is resumed (resuming reproduces the result: tested)
-    "trainer.args.output_dir",
-    "trainer.args.run_name",
-    "trainer.args.report_to",
-    "trainer.args.logging_steps",     # how often the loss is logged
-    "trainer.args.save_strategy",     # checkpoint cadence: checkpoints exist to resume, which is exact
-    "trainer.args.save_steps",
-    "trainer.args.save_total_limit",
-    "trainer.args.disable_tqdm",      # progress bars
-)
+from loran.pipeline.schema import TrainConfig, fields_of, register_schema
+
+
+def not_result_keys(schema: type = TrainConfig, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys the schema marks as not changing a result (result=False fields, and the not_result keys of an
+    open node), found by walking its dataclasses."""
+    keys: list[str] = []
+    for f, nested in fields_of(schema):
+        key = f"{prefix}{f.name}"
+        if f.metadata.get("result") is False:
+            keys.append(key)
+            continue
+        keys += [f"{key}.{inner}" for inner in f.metadata.get("not_result", ())]
+        if nested is not None:
+            keys += not_result_keys(nested, f"{key}.")
+    return tuple(keys)
+
+
+# Keys that cannot change a result (dotted paths from the root of the task config): Hydra's own node (launcher and
+# output folders), which the schema does not hold, and the schema's result=False keys (loran/pipeline/schema.py).
+NOT_RESULT = ("hydra", *not_result_keys(TrainConfig))
 SEED_PLACEHOLDER = "<seed>"
 HASH_CHARS = 8                        # 32 bits: a collision in a 10,000-cell study has odds of about 1e-2 %
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -44,7 +45,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The result-relevant resolved config, with the seed (and every value interpolated from it) as "<seed>"."""
-    node = copy.deepcopy(cfg)
+    # an untyped copy: the schema's typed nodes (loran/pipeline/schema.py) refuse deletion
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with read_write(node), open_dict(node):
         for key in NOT_RESULT:
             parent, _, leaf = key.rpartition(".")
@@ -53,7 +55,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
                 del container[leaf]
         if "seed" in node:
             node.seed = SEED_PLACEHOLDER
-        return OmegaConf.to_container(node, resolve=True)
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 
 
 def hash_of(ident: dict[str, Any], seed: Any) -> str:
@@ -92,7 +94,9 @@ def _resolver(*, _root_: DictConfig) -> str:
 
 
 def register_resolver() -> None:
-    """Register ``${loran.config_hash:}`` with OmegaConf (idempotent): the entry points that compose configs/train.yaml
-    call it (train.py has its own lazy twin, so that --help does not import this package)."""
+    """Register what composing configs/train.yaml needs (idempotent): the schema in Hydra's ConfigStore
+    (loran/pipeline/schema.py) and the resolver ``${loran.config_hash:}`` with OmegaConf. The entry points that compose
+    call it, never an import (train.py has its own lazy twin, so that --help does not import this package)."""
+    register_schema()
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, _resolver)

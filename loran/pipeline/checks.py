@@ -1,13 +1,16 @@
 """Checks that stop a bad cell before anything is loaded, with a message naming the field and what is allowed.
 
-``check_config(cfg)`` runs them all; it reads no model and no data and writes nothing. ``train.py`` also runs
+``check_config(cfg)`` runs them all; it reads no model and no data and writes nothing. Types and closed choices
+are the schema's (loran/pipeline/schema.py), enforced while Hydra composes; check_schema applies what the schema says
+beyond that (keys that `+key=value` added, range rules); the other checks are rules that span fields or need the
+target's signature, the file system or the adapter's own validation. ``train.py`` also runs
 it through ``CheckBeforeRun`` before Hydra creates the run's output folder, so a bad name never makes a folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,65 +22,16 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from loran.config import LORA_FIELDS
 from loran.pipeline.cells import check_name
+from loran.pipeline.schema import ANY, Rule, TrainConfig, fields_of
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before training, with nothing written to results/."""
 
 
-def _positive(value) -> bool:
-    return value is None or value > 0
-
-
-def _seed(value) -> bool:
-    return 0 <= value < 2**32  # numpy's and the Trainer's seeding range
-
-
-def _steps(value) -> bool:
-    return value == -1 or value > 0  # -1: train num_train_epochs instead; 0 would train nothing
-
-
-def _finite_positive(value) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-BOOL, INT, NUMBER, OPTIONAL_INT, ANY = (bool,), (int,), (int, float), (int, type(None)), (object,)
-# field -> (allowed types, extra condition, description). A present field is checked; an absent one is not.
-TYPED_FIELDS: dict[str, tuple[tuple, Callable | None, str]] = {
-    "seed": (INT, _seed, "an integer in [0, 2**32)"),
-    "zero_shot": (BOOL, None, "true or false"),
-    "skip_existing": (BOOL, None, "true or false"),
-    "dataset.n_train": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
-    "dataset.n_eval": (OPTIONAL_INT, _positive, "a positive integer or null (= the whole split)"),
-    "dataset.prompt.max_source_tokens": (INT, _positive, "a positive integer (the prompt's token budget)"),
-    "dataset.prompt.max_target_tokens": (INT, _positive, "a positive integer (the target's tokens, eos included)"),
-    # LoRA's sizes, by the adapter's own rules (loran.config.LORA_FIELDS; a bool is refused as not a number there)
-    **{f"adapter.peft.{name}": (ANY, valid, description) for name, (valid, description) in LORA_FIELDS.items()},
-    "trainer.resume": (BOOL, None, "true or false"),
-    "trainer.eval_batch_size": (INT, _positive, "a positive integer"),
-    "trainer.args.per_device_train_batch_size": (INT, _positive, "a positive integer"),
-    "trainer.args.gradient_accumulation_steps": (INT, _positive, "a positive integer"),
-    "trainer.args.max_steps": (INT, _steps, "a positive integer, or -1 to train num_train_epochs"),
-    "trainer.args.num_train_epochs": (NUMBER, _finite_positive, "a positive number"),
-    "trainer.args.learning_rate": (NUMBER, _finite_positive, "a positive number"),
-    "logger.init_timeout": (NUMBER, _finite_positive, "a positive number of seconds"),
-}
-
-# The keys each node may have; a key outside these (a typo, or `+anything=1`) would be silently ignored.
-# Nodes with a `_target_` are checked against the target's signature instead (check_targets).
-KNOWN_KEYS: dict[str, set[str]] = {
-    "": {"seed", "experiment_name", "results_dir", "skip_existing", "zero_shot", "cell",
-         "model", "dataset", "adapter", "activation", "trainer", "logger", "row", "hydra"},
-    "model": {"name", "target_modules", "load"},
-    "dataset": {"name", "loader", "prompt", "metric", "n_train", "n_eval", "eval_split"},
-    "adapter": {"name", "takes_activation", "peft"},
-    "activation": {"name", "params", "start"},
-    "trainer": {"eval_batch_size", "resume", "args"},
-    "logger": {"report_to", "project", "group", "tags", "init_timeout"},
-    "row": {"name", "label", "order"},
-}
+# Hydra's own node: in the config a Hydra callback sees (CheckBeforeRun), not part of the schema.
+HYDRA_NODE = "hydra"
 
 
 # Settings with one switch: a key that would switch the same thing a second time -> the switch.
@@ -88,48 +42,53 @@ ONE_SWITCH: dict[str, str] = {
 }
 
 
-def _choices() -> dict[str, list[str]]:
-    from loran.pipeline.base_models import DTYPES, QUANTIZATIONS  # late: transformers is slow to import
-
-    return {"model.load.quantization": sorted(QUANTIZATIONS), "model.load.dtype": sorted(DTYPES),
-            "dataset.eval_split": ["test", "validation"]}
-
-
 def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default="<absent>", throw_on_resolution_failure=True)
 
 
-def check_types(cfg: DictConfig) -> None:
-    """Each field of TYPED_FIELDS that is present has the right type and range."""
-    for key, (types, condition, description) in TYPED_FIELDS.items():
+def _absent(value: Any) -> bool:
+    return isinstance(value, str) and value == "<absent>"
+
+
+def _rules_of(spec: Any) -> dict[str, Rule]:
+    """A field's `rules`: a mapping, or the import path of one kept by its owner as {name: (check, description)}."""
+    if isinstance(spec, str):
+        return {name: Rule(ANY, check, description) for name, (check, description) in get_object(spec).items()}
+    return dict(spec or {})
+
+
+def _apply(key: str, value: Any, rule: Rule) -> None:
+    value = to_plain(value)
+    wrong_type = (isinstance(value, bool) and bool not in rule.types) or not isinstance(value, rule.types)
+    if wrong_type or (rule.check and not rule.check(value)):
+        description = rule.description() if callable(rule.description) else rule.description
+        raise ConfigError(f"{key}={value!r} ({type(value).__name__}) must be {description}")
+
+
+def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") -> None:
+    """What the schema (loran/pipeline/schema.py) says beyond the types Hydra enforced while composing: no typed node
+    has a key the schema lacks (Hydra lets `+key=value` add one), and every range rule holds, inside open nodes too."""
+    node = cfg if not path else _select(cfg, path)
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known and not (not path and key == HYDRA_NODE):
+            where = f"{path}.{key}" if path else key
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{where}: unknown key (nothing reads it){_did_you_mean(hint)}; "
+                              f"{path or 'the top level'} has {sorted(known)}")
+    for f, nested in fields_of(schema):
+        key = f"{path}.{f.name}" if path else f.name
         value = _select(cfg, key)
-        if isinstance(value, str) and value == "<absent>":
+        if _absent(value):
             continue
-        wrong_type = (isinstance(value, bool) and bool not in types) or not isinstance(value, types)
-        if wrong_type or (condition and not condition(value)):
-            raise ConfigError(f"{key}={value!r} ({type(value).__name__}) must be {description}")
-
-
-def check_choices(cfg: DictConfig) -> None:
-    """Fields with a closed set of values hold one of them."""
-    for key, allowed in _choices().items():
-        value = _select(cfg, key)
-        if not (isinstance(value, str) and value == "<absent>") and value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
-
-
-def check_known_keys(cfg: DictConfig) -> None:
-    """No node has a key that nothing reads."""
-    for node, known in KNOWN_KEYS.items():
-        container = cfg if not node else _select(cfg, node)
-        if not isinstance(container, DictConfig):
-            continue
-        for key in container.keys():
-            if key not in known:
-                where = f"{node}.{key}" if node else key
-                hint = difflib.get_close_matches(str(key), known, n=1)
-                raise ConfigError(f"{where}: unknown key (nothing reads it){_did_you_mean(hint)}; "
-                                  f"{node or 'the top level'} has {sorted(known - {'hydra'})}")
+        if f.metadata.get("rule"):
+            _apply(key, value, f.metadata["rule"])
+        for name, rule in _rules_of(f.metadata.get("rules")).items():
+            inner = _select(cfg, f"{key}.{name}")
+            if not _absent(inner):
+                _apply(f"{key}.{name}", inner, rule)
+        if nested is not None and isinstance(value, DictConfig):
+            check_schema(cfg, nested, key)
 
 
 def _did_you_mean(hint: list[str]) -> str:
@@ -172,16 +131,6 @@ def check_one_switch(cfg: DictConfig) -> None:
         if not (isinstance(value, str) and value == "<absent>"):
             raise ConfigError(f"{key}={to_plain(value)!r}: this is switched by {switch} only (the model's loader "
                               f"applies it); set that instead")
-
-
-def check_target_list(cfg: DictConfig) -> None:
-    """model.target_modules is a non-empty list of module names (or one regex string)."""
-    targets = _select(cfg, "model.target_modules")
-    ok = (isinstance(targets, str) and targets.strip()) or (
-        isinstance(targets, ListConfig) and len(targets) > 0 and all(isinstance(t, str) and t for t in targets))
-    if not ok:
-        raise ConfigError(f"model.target_modules={to_plain(targets)!r} must be a non-empty list of module names "
-                          "(for example [q_proj, v_proj]) or a regular expression string")
 
 
 # Why an adapter with takes_activation: false has no activation (the refusal says it for the adapter chosen).
@@ -262,11 +211,8 @@ def check_writable(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs neither the model nor the data, cheapest first."""
-    check_known_keys(cfg)
-    check_types(cfg)
-    check_choices(cfg)
+    check_schema(cfg)
     check_one_switch(cfg)
-    check_target_list(cfg)
     check_names(cfg)
     check_targets(cfg)
     check_activation_choice(cfg)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
 
 from loran.pipeline.record import RunRecord
 
@@ -131,7 +132,7 @@ def record_problem(record: dict[str, Any], fields: dict[str, tuple[Callable[[Any
 def choices(cfg) -> dict[str, Any]:
     """A record's coordinates: the config groups chosen, the Table 2 row (None outside one) and the seed."""
     return {"dataset": cfg.dataset.name, "model": cfg.model.name, "adapter": cfg.adapter.name,
-            "activation": cfg.activation.name, "row": cfg.row.name if "row" in cfg else None, "seed": cfg.seed}
+            "activation": cfg.activation.name, "row": OmegaConf.select(cfg, "row.name"), "seed": cfg.seed}
 
 
 def table_row(record: RunRecord) -> dict[str, Any]:

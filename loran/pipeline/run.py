@@ -11,9 +11,12 @@ the cell's output folder (outputs/<experiment>/<cell>/), so running the same com
 last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
 
 The contract in full (tests/test_run.py checks it; the README has the summary):
+- Refused while Hydra composes (exit code 2 through train.py, the message naming the field's full key, no folder
+  made): a value of the wrong type or outside a closed choice (dataset.eval_split), by the schema's types
+  (loran/pipeline/schema.py).
 - Checked before anything is loaded (exit code 2, nothing written under results/; check_config's checks, in
   loran/pipeline/checks.py, run for a single run before Hydra makes its output folder): unknown keys anywhere
-  (`+anything=1`; a typo in trainer.args gets a "did you mean"), types and ranges (seed in [0, 2**32), zero_shot a
+  (`+anything=1`; a typo in trainer.args gets a "did you mean"), ranges (seed in [0, 2**32), zero_shot a
   boolean, positive batch sizes, accumulation steps and learning rate, max_steps a positive integer or -1, LoRA's r /
   lora_alpha / lora_dropout by the adapter's own rules), closed choices (model.load.quantization, model.load.dtype),
   an empty model.target_modules, folder names (experiment_name=../x, /tmp/x or a name with / are refused, and so is
