@@ -22,7 +22,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from omegaconf import MISSING
@@ -58,11 +58,18 @@ def _open() -> Any:
     return setting(factory=dict)
 
 
-class Split(StrEnum):
-    """The split evaluated (and n_eval drawn from): validation to choose settings, test to report."""
+class Split(str, Enum):
+    """The split evaluated (and n_eval drawn from): validation to choose settings, test to report. A str, printed and
+    formatted as its value (enum.StrEnum, without needing Python 3.11)."""
 
     test = "test"
     validation = "validation"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 def _one_of(path: str) -> Rule:
