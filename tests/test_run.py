@@ -99,6 +99,7 @@ def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
                                          r"argument 'warmup_ratio'; did you mean 'warmup_steps'\?"),
     (["model=smollm2_135m", "model.load.quantization=nf5"], r"model.load.quantization='nf5' \(str\) must be one "
                                                             r"of \['int8', 'nf4', 'none'\]"),
+    (["activation.start=centred"], r"activation.start='centred' \(str\) must be one of \['base', 'official'\]"),
     (["+anything=1"], r"anything: unknown key \(nothing reads it\); the top level has \["),
     (["+dataset.n_tarin=5"], r"dataset.n_tarin: unknown key .* did you mean 'n_train'\?"),
     (["experiment_name=../../x"], r"experiment_name='../../x' must be a plain folder name"),

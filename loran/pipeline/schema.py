@@ -123,7 +123,7 @@ class AdapterConfig:
 class ActivationConfig:
     name: str = MISSING
     params: Dict[str, Any] = _open()
-    start: str = MISSING
+    start: str = setting(rule=_one_of("loran.activations.START_MODES"))  # "base" (centred f) or "official"
 
 
 STEPS = Rule(INT, lambda v: v == -1 or v > 0, "a positive integer, or -1 to train num_train_epochs")
