@@ -3,10 +3,11 @@
     cell = <dataset>.<model>.<adapter>-<activation>.seed<seed>.<hash>       (configs/train.yaml)
 
 ``identity(cfg)`` is the resolved config without the keys in NOT_RESULT (where to write and log, resume/skip
-switches, checkpoint cadence, progress bars: the fields loran/pipeline/schema.py marks result=False) and with the seed left symbolic, so that the identities of a
-grid's seeds are equal. ``config_hash(cfg)`` hashes (identity, seed). Two commands that differ in any
-result-relevant value therefore never share a record, a CSV row, a checkpoint folder or a W&B run, and
-identical ones always do. ``register_resolver()`` makes it the OmegaConf resolver ``${loran.config_hash:}``.
+switches, checkpoint cadence, progress bars: the fields loran/pipeline/schema.py marks result=False) and with the
+seed left symbolic, so that the identities of a grid's seeds are equal. ``config_hash(cfg)`` hashes (identity,
+seed). Two commands that differ in any result-relevant value therefore never share a record, a CSV row, a checkpoint
+folder or a W&B run, and identical ones always do. ``register_resolver()`` makes it the OmegaConf resolver
+``${loran.config_hash:}``.
 """
 from __future__ import annotations
 
