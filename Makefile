@@ -47,6 +47,9 @@ test-slow: $(STAMP)
 MUTANTS ?=
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
+	# mutants/ must exist before Python starts: a PYTHONPATH folder missing at start-up is cached as empty, and the
+	# tests would then import the unmutated package (mutmut stops with "could not find any test case").
+	mkdir -p mutants
 	PYTHONPATH=$(CURDIR)/mutants $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
