@@ -76,16 +76,18 @@ study-sinter-screen: $(STAMP)
 	  $(PY) train.py -m experiment=study_sinter_screen activation=sinter seed=$$seed \
 	    activation.params.amp=5e-5,5e-3,5e-2,0.5 activation.params.omega=1e2,1e4 || exit $$?; \
 	  $(PY) train.py -m experiment=study_sinter_screen activation=identity seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_sinter_screen
+	done; $(PY) scripts/study_table.py study_sinter_screen $(STUDY_PLAN)
 
 ## First study: Sine-LoRA's omega on validation, 3 cells [~20 min, 2-core CPU]
 # seed 0, r = 8; the rank study uses the best (SINE_OMEGA).
 study-sine-omega: $(STAMP)
 	$(PY) train.py -m experiment=study_sinter_screen activation=sine activation.params.omega=100,300,1000 seed=0; \
-	status=$$?; $(PY) scripts/study_table.py study_sinter_screen; exit $$status
+	status=$$?; $(PY) scripts/study_table.py study_sinter_screen $(STUDY_PLAN); exit $$status
 
 # The study's control: LoRA (the identity) at the default lora_alpha (study-sine-scale adds LoRA at other scales).
 STUDY_CONTROL = --control activation.name=identity --control adapter.peft.lora_alpha=16
+# The first round's planned MDE column: its confirmation ran 3 seeds on the 836 test articles.
+STUDY_PLAN = --plan 3,836
 
 ## First study: confirmation on test, LoRA vs Sinter amp 0.05 / 0.5, 9 cells [~1 h, 2-core CPU]
 # 836 test articles; the two Sinter settings that changed predictions on validation (omega 1e4), seed by seed.
@@ -95,7 +97,7 @@ study-sinter: $(STAMP)
 	  $(PY) train.py -m experiment=study_test activation=identity seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sinter activation.params.amp=0.05,0.5 \
 	    activation.params.omega=1e4 seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL) $(STUDY_PLAN)
 
 ## First study: ranks 1-8 on test, LoRA, Sinter, Sine-LoRA, DoRA, 16 cells a seed [~2 h a seed, 2-core CPU]
 # Sinter at amp 0.05, omega 1e4; Sine-LoRA at the omega chosen on validation.
@@ -111,7 +113,7 @@ study-rank: $(STAMP)
 	  $(PY) train.py -m experiment=study_test adapter=dora adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
 	  $(PY) train.py -m experiment=study_test activation=sine activation.params.omega=$(SINE_OMEGA) \
 	    adapter.peft.r=$(RANKS) seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL) $(STUDY_PLAN)
 
 ## First study: seeds 1-2 of the rank study's cells that differ from LoRA, 8 cells [~1 h, 2-core CPU]
 # Sine-LoRA at r = 2 and 8, LoRA at r = 2 and at lora_alpha 200 (issue 21): with LoRA's seeds 0-2 at r = 8 they
@@ -124,7 +126,7 @@ study-rank-null: $(STAMP)
 	  seed=$(NULL_SEEDS) || status=$$?; \
 	$(PY) train.py -m experiment=study_test activation=identity adapter.peft.lora_alpha=$(SINE_ALPHA) adapter.peft.r=8 \
 	  seed=$(NULL_SEEDS) || status=$$?; \
-	$(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL); exit $$status
+	$(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL) $(STUDY_PLAN); exit $$status
 
 ## First study: Sine-LoRA's step-size control, LoRA at lora_alpha x omega / g, 1 cell a seed [~7 min, 2-core CPU]
 # sin(omega z) / g = (omega / g) z near 0, so a Sine-LoRA gain can be told from a larger update scale.
@@ -135,7 +137,7 @@ study-sine-scale: $(STAMP)
 	for seed in $(RANK_SEEDS); do \
 	  $(PY) train.py -m experiment=study_test activation=identity adapter.peft.lora_alpha=$(SINE_ALPHA) \
 	    adapter.peft.r=$(SCALE_RANKS) seed=$$seed || exit $$?; \
-	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL)
+	done; $(PY) scripts/study_table.py study_test --pair-by adapter.peft.r $(STUDY_CONTROL) $(STUDY_PLAN)
 
 ## Tuned study, part 1: LoRA's validation metric at 100/200/400 steps, 6 cells [~70 min, 2-core CPU]
 # Protocol: results/study_report.md. lr 1e-3, seed 0, both tasks; prints the length the protocol's rule chooses.

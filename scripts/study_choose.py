@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.metrics import primary_metric
-from loran.pipeline.records import CorruptRecord
+from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import load_records
 from loran.pipeline.tuning import (
     LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, method_of, value_of,
@@ -54,7 +54,7 @@ def label(method: dict) -> str:
     return f"{method['adapter.name']}-{name}" + (f" ({shown})" if shown else "")
 
 
-def learning_rates(records, experiment: str, results: Path) -> None:
+def learning_rates(records, experiment: str, results: Path, argv: list[str]) -> None:
     """Write and print each task's and method's mean per learning rate, the choice and the configurations tried."""
     entries = [{"task": task, "label": label(entry["method"]), **entry}
                for task in sorted({r["identity"]["dataset"]["name"] for r in records})
@@ -68,8 +68,9 @@ def learning_rates(records, experiment: str, results: Path) -> None:
         cells = [f"{100 * means[lr]:.2f}" if lr in means else "-" for lr in rates]
         lines.append(f"| {e['task']} | {e['label']} | {e['tried']} | " + " | ".join(cells) + f" | {e['chosen']} |")
     (results / f"{experiment}_choices.json").write_text(json.dumps(entries, indent=1, default=str) + "\n")
-    (results / f"{experiment}_choices.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
+    (results / f"{experiment}_choices.md").write_text(markdown)
+    print(markdown, end="")
 
 
 def confirmation_overrides(records) -> list[str]:
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
                 parser.error("length needs --dataset")
             print(length(records, args.dataset))
         elif args.what == "lr":
-            learning_rates(records, args.experiment, results)
+            learning_rates(records, args.experiment, results, sys.argv[1:] if argv is None else argv)
         else:
             print("\n".join(confirmation_overrides(records)))
     except (CorruptRecord, ValueError, KeyError) as err:

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from loran.pipeline.records import CorruptRecord
+from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, write_csv
 from loran.pipeline.tables import load_records, require_identity
 
@@ -55,6 +55,7 @@ def main(argv=None) -> None:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, args.metric, f"{args.experiment}: {len(records)} successful runs",
                            len(configurations(records))) + nulls_markdown(nulls)
+    markdown = with_command(markdown, "scripts/study_table.py", sys.argv[1:] if argv is None else argv)
     write_csv(rows, results / f"{args.experiment}.csv")
     if nulls:
         write_csv(nulls, results / f"{args.experiment}_seed_nulls.csv")

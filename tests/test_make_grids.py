@@ -75,7 +75,8 @@ def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_cont
     the study tables picks exactly one configuration per rank, and the scale control is compared with it (with the
     old default control, activation.name=identity alone, the table refuses: two controls at r = 8)."""
     (call,) = [c for c in make_calls("study-rank", tmp_path) if c[0] == "scripts/study_table.py"]
-    control = dict(c.split("=", 1) for c in call[call.index("--control") + 1::2])
+    control = dict(value.split("=", 1) for flag, value in zip(call, call[1:]) if flag == "--control")
+    assert call[call.index("--plan") + 1] == "3,836"  # the first round's confirmation: 3 seeds x 836 test articles
     assert control == {"activation.name": "identity", "adapter.peft.lora_alpha": "16"}
 
     def record(*overrides):

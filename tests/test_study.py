@@ -76,7 +76,10 @@ def test_the_script_writes_the_table(records, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
                            str(tmp_path / "results"), "--boot", "200"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "results/screen.md").read_text() == proc.stdout.rstrip("\n") + "\n"
+    markdown = (tmp_path / "results/screen.md").read_text()
+    assert markdown == proc.stdout.rstrip("\n") + "\n"
+    assert markdown.splitlines()[2] == ("Built from the run records by `python scripts/study_table.py screen "
+                                        f"--results {tmp_path / 'results'} --boot 200`.")
     assert len((tmp_path / "results/screen.csv").read_text().splitlines()) == 4
 
 

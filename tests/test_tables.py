@@ -81,7 +81,11 @@ def test_script_writes_csv_and_markdown_with_empty_paper_column(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     csv_text = (tmp_path / "results/grid.csv").read_text()
     assert "loran-sinter,LoRAN (Sinter),accuracy,0.86" in csv_text
-    assert (tmp_path / "results/grid.md").read_text() == proc.stdout.rstrip("\n") + "\n"
+    markdown = (tmp_path / "results/grid.md").read_text()
+    assert markdown == proc.stdout.rstrip("\n") + "\n"
+    # the table names the command that rebuilds it, under its title
+    assert markdown.splitlines()[2] == (f"Built from the run records by `python scripts/build_table.py grid --results "
+                                        f"{tmp_path / 'results'}`.")
 
 
 def test_committed_paper_file_has_every_row_and_no_invented_number():

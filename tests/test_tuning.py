@@ -85,7 +85,10 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
     assert done.returncode == 0, done.stderr
     choices = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
     assert len(choices) == 1 and choices[0]["chosen"] is None  # one seed only: no eligible learning rate
-    assert "loran-identity" in (tmp_path / "study_tuned_val_choices.md").read_text()
+    markdown = (tmp_path / "study_tuned_val_choices.md").read_text()
+    assert "loran-identity" in markdown and markdown == done.stdout
+    assert markdown.splitlines()[2] == ("Built from the run records by `python scripts/study_choose.py lr study_tuned_val "
+                                        f"--results {tmp_path}`.")
 
 
 def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):

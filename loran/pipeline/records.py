@@ -15,12 +15,13 @@ import logging
 import os
 import platform
 import reprlib
+import shlex
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
@@ -184,6 +185,14 @@ def rebuild_table(runs_dir: str | Path, table: str | Path) -> int:
             buf.seek(0)
             _atomic_write(table, buf.read())
     return len(rows)
+
+
+def with_command(markdown: str, script: str, argv: Sequence[str]) -> str:
+    """A results table with, under its title, the command that wrote it: rerun that command to rebuild the file from
+    its records."""
+    title, _, rest = markdown.partition("\n")
+    command = shlex.join(["python", script, *argv])
+    return f"{title}\n\nBuilt from the run records by `{command}`.\n{rest}"
 
 
 @contextmanager
