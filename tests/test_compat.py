@@ -1,7 +1,9 @@
 """loran/compat.py: the version check against the tested ranges of peft and bitsandbytes."""
+import json
 import warnings
 
 import pytest
+import torch
 
 from loran import compat
 
@@ -25,3 +27,31 @@ def test_the_version_check_warns_outside_the_tested_ranges(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions()  # the installed versions are in range
+
+
+def test_the_saved_peft_type_is_read_from_the_adapter_folder(tmp_path):
+    """What LoranModel.from_pretrained dispatches on: the peft_type in the folder's adapter_config.json."""
+    from loran import LoranConfig
+
+    LoranConfig(r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / "loran")
+    saved = json.loads((tmp_path / "loran" / "adapter_config.json").read_text())["peft_type"]
+    assert compat.saved_peft_type(str(tmp_path / "loran"), {}) == saved == "LORAN"
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    assert compat.saved_peft_type(str(tmp_path / "ia3"), {}) == "IA3"
+
+
+def test_an_int8_weight_dequantises_to_its_row_wise_absmax_rounding():
+    """LLM.int8() stores q = round(127 W / absmax_row) and absmax_row (SCB, float16): dequantised, q x SCB / 127, which
+    is W to within one quantisation step of its row."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    W = torch.randn(8, 16)
+    layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(W.clone(), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")
+    assert layer.weight.dtype == torch.int8
+    got = compat.dequantized_8bit(layer).float()
+    scb = layer.weight.SCB.float()[:, None]
+    torch.testing.assert_close(got, layer.weight.float() * scb / 127, rtol=1e-3, atol=1e-6)
+    assert ((got - W).abs() <= scb / 127).all()

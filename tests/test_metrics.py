@@ -3,7 +3,7 @@ classification metrics."""
 import pytest
 from rouge_score import rouge_scorer
 
-from loran.pipeline.metrics import classification, parse_label, rouge
+from loran.pipeline.metrics import classification, parse_label, primary_metric, rouge
 
 BBC = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -114,3 +114,22 @@ def test_labels_longest_first_regardless_of_case_and_duplicates_refused():
     assert parse_label("tech support news", ["tech", "Tech Support"]) == "Tech Support"
     with pytest.raises(ValueError, match=r"^labels must differ case-insensitively, got \['Tech', 'tech'\]$"):
         parse_label("x", ["Tech", "tech"])
+
+
+@pytest.mark.parametrize("dataset, metric", [("bbc_news", "accuracy"), ("newsgroups20", "accuracy"),
+                                             ("bbc_headlines", "rougeL"), ("samsum", "rougeL"), ("aclsum", "rougeL")])
+def test_each_dataset_has_its_primary_metric(dataset, metric):
+    """What the study's choices and tables rank by: a record's dataset metric function decides, read from its config."""
+    from omegaconf import OmegaConf
+
+    from conftest import CONFIGS
+
+    target = OmegaConf.load(CONFIGS / "dataset" / f"{dataset}.yaml").metric._target_
+    assert primary_metric({"identity": {"dataset": {"metric": {"_target_": target}}}}) == metric
+
+
+def test_a_metric_function_without_a_primary_metric_is_refused_by_name():
+    record = {"identity": {"dataset": {"metric": {"_target_": "my.metrics.bleu"}}}}
+    with pytest.raises(ValueError, match=r"dataset.metric._target_='my.metrics.bleu' has no primary metric; known: "
+                                         r"\['loran.pipeline.metrics.classification', 'loran.pipeline.metrics.rouge'\]"):
+        primary_metric(record)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.tables import (T80, T975, MixedConfigs, build, load_records, load_rows, paired_difference, read_paper,
-                                   t80, t975, to_markdown)
+from loran.pipeline.tables import (T80, T975, MixedConfigs, _fmt, build, load_records, load_rows, paired_difference,
+                                   read_paper, t80, t975, to_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = load_rows(REPO / "configs" / "row")
@@ -57,6 +57,7 @@ def test_missing_and_failed_cells_are_dashes_not_zero(runs):
     md = to_markdown(table, "t")
     relu = next(line for line in md.splitlines() if line.startswith("| LoRAN (ReLU)"))
     assert relu.count("| -") >= 4 and "0.00" not in relu
+    assert _fmt(None) == "-" and _fmt(0.5) == "50.00" and _fmt(0.5, signed=True) == "+50.00"
 
 
 def test_a_single_seed_has_no_std(runs, write_fake_record):
@@ -185,8 +186,8 @@ def test_a_record_whose_choices_name_no_row_is_left_out_of_table_2(runs, write_f
     bad = write_fake_record(runs, "loran", "sinter", "bbc_news", 7, {"accuracy": 0.1})
     _edit(runs, bad, choices={"seed": 7})
     assert build(load_records(runs), ROWS) == expected
-    assert any(f"record {bad['cell']} left out of the table: its choices name no row" in r.getMessage()
-               for r in caplog.records)
+    assert f'record {bad["cell"]} left out of the table: its choices name no row (no "row", nor "adapter" and ' \
+           '"activation")' in [r.getMessage() for r in caplog.records]
 
 
 def test_the_scripts_build_their_tables_around_a_bad_record(runs, tmp_path, write_fake_record):

@@ -433,3 +433,29 @@ def test_an_adapter_factor_in_another_dtype_than_x_is_not_folded(eager, which):
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
     torch.testing.assert_close(y.double(), x.double() @ (W0 + 3.0 * F64["sinter"](B @ A)).T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_dense_path_computes_a_non_centred_update_and_its_gradients(eager):
+    """The DENSE row (memory-efficient, f not centred: the official start's Sigmoid, f(0) = 0.5) against float64
+    math: output, and the gradients of x, A and B (``autograd.loran_update`` recomputes f(B A) in backward)."""
+    model, layer = _layer("sigmoid official", memory_efficient=True)
+    gen = torch.Generator().manual_seed(4)
+    layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape, generator=gen)
+    mask = (torch.rand(4, 10, generator=gen) > 0.5).float() * 2.0
+    layer.lora_dropout["default"] = FixedMask(mask)  # not folded: the update takes the adapter rows
+    x = torch.randn(4, 10, generator=gen, requires_grad=True)
+    assert choose_path(layer, x).path is Path.UNFOLDED
+    assert choose_path(layer, x * mask, "default").path is Path.DENSE
+    w = torch.randn(4, 7, generator=gen)
+    (model(x) * w).sum().backward()
+
+    x64 = x.detach().double().requires_grad_()
+    A64 = layer.lora_A["default"].weight.detach().double().requires_grad_()
+    B64 = layer.lora_B["default"].weight.detach().double().requires_grad_()
+    W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    y64 = x64 @ W0.T + b + 3.0 * (x64 * mask.double()) @ torch.sigmoid(B64 @ A64).T
+    (y64 * w.double()).sum().backward()
+    torch.testing.assert_close(model(x).double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in ((x.grad, x64.grad), (layer.lora_A["default"].weight.grad, A64.grad),
+                      (layer.lora_B["default"].weight.grad, B64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
