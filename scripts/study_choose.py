@@ -2,15 +2,20 @@
 
     python scripts/study_choose.py length study_tuned_val --dataset bbc_news   # prints the chosen max_steps
     python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
+    python scripts/study_choose.py seeds study_tuned_val                       # the confirmation's seeds per task
     python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's cells, one a line
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
 seeds 0-1 at each learning rate, the chosen one and the number of configurations tried.
+`seeds` writes results/<experiment>_seeds.md and .json: per task, each method at its chosen learning rate against LoRA
+at its own, the variance components of their validation differences (seed, example, residual) and the planned MDE on
+the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
+the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
 `overrides` prints, one line per task and method, the command-line overrides that built the chosen validation cell
-(without experiment= and seed=), and a line for the released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the
-confirmation runs each line with experiment=study_tuned_test and its seeds (make study-tuned-test).
+(without experiment=), with the task's seeds (seed=0,...), and a line for the released Sinter (amp 5e-5, omega 1e4)
+at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test (make study-tuned-test).
 """
 import argparse
 import json
@@ -18,15 +23,18 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.metrics import primary_metric
+from loran.pipeline.paired import components, difference_matrix, planned_mde, scores_by_seed
 from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import load_records
 from loran.pipeline.tuning import (
-    LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, method_of, value_of,
+    LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, method_of, planned_seeds, value_of,
 )
 
 RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
 CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", LR_KEY: "0.001"}
-DELTA = {"accuracy": 0.01, "rougeL": 0.005}   # fractions: 1.0 accuracy point, 0.5 ROUGE-L point
+# fractions: 1.0 accuracy point, 0.5 ROUGE-L point; the confirmation's MDE targets, and the length rule's tolerance
+DELTA = {"accuracy": 0.01, "rougeL": 0.005}
+TEST_EXAMPLES = 836   # the BBC re-split's test articles (results/study_report.md, the tuned study's protocol)
 LENGTHS = (100, 200, 400)
 
 
@@ -73,26 +81,83 @@ def learning_rates(records, experiment: str, results: Path, argv: list[str]) -> 
     print(markdown, end="")
 
 
+def chosen_cells(records, task: str) -> list[tuple[dict, list]]:
+    """Per method on `task`: its choice (``choose_settings``) and its validation records at the chosen learning rate."""
+    at_length = at_chosen_length(records, task)
+    cells = []
+    for entry in choose_settings(at_length):
+        if entry["chosen"] is None:
+            raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed yet")
+        cells.append((entry, [r for r in at_length if method_of(r) == json.dumps(entry["method"], sort_keys=True)
+                              and value_of(r, LR_KEY) == entry["chosen"]]))
+    return cells
+
+
+def is_control(method: dict) -> bool:
+    return all(str(method.get(k)) == v for k, v in CONTROL.items() if k != LR_KEY)
+
+
+def seed_plan(records, task: str) -> dict:
+    """The task's confirmation seeds, from its validation differences (``planned_seeds``), with each comparison's
+    variance components and planned MDEs."""
+    cells = chosen_cells(records, task)
+    (control,) = [chosen for entry, chosen in cells if is_control(entry["method"])]
+    metric = cells[0][0]["metric"]
+    comparisons = []
+    for entry, chosen in cells:
+        if is_control(entry["method"]):
+            continue
+        d, seeds, ids = difference_matrix(scores_by_seed(chosen, metric), scores_by_seed(control, metric))
+        comparisons.append({"label": label(entry["method"]), "learning_rate": entry["chosen"], "seeds": seeds,
+                            "examples": len(ids), "components": components(d),
+                            "mde_5": planned_mde(components(d), 5, TEST_EXAMPLES)})
+    seeds = planned_seeds([c["components"] for c in comparisons], TEST_EXAMPLES, DELTA[metric])
+    for c in comparisons:
+        c["mde_at_seeds"] = planned_mde(c["components"], seeds, TEST_EXAMPLES)
+    return {"task": task, "metric": metric, "target": DELTA[metric], "test_examples": TEST_EXAMPLES, "seeds": seeds,
+            "met": all(c["mde_at_seeds"] <= DELTA[metric] for c in comparisons), "comparisons": comparisons}
+
+
+def seed_plans(records, experiment: str, results: Path, argv: list[str]) -> None:
+    """Write and print each task's confirmation seeds and the planned MDE of every comparison."""
+    plans = [seed_plan(records, task) for task in sorted({r["identity"]["dataset"]["name"] for r in records})]
+    lines = [f"# {experiment}: seeds of the confirmation per task (planned from the validation differences)", "",
+             f"Each method at its chosen learning rate against LoRA at its own, on validation (seeds 0-1): variance "
+             f"components of the difference (x 1e4), and the planned MDE on {TEST_EXAMPLES} test articles at 5 seeds "
+             f"and at the task's seeds, the fewest from 5 to 10 at which every comparison meets the target.", "",
+             "| task | method | lr | seed | example | residual | MDE at 5 seeds | seeds | MDE at the seeds | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for plan in plans:
+        for c in plan["comparisons"]:
+            parts = " | ".join(f"{1e4 * c['components'][k]:.2f}" for k in ("seed", "example", "residual"))
+            lines.append(f"| {plan['task']} | {c['label']} | {c['learning_rate']} | {parts} | {100 * c['mde_5']:.2f} | "
+                         f"{plan['seeds']} | {100 * c['mde_at_seeds']:.2f} | {100 * plan['target']:.1f} |")
+    lines += [""] + [f"{p['task']}: {p['seeds']} seeds; " + ("every comparison meets its target." if p["met"] else
+                     "the target is not met even at 10 seeds (the protocol's cap).") for p in plans]
+    markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
+    (results / f"{experiment}_seeds.json").write_text(json.dumps(plans, indent=1, default=str) + "\n")
+    (results / f"{experiment}_seeds.md").write_text(markdown)
+    print(markdown, end="")
+
+
 def confirmation_overrides(records) -> list[str]:
-    """The confirmation's cells: each method's chosen validation cell, as the overrides that built it."""
+    """The confirmation's cells: each method's chosen validation cell, as the overrides that built it, with the task's
+    seeds."""
     lines = []
     for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
-        at_length = at_chosen_length(records, task)
-        for entry in choose_settings(at_length):
-            if entry["chosen"] is None:
-                raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed yet")
-            chosen = next(r for r in at_length if method_of(r) == json.dumps(entry["method"], sort_keys=True)
-                          and value_of(r, LR_KEY) == entry["chosen"])
-            overrides = [o for o in chosen["overrides"] if not o.startswith(("experiment=", "seed="))]
-            lines.append(" ".join(overrides))
-            if all(str(entry["method"].get(k)) == v for k, v in CONTROL.items() if k != LR_KEY):
-                lines.append(" ".join([o for o in overrides if not o.startswith("activation=")] + RELEASED_SINTER))
+        seeds = "seed=" + ",".join(str(s) for s in range(seed_plan(records, task)["seeds"]))
+        for entry, chosen in chosen_cells(records, task):
+            overrides = [o for o in chosen[0]["overrides"] if not o.startswith(("experiment=", "seed="))]
+            lines.append(" ".join(overrides + [seeds]))
+            if is_control(entry["method"]):
+                lines.append(" ".join([o for o in overrides if not o.startswith("activation=")] + RELEASED_SINTER
+                                      + [seeds]))
     return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["length", "lr", "overrides"])
+    parser.add_argument("what", choices=["length", "lr", "seeds", "overrides"])
     parser.add_argument("experiment")
     parser.add_argument("--dataset", help="length: the task whose training length is chosen")
     parser.add_argument("--results", default="results")
@@ -106,6 +171,8 @@ def main(argv=None) -> None:
             print(length(records, args.dataset))
         elif args.what == "lr":
             learning_rates(records, args.experiment, results, sys.argv[1:] if argv is None else argv)
+        elif args.what == "seeds":
+            seed_plans(records, args.experiment, results, sys.argv[1:] if argv is None else argv)
         else:
             print("\n".join(confirmation_overrides(records)))
     except (CorruptRecord, ValueError, KeyError) as err:

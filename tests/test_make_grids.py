@@ -20,8 +20,10 @@ GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "st
 TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py",
                  "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`
-CHOSEN_CELLS = ["dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity",
-                "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora"]
+CHOSEN_CELLS = ["dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity "
+                "seed=0,1,2,3,4",
+                "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora "
+                "seed=0,1,2,3,4,5,6"]
 
 
 def make_calls(target: str, tmp_path: Path) -> list[list[str]]:

@@ -132,3 +132,66 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
     assert rows[1]["learning_rate"] == 1e-3 and rows[2]["learning_rate"] == 3e-3
     markdown = study_confirm.to_markdown(rows, "t")
     assert markdown.count("| control |") == 2 and "p (Holm)" in markdown
+
+
+@pytest.mark.parametrize("parts, seeds", [
+    ({"seed": 0.0, "example": 1e-6, "residual": 0.0}, 5),          # examples alone meet it: the minimum, 5
+    ({"seed": (0.01 / 2.801585) ** 2 * 6.5, "example": 0.0, "residual": 0.0}, 7),   # 6 seeds miss it, 7 meet it
+    ({"seed": 1.0, "example": 0.0, "residual": 0.0}, 10),          # never: the cap
+])
+def test_planned_seeds_is_the_fewest_from_5_to_10_that_meet_the_target(parts, seeds):
+    from loran.pipeline.tuning import planned_seeds
+
+    assert planned_seeds([{"seed": 0.0, "example": 0.0, "residual": 0.0}, parts], 836, 0.01) == seeds
+
+
+def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences(tmp_path):
+    """Two methods x 3 learning rates x 2 seeds on bbc_news validation (60 articles): `seeds` writes each comparison's
+    variance components and planned MDE at 836 test articles (checked against a two-way ANOVA written out here), and
+    `overrides` gives every cell of the task that many seeds."""
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 60).astype(float)
+    runs = tmp_path / "runs" / "study_tuned_val"
+    scores = {}
+    for method in (("activation=identity",), ("activation=sinter", "activation.params.amp=0.5")):
+        for lr, flips in (("3e-4", 0.3), ("1e-3", 0.1), ("3e-3", 0.2)):  # 1e-3 the best for both
+            for seed in (0, 1):
+                s = np.where(rng.uniform(size=60) < flips, 1 - truth, truth)
+                overrides = ["experiment=study_tuned_val", "dataset=bbc_news", f"seed={seed}", *method,
+                             "trainer.args.max_steps=400", f"trainer.args.learning_rate={lr}"]
+                cfg = cfg_of(*overrides)
+                rec = {"status": "ok", "cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": seed},
+                       "overrides": overrides[1:], "metrics": {"accuracy": float(s.mean())},
+                       "predictions": [{"id": f"a{i}", "prediction": "x", "accuracy": float(v)} for i, v in enumerate(s)]}
+                (runs / rec["cell"]).mkdir(parents=True)
+                (runs / rec["cell"] / "record.json").write_text(json.dumps(rec))
+                scores[(method[0], lr, seed)] = s
+    for n in (100, 200):  # the control's length curve: 400 steps the best
+        rec = record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1)
+        (runs / rec["cell"]).mkdir(parents=True)
+        (runs / rec["cell"] / "record.json").write_text(json.dumps(rec))
+    script = [sys.executable, "scripts/study_choose.py"]
+    done = subprocess.run([*script, "seeds", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (plan,) = json.loads((tmp_path / "study_tuned_val_seeds.json").read_text())
+    (comparison,) = plan["comparisons"]
+    d = np.array([scores[("activation=sinter", "1e-3", s)] - scores[("activation=identity", "1e-3", s)]
+                  for s in (0, 1)])
+    row, col, m = d.mean(axis=1), d.mean(axis=0), d.mean()
+    ms_res = ((d - row[:, None] - col[None, :] + m) ** 2).sum() / (1 * 59)
+    v_seed = max(0.0, (60 * row.var(ddof=1) - ms_res) / 60)
+    v_example = max(0.0, (2 * col.var(ddof=1) - ms_res) / 2)
+    mde = lambda n_s: 2.801585 * np.sqrt(v_seed / n_s + v_example / 836 + ms_res / (n_s * 836))  # noqa: E731
+    assert comparison["mde_5"] == pytest.approx(mde(5), rel=1e-4)
+    assert plan["seeds"] == next((n for n in range(5, 11) if mde(n) <= 0.01), 10)
+    assert comparison["mde_at_seeds"] == pytest.approx(mde(plan["seeds"]), rel=1e-4)
+    markdown = (tmp_path / "study_tuned_val_seeds.md").read_text()
+    assert markdown == done.stdout and f"bbc_news: {plan['seeds']} seeds" in markdown
+    done = subprocess.run([*script, "overrides", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seeds = "seed=" + ",".join(str(s) for s in range(plan["seeds"]))
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.endswith(" " + seeds) for line in lines)  # LoRA, Sinter, released Sinter
+    assert all("trainer.args.learning_rate=1e-3" in line for line in lines)

@@ -1,12 +1,15 @@
 """Choosing on validation by rules fixed before the results (results/study_report.md, "The tuned study").
 
-Two choices, each a plain function of run records:
+Three choices, each a plain function of run records:
   - the training length: the shortest length whose metric is within `delta` of the best length's, on the control's
     curve (``choose_length``): the point where the control's validation metric has stopped improving;
   - a method's setting (its learning rate): the value with the best mean over seeds (``choose_settings``); ties go
     to the value listed first (the smaller learning rate). A method is every record's identity without the tuned
     key, so each method is tuned over exactly the grid it was run on, and the count of configurations tried per
-    method is reported next to its choice.
+    method is reported next to its choice;
+  - the confirmation's seeds per task: the fewest (5 at least, 10 at most) at which every confirmatory comparison's
+    planned MDE, from the variance components of its validation differences, meets the task's target
+    (``planned_seeds``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 
 from loran.pipeline.cells import flatten
 from loran.pipeline.metrics import primary_metric
+from loran.pipeline.paired import planned_mde
 
 LENGTH_KEY = "trainer.args.max_steps"
 LR_KEY = "trainer.args.learning_rate"
@@ -90,3 +94,12 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY,
         out.append({**entry, "means": means, "runs": {v: sorted(by_value[v]) for v in values}, "chosen": chosen,
                     "tried": len(values)})
     return out
+
+
+def planned_seeds(parts: list[dict[str, float]], examples: int, target: float, first: int = 5, most: int = 10) -> int:
+    """The fewest seeds from `first` to `most` at which every comparison's planned MDE (``paired.planned_mde`` of its
+    variance components `parts`) on `examples` examples is at most `target`; `most` when none reaches it."""
+    for seeds in range(first, most + 1):
+        if all(planned_mde(p, seeds, examples) <= target for p in parts):
+            return seeds
+    return most
