@@ -282,12 +282,12 @@ def merge_to_full_precision(peft_model: PeftModel, dtype: torch.dtype = torch.fl
         if layer.merged:
             raise ValueError(f"{name} is already merged; merge_to_full_precision needs the unmerged model")
         weight = _dense_weight(base)
-        if getattr(layer, "fan_in_fan_out", False):
+        if layer.fan_in_fan_out:
             weight = weight.T
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
                 delta = LoranVariant.delta(layer, adapter)
-                weight = weight + (delta.T if getattr(layer, "fan_in_fan_out", False) else delta)
+                weight = weight + (delta.T if layer.fan_in_fan_out else delta)
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device,
                           dtype=dtype)
         dense.weight.copy_(weight.to(dtype))

@@ -164,7 +164,7 @@ class LoranVariant(LoraVariant):
         """s * f(B A) in float32, laid out like the base weight (transposed for Conv1D)."""
         A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         update = delta_weight(A, B, module.loran_activation[adapter]) * module.scaling[adapter]
-        return transpose(update, getattr(module, "fan_in_fan_out", False))
+        return transpose(update, module.fan_in_fan_out)
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:

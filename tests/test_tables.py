@@ -12,7 +12,7 @@ import pytest
 
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.tables import (T80, T975, MixedConfigs, _fmt, build, load_records, load_rows, paired_difference,
-                                   read_paper, t80, t975, to_markdown)
+                                   read_paper, row_key, t80, t975, to_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = load_rows(REPO / "configs" / "row")
@@ -188,6 +188,23 @@ def test_a_record_whose_choices_name_no_row_is_left_out_of_table_2(runs, write_f
     assert build(load_records(runs), ROWS) == expected
     assert f'record {bad["cell"]} left out of the table: its choices name no row (no "row", nor "adapter" and ' \
            '"activation")' in [r.getMessage() for r in caplog.records]
+
+
+def test_load_records_with_a_metric_leaves_out_records_without_it_naming_them(runs, caplog):
+    """Of the grid's 18 successful records, 9 report accuracy; the 9 headline records are left out, each named."""
+    everything = load_records(runs)
+    with_accuracy = load_records(runs, metric="accuracy")
+    assert len(everything) == 18 and len(with_accuracy) == 9
+    assert all("accuracy" in r["metrics"] for r in with_accuracy)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 9 and all(w.endswith("left out of the table: it reports no 'accuracy' (its metrics: "
+                                               "['rouge1', 'rouge2', 'rougeL', 'rougeLsum'])") for w in warned)
+
+
+def test_the_row_of_a_record_needs_a_row_name_or_both_adapter_and_activation():
+    assert row_key({"choices": {"row": "loran_sinter", "adapter": "x", "activation": "y"}}) == "loran_sinter"
+    assert row_key({"choices": {"adapter": "loran", "activation": "tanh"}}) == "loran-tanh"
+    assert row_key({"choices": {"adapter": "loran"}}) is None and row_key({"choices": {"activation": "tanh"}}) is None
 
 
 def test_the_scripts_build_their_tables_around_a_bad_record(runs, tmp_path, write_fake_record):
