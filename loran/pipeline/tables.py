@@ -191,9 +191,7 @@ def build(records: list[dict[str, Any]], rows: list[tuple[str, str]],
     return table
 
 
-def _fmt(x: float | None, scale: float = 100, signed: bool = False) -> str:
-    if x is None:
-        return "-"
+def _fmt(x: float, scale: float = 100, signed: bool = False) -> str:
     return f"{x * scale:+.2f}" if signed else f"{x * scale:.2f}"
 
 
