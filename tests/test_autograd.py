@@ -417,3 +417,126 @@ def test_chunk_rows_for_is_the_most_rows_within_the_element_budget():
             assert rows >= 1 and (rows == 1 or rows * d_in <= elements) and (rows + 1) * d_in > elements, \
                 (d_in, elements, rows)
     assert la.chunk_rows_for(0, 8) == 8  # a zero-width matrix: as wide as one element
+
+
+# residual_update (the RESIDUAL path's s x g(B A)^T; the path itself is tested in test_residual_split.py)
+RELEASED = {"amp": 5e-5, "omega": 1e4}
+NEEDS = [("x", "A", "B"), ("x",), ("A",), ("B",), ("A", "B")]
+
+
+def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids="+".join)
+@pytest.mark.parametrize("activation, params", [("sinter", {"amp": 0.5, "omega": 30.0}), ("sigmoid", {}),
+                                                ("relu", {})])
+def test_residual_update_gradcheck_float64(activation, params, needs):
+    """residual_update's backward (several row blocks) is the derivative of its forward, for every set of inputs
+    that need a gradient (a frozen adapter under a trained input recomputes g(Z) for dL/dx alone)."""
+    from loran.activations import Activation
+
+    torch.manual_seed(0)
+    act = Activation(activation, params)
+    x, A, B = (torch.randn(*shape, dtype=torch.float64) * 0.5 for shape in ((2, 3, 6), (3, 6), (5, 3)))
+    for name, t in zip("xAB", (x, A, B)):
+        t.requires_grad_(name in needs)
+    assert torch.autograd.gradcheck(lambda x, A, B: la.residual_update(x, A, B, 1.5, act, block_rows=2), (x, A, B))
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids="+".join)
+def test_residual_update_in_float64_is_the_formula_to_float64_rounding(eager, needs):
+    """Sinter's g(z) = amp z sin(omega z) written out here, in float64 autograd: residual_update with several row
+    blocks and chunks equals it to 1e-12 (every buffer in float64 for float64 x, not float32)."""
+    from loran.activations import Activation
+
+    amp, omega = 0.5, 30.0
+    gen = torch.Generator().manual_seed(5)
+    x0, A0, B0 = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5 for shape in ((4, 6), (3, 6), (7, 3)))
+    x, A, B = (t.clone().requires_grad_(name in needs) for name, t in zip("xAB", (x0, A0, B0)))
+    rx, rA, rB = (t.clone().requires_grad_(name in needs) for name, t in zip("xAB", (x0, A0, B0)))
+    grad_y = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    y = la.residual_update(x, A, B, 1.5, Activation("sinter", {"amp": amp, "omega": omega}), block_rows=2)
+    Z = rB @ rA
+    ref = 1.5 * rx @ (amp * Z * torch.sin(omega * Z)).T
+    (y * grad_y).sum().backward()
+    (ref * grad_y).sum().backward()
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for name, got, want in (("x", x.grad, rx.grad), ("A", A.grad, rA.grad), ("B", B.grad, rB.grad)):
+        if name in needs:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        else:
+            assert got is None
+
+
+@pytest.mark.parametrize("needs", [("x", "A", "B"), ("x",)], ids="+".join)
+def test_residual_update_with_bf16_inputs_computes_g_in_float32(eager, needs):
+    """bf16 x, A and B (a model cast to bf16): Z and g(Z) in float32, the products in float32 (the default policy),
+    output and gradients close to float64 math (to bf16 input rounding), several row blocks."""
+    from loran.activations import Activation
+
+    amp, omega = 0.5, 30.0
+    gen = torch.Generator().manual_seed(6)
+    x0, A0, B0 = (torch.randn(*shape, generator=gen).to(torch.bfloat16) * 0.5 for shape in ((4, 6), (3, 6), (7, 3)))
+    x, A, B = (t.clone().requires_grad_(name in needs) for name, t in zip("xAB", (x0, A0, B0)))
+    rx, rA, rB = (t.double().requires_grad_(name in needs) for name, t in zip("xAB", (x0, A0, B0)))
+    y = la.residual_update(x, A, B, 1.5, Activation("sinter", {"amp": amp, "omega": omega}), block_rows=2)
+    Z = rB @ rA
+    ref = 1.5 * rx @ (amp * Z * torch.sin(omega * Z)).T
+    y.float().pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    assert y.dtype == torch.float32 and _relative(y, ref.detach()) < 1e-5
+    for name, got, want in (("x", x.grad, rx.grad), ("A", A.grad, rA.grad), ("B", B.grad, rB.grad)):
+        if name in needs:
+            assert got.dtype == torch.bfloat16 and _relative(got, want) < 1e-2
+        else:
+            assert got is None
+
+
+def test_residual_update_buffers_live_on_the_input_device(monkeypatch):
+    """On the meta device, forward and backward with several row blocks (as test_every_buffer_lives_on_the_input_
+    device for the dense path): a buffer allocated without device=x.device lands on the CPU and is refused."""
+    import contextlib
+
+    from loran.activations import Activation
+
+    monkeypatch.setattr(la, "_no_autocast", lambda device_type: contextlib.nullcontext())
+    x, A, B = (torch.empty(*shape, device="meta", requires_grad=True) for shape in ((4, 5), (3, 5), (6, 3)))
+    y = la.residual_update(x, A, B, 2.0, Activation("sinter", SINTER), block_rows=2)
+    assert y.device.type == "meta" and y.shape == (4, 6)
+    y.backward(torch.empty(4, 6, device="meta"))
+    assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (x, A, B))
+
+
+def test_residual_update_keeps_only_x_a_b_for_backward():
+    """Memory-efficient like DENSE: no d_out x d_in tensor (Z, g(Z)) lives between forward and backward."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", RELEASED)
+    x, A, B = torch.randn(4, 64), torch.randn(2, 64, requires_grad=True), torch.randn(48, 2, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        la.residual_update(x, A, B, 2.0, act)
+    assert max(saved) < 48 * 64
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 1e-2)])
+def test_residual_update_runs_on_the_dense_paths_kernels(monkeypatch, dtype, tol):
+    """The g-part's element-wise work is DENSE's: fused (torch.compile) kernels in row blocks and chunks (block_rows)
+    give the eager, one-block result, under both policies (float32 products; bf16 products of float32 g(Z))."""
+    from loran.activations import Activation
+
+    act = Activation("sinter", RELEASED)
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(64, 512, generator=gen)
+    A0, B0 = torch.randn(16, 512, generator=gen) * 0.02, torch.randn(512, 16, generator=gen) * 0.02
+    outs = []
+    for compile_mode, block_rows in (("never", None), ("always", 200)):
+        monkeypatch.setattr(la, "COMPILE", compile_mode)
+        x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+        y = la.residual_update(x, A, B, 2.0, act, dtype=dtype, block_rows=block_rows)
+        y.float().pow(2).sum().backward()
+        outs.append([y.float(), x.grad, A.grad, B.grad])
+    for got, ref in zip(*outs):
+        assert _relative(got, ref.double()) <= tol

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from loran import LoranConfig, get_loran_model
-from loran.activations import Activation
 from loran.autograd import residual_update
 from loran.variants import UPDATES, Path, choose_path
 
@@ -165,47 +164,5 @@ def test_under_the_float32_policy_the_split_equals_the_dense_path(activation, pa
         (y * grad_out).sum().backward()
         outs.append([y - result, x.grad, A.grad, B.grad])
     tol = 1e-5 if x_dtype == torch.float32 else 1e-12
-    for got, ref in zip(*outs):
-        assert relative(got, ref.double()) <= tol
-
-
-@pytest.mark.parametrize("activation, params", [("sinter", {"amp": 0.5, "omega": 30.0}), ("sigmoid", {}),
-                                                ("relu", {})])
-def test_residual_update_gradcheck_float64(activation, params):
-    """residual_update's backward (several row blocks) is the derivative of its forward."""
-    torch.manual_seed(0)
-    act = Activation(activation, params)
-    x, A, B = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) * 0.5 for shape in ((2, 3, 6), (3, 6), (5, 3)))
-    x, A, B = (t.detach().requires_grad_() for t in (x, A, B))
-    assert torch.autograd.gradcheck(lambda x, A, B: residual_update(x, A, B, 1.5, act, block_rows=2), (x, A, B))
-
-
-def test_residual_update_keeps_only_x_a_b_for_backward():
-    """Memory-efficient like DENSE: no d_out x d_in tensor (Z, g(Z)) lives between forward and backward."""
-    act = Activation("sinter", RELEASED)
-    x, A, B = torch.randn(4, 64), torch.randn(2, 64, requires_grad=True), torch.randn(48, 2, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        residual_update(x, A, B, 2.0, act)
-    assert max(saved) < 48 * 64
-
-
-@pytest.mark.parametrize("dtype, tol", [(None, 1e-5), (torch.bfloat16, 1e-2)])
-def test_residual_update_runs_on_the_dense_paths_kernels(monkeypatch, dtype, tol):
-    """The g-part's element-wise work is DENSE's: fused (torch.compile) kernels in row blocks and chunks (block_rows)
-    give the eager, one-block result, under both policies (float32 products; bf16 products of float32 g(Z))."""
-    from loran import autograd
-
-    act = Activation("sinter", RELEASED)
-    gen = torch.Generator().manual_seed(11)
-    x0 = torch.randn(64, 512, generator=gen)
-    A0, B0 = torch.randn(16, 512, generator=gen) * 0.02, torch.randn(512, 16, generator=gen) * 0.02
-    outs = []
-    for compile_mode, block_rows in (("never", None), ("always", 200)):
-        monkeypatch.setattr(autograd, "COMPILE", compile_mode)
-        x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
-        y = residual_update(x, A, B, 2.0, act, dtype=dtype, block_rows=block_rows)
-        y.float().pow(2).sum().backward()
-        outs.append([y.float(), x.grad, A.grad, B.grad])
     for got, ref in zip(*outs):
         assert relative(got, ref.double()) <= tol
