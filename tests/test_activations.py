@@ -56,6 +56,20 @@ def test_each_derivative_is_the_derivative_of_its_function_at_the_default_parame
     torch.testing.assert_close(spec.df(z.detach()), grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, spec in ACTIVATIONS.items() if spec.residual is not None))
+def test_each_residual_pair_is_f_minus_its_slope_and_its_derivative_at_the_default_parameters(name):
+    """A registered residual (g, g') with no parameters given: g = f - f'(0) z and g' its autograd derivative, each
+    with its own defaults. Mutants: a default changed in g or g' alone."""
+    spec = ACTIVATIONS[name]
+    g, dg = spec.residual
+    z = torch.linspace(-0.9, 0.9, 37, dtype=torch.float64)
+    z = torch.cat([z, z * 1e-3, z * 1e-5]).requires_grad_()
+    slope = float(spec.df(torch.zeros((), dtype=torch.float64)))
+    torch.testing.assert_close(g(z.detach()), spec.f(z.detach()) - slope * z.detach(), rtol=1e-12, atol=1e-15)
+    (grad,) = torch.autograd.grad(g(z).sum(), z)
+    torch.testing.assert_close(dg(z.detach()), grad, rtol=1e-9, atol=1e-9)
+
+
 def test_sines_divisor_g_must_be_finite_and_positive():
     """g divides sine's f (f = sin(omega x) / g): 0, negative, infinite and nan are refused with a message naming the
     field; any finite positive value, also below 1, is accepted. Mutants: the bound loosened to >= 0 (or the test

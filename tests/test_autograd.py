@@ -540,3 +540,15 @@ def test_residual_update_runs_on_the_dense_paths_kernels(monkeypatch, dtype, tol
         outs.append([y.float(), x.grad, A.grad, B.grad])
     for got, ref in zip(*outs):
         assert _relative(got, ref.double()) <= tol
+
+
+def test_residual_update_refuses_an_uncentred_activation_and_computes_in_the_dtype_given():
+    from loran.activations import Activation
+
+    x, A, B = torch.randn(2, 6), torch.randn(3, 6), torch.randn(5, 3)
+    official = Activation("sigmoid", {}, start="official")  # f(0) = 0.5: no residual split
+    with pytest.raises(ValueError, match=r"residual_update needs a centred activation \(f\(0\) = 0\); .* is not"):
+        la.residual_update(x, A, B, 1.0, official)
+    act = Activation("sinter", SINTER)
+    assert la.residual_update(x, A, B, 1.0, act).dtype == torch.float32
+    assert la.residual_update(x, A, B, 1.0, act, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -15,6 +15,9 @@ def test_the_version_check_warns_outside_the_tested_ranges(monkeypatch):
     old, new = compat.untested({"peft": "0.20.1", "bitsandbytes": "0.51.0"})
     assert "peft written for 0.21.0 or later; 0.20.1 is installed" in old
     assert "bitsandbytes written for 0.50.0 up to before 0.51.0; 0.51.0 is installed" in new
+    assert old == ("LoRAN uses private APIs of peft written for 0.21.0 or later; 0.20.1 is installed. Check "
+                   "loran/compat.py if its layers misbehave")
+    assert compat.release("unknown") == () and compat.untested({"peft": "unknown"})  # no number: below every range
     monkeypatch.setattr(compat.peft, "__version__", "0.20.0")
     monkeypatch.setattr(compat, "_checked", False)
     with pytest.warns(UserWarning, match="private APIs of peft .* 0.20.0 is installed"):
@@ -55,3 +58,11 @@ def test_an_int8_weight_dequantises_to_its_row_wise_absmax_rounding():
     scb = layer.weight.SCB.float()[:, None]
     torch.testing.assert_close(got, layer.weight.float() * scb / 127, rtol=1e-3, atol=1e-6)
     assert ((got - W).abs() <= scb / 127).all()
+
+
+def test_hub_kwargs_are_the_ones_hf_hub_download_takes():
+    """What LoranModel.from_pretrained passes on to the download of an adapter (PEFT's own split of the kwargs)."""
+    from peft import PeftModel
+
+    kwargs = {"revision": "main", "subfolder": "adapters", "torch_device": "cpu", "is_trainable": True}
+    assert compat.hub_kwargs(PeftModel, kwargs) == {"revision": "main", "subfolder": "adapters"}

@@ -340,15 +340,16 @@ def test_identity_adapter_in_bf16_computes_its_update_in_float32():
     assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])  # slope f'(0) = 1 and 1/4 (RESIDUAL's c-part)
 @pytest.mark.parametrize("memory_efficient", [True, False])
-def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eager, memory_efficient):
+def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eager, memory_efficient, activation):
     """update_dtype="autocast" under bf16 autocast: B A, f(B A) and the products in bf16, as autocast computes LoRA's
     matmuls; "float32" computes them in float32. So the two differ, and both are within bf16's precision of the
     float64 math. Mutant: the autocast dtype not passed on (the "autocast" policy computing in float32)."""
     outs = {}
     for policy in ("float32", "autocast"):
         model = get_loran_model(Proj(16, 12), LoranConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj"], activation="tanh", memory_efficient=memory_efficient,
+            r=4, lora_alpha=8, target_modules=["q_proj"], activation=activation, memory_efficient=memory_efficient,
             update_dtype=policy))
         layer = model.base_model.model.q_proj
         layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(6)) * 0.5
@@ -357,7 +358,7 @@ def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eage
             outs[policy] = model(x).float()
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
-    exact = x.double() @ (W0 + 2.0 * torch.tanh(B @ A)).T + b
+    exact = x.double() @ (W0 + 2.0 * F64.get(activation, torch.tanh)(B @ A)).T + b
     for policy, y in outs.items():
         torch.testing.assert_close(y.double(), exact, rtol=0.03, atol=0.03, msg=policy)
     assert not torch.equal(outs["float32"], outs["autocast"])
@@ -459,3 +460,46 @@ def test_the_dense_path_computes_a_non_centred_update_and_its_gradients(eager):
     for got, want in ((x.grad, x64.grad), (layer.lora_A["default"].weight.grad, A64.grad),
                       (layer.lora_B["default"].weight.grad, B64.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_residual_path_under_the_autocast_policy_adds_its_two_bf16_parts(eager):
+    """RESIDUAL under update_dtype="autocast" and bf16 autocast: the update is LoRA's c-part as PEFT's modules compute
+    it under autocast (bf16) plus residual_update in bf16, summed, then added in the result's dtype; with Sigmoid's
+    slope c = 1/4. Mutants: the dtype not passed to residual_update, the c-part scaled by s / c."""
+    from loran.autograd import residual_update
+
+    _, layer = _layer("sigmoid", memory_efficient=True, update_dtype="autocast")
+    layer.lora_B["default"].weight.data = torch.randn(7, 3, generator=torch.Generator().manual_seed(8)) * 8
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(9))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    act = layer.loran_activation["default"]
+    assert act.split.slope == 0.25
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert choose_path(layer, x, "default").path is Path.RESIDUAL
+        result = layer.base_layer(x)
+        got = UPDATES[Path.RESIDUAL](layer, "default", x, result, torch.bfloat16)
+        c_part = layer.lora_B["default"](layer.lora_A["default"](x)) * (3.0 * 0.25)
+        g_part = residual_update(x, A, B, 3.0, act, dtype=torch.bfloat16)
+        g_part_float32 = residual_update(x, A, B, 3.0, act)
+    assert c_part.dtype == g_part.dtype == torch.bfloat16
+    assert torch.equal(got, result + (c_part + g_part).to(result.dtype))
+    assert not torch.equal(got, result + (c_part + g_part_float32).to(result.dtype))  # the dtype shows here
+    assert not torch.equal(got, result + (c_part * 16 + g_part).to(result.dtype))  # and the slope
+
+
+def test_an_int8_base_is_not_folded():
+    """LLM.int8() quantises x as well as W: folding the update into a dequantised W0 would not compute what the int8
+    base computes, so an int8 base takes the un-folded path even in eval mode without grad."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from loran.compat import is_8bit
+    from loran.variants import base_folds
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear8bitLt(10, 7, has_fp16_weights=False)
+    base.weight = bnb.nn.Int8Params(torch.randn(7, 10), requires_grad=False, has_fp16_weights=False)
+    base = base.to("cpu").eval()
+    x = torch.randn(3, 10)
+    assert is_8bit(base) and not is_8bit(nn.Linear(10, 7))
+    with torch.no_grad():
+        assert not base_folds(base, x)
+        assert base_folds(nn.Linear(10, 7).requires_grad_(False), x)
