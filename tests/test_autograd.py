@@ -552,3 +552,22 @@ def test_residual_update_refuses_an_uncentred_activation_and_computes_in_the_dty
     act = Activation("sinter", SINTER)
     assert la.residual_update(x, A, B, 1.0, act).dtype == torch.float32
     assert la.residual_update(x, A, B, 1.0, act, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_dense_update_of_bf16_adapters_computes_in_float32(eager):
+    """loran_update (the DENSE path) with bf16 x, A and B (a model cast to bf16): forward and backward cast A and B
+    to float32 for Z = B A and f(Z); output and gradients close to float64 math, gradients in bf16."""
+    from loran.activations import Activation
+
+    gen = torch.Generator().manual_seed(12)
+    x0, A0, B0 = (torch.randn(*shape, generator=gen).to(torch.bfloat16) * 0.5 for shape in ((4, 6), (3, 6), (7, 3)))
+    x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+    rx, rA, rB = (t.double().requires_grad_() for t in (x0, A0, B0))
+    y = la.loran_update(x, A, B, 1.5, Activation("sinter", SINTER), chunk_rows=2, block_rows=4)
+    Z = rB @ rA
+    ref = 1.5 * rx @ (Z + 0.5 * Z * torch.sin(30.0 * Z)).T
+    y.float().pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    assert _relative(y, ref.detach()) < 1e-2
+    for got, want in ((x.grad, rx.grad), (A.grad, rA.grad), (B.grad, rB.grad)):
+        assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2

@@ -503,3 +503,33 @@ def test_an_int8_base_is_not_folded():
     with torch.no_grad():
         assert not base_folds(base, x)
         assert base_folds(nn.Linear(10, 7).requires_grad_(False), x)
+
+
+def test_a_folded_nf4_base_quantised_from_bf16_is_read_in_the_compute_dtype_in_backward(eager):
+    """An NF4 weight quantised from bf16 (its quant_state says bf16), float32 x: the folded layer reads W0 straight
+    into float32 in forward and backward, as bitsandbytes' own matmul does. dL/dx against float64 math on the float32
+    dequantisation (a bf16 read would be off by bf16's rounding, ~4e-3)."""
+    import bitsandbytes as bnb
+
+    from loran.compat import dequantized_4bit
+
+    torch.manual_seed(0)
+    proj = Proj(8, 6)
+    q = bnb.nn.Linear4bit(8, 6, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(proj.q_proj.weight.data.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
+    q.bias = nn.Parameter(proj.q_proj.bias.data.clone(), requires_grad=False)
+    proj.q_proj = q.to("cpu")
+    proj.q_proj.support_avx512bf16_for_cpu = False
+    assert proj.q_proj.weight.quant_state.dtype == torch.bfloat16
+    model = get_loran_model(proj, LoranConfig(r=3, lora_alpha=9, target_modules=["q_proj"], activation="sinter",
+                                              activation_kwargs=SINTER)).eval()
+    layer = model.base_model.model.q_proj
+    layer.lora_B["default"].weight.data = torch.randn(6, 3, generator=torch.Generator().manual_seed(3)) * 0.5
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    assert choose_path(layer, x).path is Path.FOLDED
+    grad_y = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    model(x).backward(grad_y)
+    W0 = dequantized_4bit(proj.q_proj.weight, torch.float32).double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = grad_y.double() @ (W0 + 3.0 * F64["sinter"](B @ A))
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
