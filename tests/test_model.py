@@ -112,3 +112,18 @@ def test_a_matching_adapter_still_loads_bit_identically(tmp_path):
     y = saved(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert torch.equal(load_loran(make_toy(), tmp_path / "b")(X), y)
+
+
+def test_the_version_warning_points_at_the_line_that_registered_loran(monkeypatch):
+    """compat.check_versions warns with stacklevel 3: at the caller of register_with_peft, not inside loran (not in
+    the mutation tests' selection: mutmut's trampolines add stack frames)."""
+    import peft
+
+    from loran import compat
+    from loran.model import register_with_peft
+
+    monkeypatch.setattr(peft, "__version__", "0.20.0")
+    monkeypatch.setattr(compat, "_checked", False)
+    with pytest.warns(UserWarning, match="peft written for 0.21.0 or later; 0.20.0 is installed") as caught:
+        register_with_peft()
+    assert [w.filename for w in caught] == [__file__]
