@@ -81,3 +81,13 @@ def test_the_version_check_covers_bitsandbytes_only_when_installed(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions()
+
+
+def test_the_saved_peft_type_lookup_gets_the_hub_arguments(monkeypatch):
+    """A hub adapter's type is read at the revision and subfolder asked for: the hub kwargs reach PEFT's lookup."""
+    from peft import PeftConfig
+
+    seen = {}
+    monkeypatch.setattr(PeftConfig, "_get_peft_type", classmethod(lambda cls, model_id, **kw: seen.update(kw) or "X"))
+    assert compat.saved_peft_type("user/adapter", {"revision": "v2", "subfolder": "a"}) == "X"
+    assert seen == {"revision": "v2", "subfolder": "a"}

@@ -340,7 +340,8 @@ def test_identity_adapter_in_bf16_computes_its_update_in_float32():
     assert (y == exact).float().mean() > 0.99, (y == exact).float().mean()
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])  # slope f'(0) = 1 and 1/4 (RESIDUAL's c-part)
+# tanh, sigmoid: slope f'(0) = 1 and 1/4 (RESIDUAL's c-part); the official start's Sigmoid is not centred (DENSE)
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "sigmoid official"])
 @pytest.mark.parametrize("memory_efficient", [True, False])
 def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eager, memory_efficient, activation):
     """update_dtype="autocast" under bf16 autocast: B A, f(B A) and the products in bf16, as autocast computes LoRA's
@@ -348,9 +349,10 @@ def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eage
     float64 math. Mutant: the autocast dtype not passed on (the "autocast" policy computing in float32)."""
     outs = {}
     for policy in ("float32", "autocast"):
+        name, start = activation.split()[0], "official" if activation.endswith("official") else "base"
         model = get_loran_model(Proj(16, 12), LoranConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj"], activation=activation, memory_efficient=memory_efficient,
-            update_dtype=policy))
+            r=4, lora_alpha=8, target_modules=["q_proj"], activation=name, memory_efficient=memory_efficient,
+            update_dtype=policy, start=start))
         layer = model.base_model.model.q_proj
         layer.lora_B["default"].weight.data = torch.randn(12, 4, generator=torch.Generator().manual_seed(6)) * 0.5
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))
@@ -358,7 +360,8 @@ def test_autocast_policy_computes_a_non_linear_update_in_the_autocast_dtype(eage
             outs[policy] = model(x).float()
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
-    exact = x.double() @ (W0 + 2.0 * F64.get(activation, torch.tanh)(B @ A)).T + b
+    f64 = {"sigmoid official": torch.sigmoid}.get(activation) or F64.get(activation, torch.tanh)
+    exact = x.double() @ (W0 + 2.0 * f64(B @ A)).T + b
     for policy, y in outs.items():
         torch.testing.assert_close(y.double(), exact, rtol=0.03, atol=0.03, msg=policy)
     assert not torch.equal(outs["float32"], outs["autocast"])
