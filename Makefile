@@ -41,9 +41,10 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow"
 
 ## Mutation testing of the math and table modules, not in CI [hours, 2-core CPU]
-# mutmut over activations, autograd, layers, official import, metrics, tables and spectrum: run it when those modules
-# change. Reruns reuse results for unchanged functions.
-# One module: `make mutate MUTANTS='loran.pipeline.tables*'`. Report and equivalent survivors: results/mutation.md.
+# mutmut over the adapter's modules (activations, autograd, layers, variants, compat, dispatch, official) and the
+# metrics, tables and spectrum: run it when those modules change. Reruns reuse results for unchanged functions.
+# One module: `make mutate MUTANTS='loran.pipeline.tables*'`; named survivors: MUTATE_CHILDREN=1 (results/mutation.md).
+# Report: results/mutation.md; equivalent survivors, one reason each: results/mutation_equivalent.txt.
 MUTANTS ?=
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
@@ -52,6 +53,7 @@ mutate: $(STAMP)
 	mkdir -p mutants
 	PYTHONPATH=$(CURDIR)/mutants $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
+	$(PY) scripts/mutation_summary.py --equivalent results/mutation_equivalent.txt
 
 ## Paper-scale Table 2, 48 cells on SLURM [~130 A100-hours, estimated; hub token with Llama-2 access]
 # Llama-2-7B, SAMSum + 20 Newsgroups (LAUNCHER=local for a workstation). The estimate's basis: configs/experiment/
