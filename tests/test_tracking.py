@@ -14,6 +14,9 @@ from loran.pipeline.tracking import finish_wandb, log_wandb, start_wandb
 CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused at once
 FAKE_KEY = "f" * 40  # the right format, never valid
 TIMEOUT = 3
+# Without the timeout wandb waits 90 s for an unreachable server: a run that falls back well under that used ours. Not a
+# timing of the machine: on 2 loaded cores start-up alone took 16 s (a bound of TIMEOUT + 10 failed there).
+FALLBACK_BOUND = 45
 RECORD = {"choices": {"adapter": "loran"}, "config": {"seed": 0}, "status": "ok", "metrics": {"rougeL": 0.5}}
 
 
@@ -57,7 +60,7 @@ def test_unreachable_server_falls_back_offline_within_the_timeout(no_wandb_login
     mode, sync_dir, warnings, seconds = start_and_finish(no_wandb_login, caplog)
     assert mode == "offline"
     assert any("online failed" in w and f"wandb sync {sync_dir}" in w for w in warnings), warnings
-    assert seconds < TIMEOUT + 10  # wandb's 90 s before; 10 s = wandb's own grace after the timeout, plus start-up
+    assert seconds < FALLBACK_BOUND
 
 
 def test_online_without_a_key_falls_back_offline(no_wandb_login, monkeypatch, caplog):
@@ -65,7 +68,7 @@ def test_online_without_a_key_falls_back_offline(no_wandb_login, monkeypatch, ca
     mode, sync_dir, warnings, seconds = start_and_finish(no_wandb_login, caplog)
     assert mode == "offline"
     assert any("no W&B API key" in w and f"wandb sync {sync_dir}" in w for w in warnings), warnings
-    assert seconds < TIMEOUT + 10
+    assert seconds < FALLBACK_BOUND
 
 
 def test_a_key_in_netrc_counts_as_logged_in(no_wandb_login, monkeypatch, caplog):
@@ -79,7 +82,7 @@ def test_a_key_in_netrc_counts_as_logged_in(no_wandb_login, monkeypatch, caplog)
     assert mode == "offline"
     assert any("online failed" in w and f"wandb sync {sync_dir}" in w for w in warnings), warnings
     assert not any("no W&B API key" in w for w in warnings)
-    assert seconds < TIMEOUT + 10
+    assert seconds < FALLBACK_BOUND
 
 
 def test_no_wandb_call_raises(no_wandb_login, monkeypatch, caplog):
