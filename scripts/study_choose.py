@@ -54,6 +54,11 @@ def at_chosen_length(records, task: str) -> list:
     return [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
 
 
+def tasks(records) -> list[str]:
+    """The datasets the records ran on, sorted."""
+    return sorted({r["identity"]["dataset"]["name"] for r in records})
+
+
 def label(method: dict) -> str:
     """A method's short name: adapter, activation and its parameters."""
     name = method.get("adapter.peft.activation") or method["adapter.name"]
@@ -65,7 +70,7 @@ def label(method: dict) -> str:
 def learning_rates(records, experiment: str, results: Path, argv: list[str]) -> None:
     """Write and print each task's and method's mean per learning rate, the choice and the configurations tried."""
     entries = [{"task": task, "label": label(entry["method"]), **entry}
-               for task in sorted({r["identity"]["dataset"]["name"] for r in records})
+               for task in tasks(records)
                for entry in choose_settings(at_chosen_length(records, task))]
     rates = sorted({float(v) for e in entries for v in e["runs"]})
     lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
@@ -108,9 +113,10 @@ def seed_plan(records, task: str) -> dict:
         if is_control(entry["method"]):
             continue
         d, seeds, ids = difference_matrix(scores_by_seed(chosen, metric), scores_by_seed(control, metric))
+        parts = components(d)
         comparisons.append({"label": label(entry["method"]), "learning_rate": entry["chosen"], "seeds": seeds,
-                            "examples": len(ids), "components": components(d),
-                            "mde_5": planned_mde(components(d), 5, TEST_EXAMPLES)})
+                            "examples": len(ids), "components": parts,
+                            "mde_5": planned_mde(parts, 5, TEST_EXAMPLES)})
     seeds = planned_seeds([c["components"] for c in comparisons], TEST_EXAMPLES, DELTA[metric])
     for c in comparisons:
         c["mde_at_seeds"] = planned_mde(c["components"], seeds, TEST_EXAMPLES)
@@ -120,7 +126,7 @@ def seed_plan(records, task: str) -> dict:
 
 def seed_plans(records, experiment: str, results: Path, argv: list[str]) -> None:
     """Write and print each task's confirmation seeds and the planned MDE of every comparison."""
-    plans = [seed_plan(records, task) for task in sorted({r["identity"]["dataset"]["name"] for r in records})]
+    plans = [seed_plan(records, task) for task in tasks(records)]
     lines = [f"# {experiment}: seeds of the confirmation per task (planned from the validation differences)", "",
              f"Each method at its chosen learning rate against LoRA at its own, on validation (seeds 0-1): variance "
              f"components of the difference (x 1e4), and the planned MDE on {TEST_EXAMPLES} test articles at 5 seeds "
@@ -144,7 +150,7 @@ def confirmation_overrides(records) -> list[str]:
     """The confirmation's cells: each method's chosen validation cell, as the overrides that built it, with the task's
     seeds."""
     lines = []
-    for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
+    for task in tasks(records):
         seeds = "seed=" + ",".join(str(s) for s in range(seed_plan(records, task)["seeds"]))
         for entry, chosen in chosen_cells(records, task):
             overrides = [o for o in chosen[0]["overrides"] if not o.startswith(("experiment=", "seed="))]

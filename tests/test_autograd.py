@@ -6,6 +6,7 @@ import torch
 
 import loran.autograd as la
 
+from test_residual_split import relative
 from test_variants import SINTER
 
 
@@ -424,10 +425,6 @@ RELEASED = {"amp": 5e-5, "omega": 1e4}
 NEEDS = [("x", "A", "B"), ("x",), ("A",), ("B",), ("A", "B")]
 
 
-def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).norm() / ref.norm()).item()
-
-
 @pytest.mark.parametrize("needs", NEEDS, ids="+".join)
 @pytest.mark.parametrize("activation, params", [("sinter", {"amp": 0.5, "omega": 30.0}), ("sigmoid", {}),
                                                 ("relu", {})])
@@ -486,10 +483,10 @@ def test_residual_update_with_bf16_inputs_computes_g_in_float32(eager, needs):
     ref = 1.5 * rx @ (amp * Z * torch.sin(omega * Z)).T
     y.float().pow(2).sum().backward()
     ref.pow(2).sum().backward()
-    assert y.dtype == torch.float32 and _relative(y, ref.detach()) < 1e-5
+    assert y.dtype == torch.float32 and relative(y, ref.detach()) < 1e-5
     for name, got, want in (("x", x.grad, rx.grad), ("A", A.grad, rA.grad), ("B", B.grad, rB.grad)):
         if name in needs:
-            assert got.dtype == torch.bfloat16 and _relative(got, want) < 1e-2
+            assert got.dtype == torch.bfloat16 and relative(got, want) < 1e-2
         else:
             assert got is None
 
@@ -539,7 +536,7 @@ def test_residual_update_runs_on_the_dense_paths_kernels(monkeypatch, dtype, tol
         y.float().pow(2).sum().backward()
         outs.append([y.float(), x.grad, A.grad, B.grad])
     for got, ref in zip(*outs):
-        assert _relative(got, ref.double()) <= tol
+        assert relative(got, ref.double()) <= tol
 
 
 def test_residual_update_refuses_an_uncentred_activation_and_computes_in_the_dtype_given():
@@ -568,6 +565,6 @@ def test_the_dense_update_of_bf16_adapters_computes_in_float32(eager):
     ref = 1.5 * rx @ (Z + 0.5 * Z * torch.sin(30.0 * Z)).T
     y.float().pow(2).sum().backward()
     ref.pow(2).sum().backward()
-    assert _relative(y, ref.detach()) < 1e-2
+    assert relative(y, ref.detach()) < 1e-2
     for got, want in ((x.grad, rx.grad), (A.grad, rA.grad), (B.grad, rB.grad)):
-        assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2
+        assert got.dtype == torch.bfloat16 and relative(got, want) < 2e-2
