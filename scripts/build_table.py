@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from loran.pipeline.paired import NoPredictions
 from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import MixedConfigs, build, load_records, load_rows, read_paper, to_markdown, write_csv
 
@@ -24,7 +25,7 @@ def main(argv=None) -> None:
     try:
         records = load_records(results / "runs" / args.experiment)
         table = build(records, load_rows(ROWS), read_paper(args.paper or results / "paper" / "table2.csv"))
-    except (CorruptRecord, MixedConfigs) as err:
+    except (CorruptRecord, MixedConfigs, NoPredictions) as err:
         sys.exit(f"no table written: {err}")
     write_csv(table, results / f"{args.experiment}.csv")
     markdown = with_command(to_markdown(table, f"Table 2 ({args.experiment}): {len(records)} successful runs"),

@@ -98,13 +98,17 @@ def noisy_model(tiny, monkeypatch):
 
 def _write_fake_record(runs: Path, adapter: str, activation: str, dataset: str, seed: int, metrics: dict,
                        status: str = "ok", row: str | None = None, **extra) -> dict:
-    """A run record as run_cell writes it (only the fields the tables and the notebook read)."""
+    """A run record as run_cell writes it (only the fields the tables and the notebook read). Unless `predictions`
+    is given, each of 4 examples scores each metric's value (no example-to-example spread)."""
     cell = f"{dataset}.tiny.{row or f'{adapter}-{activation}'}.seed{seed}"
     identity = {"dataset": {"name": dataset}, "adapter": {"name": adapter}, "activation": {"name": activation},
                 "seed": "<seed>", "trainer": {"args": {"learning_rate": 1e-3}}}
     record = {"status": status, "cell": cell, "metrics": metrics if status == "ok" else None,
               "choices": {"dataset": dataset, "model": "tiny", "adapter": adapter, "activation": activation,
-                          "row": row, "seed": seed}, "identity": identity, **extra}
+                          "row": row, "seed": seed}, "identity": identity}
+    if status == "ok":
+        record["predictions"] = [{"id": f"e{i}", "prediction": "text", **metrics} for i in range(4)]
+    record.update(extra)
     (runs / cell).mkdir(parents=True)
     (runs / cell / "record.json").write_text(json.dumps(record))
     return record

@@ -1,22 +1,28 @@
-"""loran/pipeline/tables.py, Table 2 from records: means, paired intervals checked against numpy and the tabulated t
-quantiles, missing and failed cells as dashes, the rendered markdown and CSV, rows, the one-config check."""
+"""loran/pipeline/tables.py, Table 2 from records: means, the paired intervals and MDEs of the crossed bootstrap
+checked against values worked out by hand, records without per-example scores refused, missing and failed cells as
+dashes, the rendered markdown and CSV, rows, the one-config check."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-import mpmath
 import numpy as np
 import pytest
 
 from loran.pipeline.records import CorruptRecord
-from loran.pipeline.tables import (T80, T975, MixedConfigs, _fmt, build, load_records, load_rows, paired_difference,
-                                   read_paper, row_key, t80, t975, to_markdown)
+from loran.pipeline.paired import MDE_FACTOR, NoPredictions, compare
+from loran.pipeline.tables import (MixedConfigs, _fmt, build, load_records, load_rows, paired_difference, read_paper,
+                                   row_key, to_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = load_rows(REPO / "configs" / "row")
-T975_2 = 4.302652729911275  # Student t, df=2, 0.975 (scipy.stats.t.ppf(0.975, 2))
+
+
+def bootstrap_se(d) -> float:
+    """The exact bootstrap SE of the mean of d's seeds when every example of a seed scores alike: the population sd
+    of the per-seed differences over sqrt(number of seeds) (the bootstrap of n draws with replacement)."""
+    d = np.asarray(d, dtype=float)
+    return float(d.std(ddof=0) / np.sqrt(len(d)))
 
 
 @pytest.fixture
@@ -38,16 +44,50 @@ def cell(table, row, metric):
     return next(e for e in table if e["row"] == row and e["metric"] == metric)
 
 
-def test_means_and_paired_interval_match_numpy(runs):
+def test_means_and_paired_interval_match_values_worked_out_by_hand(runs):
+    """Each example of a seed scores alike in these records, so the crossed bootstrap is a bootstrap over the 3 seeds:
+    its mean of 3 draws is the smallest difference with probability >= 1/27 (3.7 % > 2.5 %) and the largest likewise,
+    so the 95 % interval is [min d, max d]; its SE is the population sd of d over sqrt(3)."""
     table = build(load_records(runs), ROWS)
     e = cell(table, "loran-sinter", "accuracy")
     assert e["mean"] == pytest.approx(0.86) and e["std"] == pytest.approx(0.01) and e["n"] == 3
+    assert (e["low"], e["high"]) == pytest.approx((0.85, 0.87))  # the level's interval, same bootstrap
     d = np.array([0.85, 0.86, 0.87]) - np.array([0.80, 0.82, 0.81])
-    half = T975_2 * d.std(ddof=1) / np.sqrt(3)
-    assert (e["delta"], e["ci_low"], e["ci_high"]) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half),
-                                                                     abs=1e-3)
-    assert e["significant"] is True
-    assert cell(table, "loran-tanh", "accuracy")["significant"] is False  # interval straddles 0
+    assert (e["delta"], e["ci_low"], e["ci_high"]) == pytest.approx((d.mean(), d.min(), d.max()))
+    assert e["mde"] == pytest.approx(MDE_FACTOR * bootstrap_se(d), rel=0.05)  # 2,000 draws: a 1.6 % SE on the SE
+    assert (e["pairs"], e["examples"], e["significant"]) == (3, 4, True) and e["p_value"] < 0.001
+    tanh = cell(table, "loran-tanh", "accuracy")  # d = -0.01, +0.02, -0.01: the interval straddles 0
+    assert (tanh["ci_low"], tanh["ci_high"], tanh["significant"]) == (pytest.approx(-0.01), pytest.approx(0.02), False)
+
+
+def test_the_table_pairs_by_example_as_every_comparison_does(runs, write_fake_record):
+    """Examples scored differently: the table's entry is loran.pipeline.paired.compare's result, whose interval covers
+    the examples' spread (wider than the seeds-only interval of the same seed means)."""
+    runs2 = runs.parent / "by_example"
+    a = {0: [1, 1, 0, 1], 1: [1, 0, 1, 1], 2: [1, 1, 1, 1]}
+    b = {0: [1, 0, 0, 1], 1: [0, 0, 1, 1], 2: [1, 0, 1, 1]}
+    for row, scores in (("qlora-none", b), ("loran-sinter", a)):
+        for seed, correct in scores.items():
+            write_fake_record(runs2, *row.split("-"), "bbc_news", seed, {"accuracy": sum(correct) / 4},
+                              predictions=[{"id": f"e{i}", "prediction": str(c), "accuracy": float(c)}
+                                           for i, c in enumerate(correct)])
+    e = cell(build(load_records(runs2), ROWS), "loran-sinter", "accuracy")
+    expected = compare({s: {f"e{i}": float(c) for i, c in enumerate(v)} for s, v in a.items()},
+                       {s: {f"e{i}": float(c) for i, c in enumerate(v)} for s, v in b.items()})
+    assert (e["delta"], e["ci_low"], e["ci_high"], e["mde"], e["p_value"]) == (
+        expected.delta, expected.ci_low, expected.ci_high, expected.mde, expected.p_value)
+    assert e["delta"] == pytest.approx(0.25) and e["ci_high"] - e["ci_low"] > 0.25  # seed means alone: d = .25, .25, .25
+
+
+def test_a_record_without_per_example_scores_stops_the_table_naming_it(runs):
+    """Records made before records kept predictions (the first Table 2 mini) cannot be paired by example."""
+    path = next(runs.glob("bbc_news.tiny.loran-sinter.seed1/record.json"))
+    record = json.loads(path.read_text())
+    del record["predictions"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(NoPredictions, match=r"record bbc_news.tiny.loran-sinter.seed1 kept no per-example "
+                                            r"predictions .*: rerun its cell"):
+        build(load_records(runs), ROWS)
 
 
 def test_missing_and_failed_cells_are_dashes_not_zero(runs):
@@ -60,18 +100,21 @@ def test_missing_and_failed_cells_are_dashes_not_zero(runs):
     assert _fmt(0.5) == "50.00" and _fmt(0.5, signed=True) == "+50.00"
 
 
-def test_a_single_seed_has_no_std(runs, write_fake_record):
+def test_a_single_seed_has_no_std_and_its_difference_covers_the_examples_only(runs, write_fake_record):
     write_fake_record(runs, "loran", "identity", "bbc_news", 0, {"accuracy": 0.9, "no_class_rate": 0.0})
     table = build(load_records(runs), ROWS)
     e = cell(table, "loran-identity", "accuracy")
-    assert (e["mean"], e["std"], e["n"], e["delta"]) == (pytest.approx(0.9), None, 1, None)
-    line = next(x for x in to_markdown(table, "t").splitlines() if x.startswith("| LoRAN (identity"))
+    assert (e["mean"], e["std"], e["n"], e["pairs"]) == (pytest.approx(0.9), None, 1, 1)
+    assert (e["delta"], e["ci_low"], e["ci_high"]) == pytest.approx((0.1, 0.1, 0.1))  # vs QLoRA's seed 0 (0.80)
+    lines = to_markdown(table, "t").splitlines()
+    line = next(x for x in lines if x.startswith("| LoRAN (identity"))
     assert "| 90.00 (1) |" in line and "+-" not in line
+    assert lines[lines.index(line) + 1].endswith("+10.00 [+10.00, +10.00]*, MDE 0.00, 1 seed | |")
 
 
-def test_paired_difference_needs_two_shared_seeds():
-    assert paired_difference({0: 1.0}, {0: 0.5}) is None
-    assert paired_difference({0: 1.0, 1: 2.0}, {1: 0.5, 2: 0.5}) is None
+def test_paired_difference_needs_a_shared_seed():
+    assert paired_difference({0: {"e": 1.0}}, {1: {"e": 0.5}}) is None
+    assert paired_difference({0: {"e": 1.0}, 1: {"e": 2.0}}, {1: {"e": 0.5}, 2: {"e": 0.5}})["pairs"] == 1
 
 
 def test_script_writes_csv_and_markdown_with_empty_paper_column(runs, tmp_path):
@@ -252,55 +295,13 @@ def test_the_study_script_asks_for_migration_of_a_record_without_identity(tmp_pa
     assert "scripts/migrate_records.py" in proc.stderr
 
 
-# Student t quantiles: every tabulated df against an independent computation.
-def _t_quantile(df: int, p: float = 0.975) -> float:
-    """Inverse of the t CDF, F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2, by mpmath root finding."""
-    cdf = lambda t: 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
-    return float(mpmath.findroot(lambda t: cdf(t) - p, 1.0 if p < 0.9 else 2.0 if df > 2 else 5.0))
-
-
-@pytest.mark.parametrize("df", sorted(T975))
-def test_every_tabulated_t_quantile_is_right_to_three_decimals(df):
-    """Planted: T975[4] = 2.576 (or any other entry) -> fails; only df = 2 was checked before."""
-    assert abs(T975[df] - _t_quantile(df)) < 6e-4, (df, T975[df], _t_quantile(df))
-
-
-@pytest.mark.parametrize("df", sorted(T80))
-def test_every_tabulated_power_quantile_is_right_to_three_decimals(df):
-    assert sorted(T80) == sorted(T975)
-    assert abs(T80[df] - _t_quantile(df, 0.80)) < 6e-4, (df, T80[df], _t_quantile(df, 0.80))
-
-
-def test_the_minimal_detectable_effect_of_a_paired_t_test():
-    """(t_.975 + t_.80) x SE of the paired differences, every df looked up at n - 1 (5 seeds: df 4; 40: beyond 30)."""
-    for n in (2, 3, 5, 12, 40):
-        values, base = {s: 0.5 + 0.01 * (s % 3) + 0.002 * s for s in range(n)}, {s: 0.5 for s in range(n)}
-        d = np.array([values[s] - base[s] for s in range(n)])
-        df, se = n - 1, d.std(ddof=1) / math.sqrt(n)
-        expected = ((1.96 + 0.8416) if df > 30 else (_t_quantile(df) + _t_quantile(df, 0.80))) * se
-        assert paired_difference(values, base)["mde"] == pytest.approx(expected, rel=2e-3), n
-    assert t80(31) == 0.842 and t80(30) == T80[30] and t80(11) == T80[11] and t80(22) == T80[20]
-
-
-def test_t975_uses_the_nearest_tabulated_df_at_or_below():
-    assert t975(4) == T975[4] and t975(22) == T975[20] and t975(29) == T975[25] and t975(30) == T975[30]
-    assert t975(31) == 1.96 and t975(1) == T975[1]
-
-
-def test_paired_interval_with_five_seeds_uses_df_4():
-    values, base = {s: 0.5 + 0.01 * s * s for s in range(5)}, {s: 0.5 for s in range(5)}
-    d = np.array([values[s] - base[s] for s in range(5)])
-    half = _t_quantile(4) * d.std(ddof=1) / math.sqrt(5)
-    out = paired_difference(values, base)
-    assert out["pairs"] == 5 and out["delta"] == pytest.approx(d.mean())
-    assert (out["ci_low"], out["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=2e-5)
-
-
 def test_identical_to_the_baseline_is_not_significant():
-    """LoRAN-identity can equal QLoRA exactly (same numbers): a zero-width interval at 0 excludes nothing."""
-    out = paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.5, 1: 0.7, 2: 0.6})
-    assert (out["delta"], out["ci_low"], out["ci_high"], out["significant"]) == (0.0, 0.0, 0.0, False)
-    assert paired_difference({0: 0.4, 1: 0.4}, {0: 0.5, 1: 0.5})["significant"] is True  # below, zero spread
+    """LoRAN-identity can equal QLoRA exactly (same scores): a zero-width interval at 0 excludes nothing."""
+    same = {s: {"a": v, "b": 1 - v} for s, v in enumerate((0.5, 0.7, 0.6))}
+    out = paired_difference(same, same)
+    assert (out["delta"], out["ci_low"], out["ci_high"], out["mde"], out["significant"]) == (0, 0, 0, 0, False)
+    below = paired_difference({0: {"a": 0.4}, 1: {"a": 0.4}}, {0: {"a": 0.5}, 1: {"a": 0.5}})
+    assert below["significant"] is True and below["ci_high"] == pytest.approx(-0.1)  # below, zero spread
 
 
 # Table 2 end to end in-process (mutation testing: the script runs in a subprocess that mutmut cannot see).
@@ -333,13 +334,16 @@ def test_table_entries_in_full(grid):
     assert len(table) == 8 * 4  # every row of configs/row, with or without records
     missing = _entry(table, "loran-sinter", "rouge2")
     assert missing == {"row": "loran-sinter", "label": "LoRAN (Sinter)", "metric": "rouge2", "paper": "",
-                       "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
-                       "mde": None, "pairs": 0, "significant": None, "seeds": []}
+                       "mean": None, "std": None, "n": 0, "low": None, "high": None, "delta": None, "ci_low": None,
+                       "ci_high": None, "mde": None, "p_value": None, "pairs": 0, "examples": 0, "significant": None,
+                       "seeds": []}
     base = _entry(table, "qlora-none", "accuracy")
     assert base["delta"] is None and base["pairs"] == 0 and base["seeds"] == [0, 1, 2]  # no difference to itself
-    two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std and a paired interval with df = 1
+    two = _entry(table, "loran-sigmoid", "accuracy")  # two seeds: a std, and d = 0.03, 0.02 paired
     assert two["std"] == pytest.approx(0.00707107, rel=1e-5) and two["pairs"] == 2
-    assert two["ci_high"] - two["delta"] == pytest.approx(12.706 * 0.01 / 2, rel=1e-4)  # sd(d) = 0.01 / sqrt(2)
+    # the mean of 2 draws is 0.02 or 0.03 with probability 1/4 each: the percentiles are d's extremes
+    assert (two["delta"], two["ci_low"], two["ci_high"]) == pytest.approx((0.025, 0.02, 0.03))
+    assert two["mde"] == pytest.approx(MDE_FACTOR * bootstrap_se([0.03, 0.02]), rel=0.05)
     assert _entry(table, "loran-tanh", "rouge1")["delta"] is None  # no QLoRA values to pair with
     assert _entry(table, "loran-tanh", "rouge1")["mean"] == pytest.approx(0.25)
     worse = _entry(table, "loran-relu", "accuracy")
@@ -347,25 +351,31 @@ def test_table_entries_in_full(grid):
     assert _entry(table, "loran-tanh", "accuracy")["significant"] is False
 
 
+# Differences by hand (each example of a seed scores alike, so the bootstrap is over seeds; see the first test):
+# Sigmoid d = 3, 2 -> [2, 3], MDE 2.80 x 0.35 = 0.99; ReLU d = -10, -11, -8 -> [-11, -8], MDE 2.80 x 0.72 = 2.02;
+# Tanh d = -1, 2, -1 -> [-1, 2], MDE 2.29; Sinter d = 5, 4, 6 -> [4, 6], MDE 1.32; the bootstrap's MDEs (2,000 draws)
+# are within 3 % of these. Identity: one seed, every example +10: a zero-width interval.
 EXPECTED_MD = """\
 # Grid
 
-Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, [95% t interval]; \
-* = the interval excludes 0; MDE = minimal detectable effect at 80% power of that paired t test, (t.975 + t.80) x SE \
-(0 when a row equals QLoRA on every seed: no seed-to-seed noise is seen then). `-` = no successful run for that cell.
+Values in percent: mean +- std over seeds (n seeds). Second line: difference to QLoRA paired by seed and example, \
+[95 % interval of the crossed bootstrap over seeds and examples]; * = the interval excludes 0; MDE = minimal \
+detectable effect at 80 % power, 2.80 x the bootstrap SE (loran/pipeline/paired.py; 0 when a row scores as QLoRA on \
+every example of every seed); `1 seed` = the interval covers the examples only. `-` = no successful run for that cell.
 
 | row | rouge1 | rouge2 | rougeL | accuracy | paper |
 |---|---|---|---|---|---|
 | QLoRA | - | - | - | 81.00 +- 1.00 (3) | - / - / - / 80.1 |
 | LoRAN (Sigmoid) | - | - | - | 83.50 +- 0.71 (2) | - / - / - / - |
-| vs QLoRA |  |  |  | +2.50 [-3.85, +8.85], MDE 7.04 | |
+| vs QLoRA |  |  |  | +2.50 [+2.00, +3.00]*, MDE 0.97 | |
 | LoRAN (ReLU) | - | - | - | 71.33 +- 1.53 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | -9.67 [-13.46, -5.87]*, MDE 4.73 | |
+| vs QLoRA |  |  |  | -9.67 [-11.00, -8.00]*, MDE 1.96 | |
 | LoRAN (Tanh) | 25.00 +- 0.00 (3) | - | - | 81.00 +- 2.65 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | +0.00 [-4.30, +4.30], MDE 5.36 | |
+| vs QLoRA |  |  |  | +0.00 [-1.00, +2.00], MDE 2.29 | |
 | LoRAN (Sinter) | - | - | - | 86.00 +- 1.00 (3) | - / - / - / - |
-| vs QLoRA |  |  |  | +5.00 [+2.52, +7.48]*, MDE 3.10 | |
+| vs QLoRA |  |  |  | +5.00 [+4.00, +6.00]*, MDE 1.29 | |
 | LoRAN (identity = LoRA control) | - | - | - | 90.00 (1) | - / - / - / - |
+| vs QLoRA |  |  |  | +10.00 [+10.00, +10.00]*, MDE 0.00, 1 seed | |
 | LoRAN (Sigmoid, official start) | - | - | - | - | - / - / - / - |
 | LoRAN (ReLU, official start) | - | - | - | - | - / - / - / - |
 """
@@ -381,13 +391,16 @@ def test_markdown_and_csv_in_full(grid, tmp_path):
     assert to_markdown(table, "Grid") == EXPECTED_MD
     write_csv(table, tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert lines[0] == "row,label,metric,mean,std,n,delta,ci_low,ci_high,mde,pairs,significant,paper"
-    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,,0,,"
-    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",3,,,,,0,,80.1")
+    assert lines[0] == ("row,label,metric,mean,std,n,low,high,delta,ci_low,ci_high,mde,p_value,pairs,examples,"
+                        "significant,paper")
+    assert lines[1] == "qlora-none,QLoRA,rouge1,,,0,,,,,,,,0,0,,"
+    assert lines[4].startswith("qlora-none,QLoRA,accuracy,0.81") and lines[4].endswith(",,,,,,0,0,,80.1")
     relu = next(x for x in lines if x.startswith("loran-relu,LoRAN (ReLU),accuracy,"))
     fields = relu.split(",")
-    assert (fields[5], fields[10], fields[11], fields[12]) == ("3", "3", "True", "")
-    assert [float(v) for v in fields[6:10]] == pytest.approx([-0.0966667, -0.1346, -0.0587, 0.0473], abs=1e-4)
+    assert (fields[5], fields[13], fields[14], fields[15], fields[16]) == ("3", "3", "4", "True", "")
+    assert [float(v) for v in fields[6:11]] == pytest.approx([0.70, 0.73, -0.0966667, -0.11, -0.08], abs=1e-6)
+    assert float(fields[11]) == pytest.approx(MDE_FACTOR * bootstrap_se([-0.10, -0.11, -0.08]), rel=0.05)
+    assert float(fields[12]) < 0.01  # p: no bootstrap mean reaches 0
     assert len(lines) == 1 + 8 * 4
 
 
@@ -475,3 +488,18 @@ def test_write_csv_leaves_a_missing_value_empty(tmp_path):
     with open(tmp_path / "t.csv", newline="") as f:
         (line,) = list(csv.DictReader(f))
     assert line["mean"] == "0.0" and line["std"] == "" and line["delta"] == "" and line["paper"] == ""
+
+
+def test_the_script_writes_no_table_from_records_without_per_example_scores(runs, tmp_path):
+    """build_table.py stops with one line naming the record (no traceback, no half-written table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_table", REPO / "scripts/build_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = runs / "bbc_headlines.tiny.qlora-none.seed2/record.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "predictions"}))
+    with pytest.raises(SystemExit, match=r"^no table written: record bbc_headlines.tiny.qlora-none.seed2 kept no "
+                                         r"per-example predictions"):
+        script.main(["grid", "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "results/grid.md").exists() and not (tmp_path / "results/grid.csv").exists()

@@ -124,6 +124,10 @@ def level(a: dict[int, dict[str, float]], n_boot: int = 2000, seed: int = 0) -> 
     return compare(a, {s: dict.fromkeys(scores, 0.0) for s, scores in a.items()}, n_boot=n_boot, seed=seed)
 
 
+class NoPredictions(ValueError):
+    """A record kept no per-example scores (it was written before records kept them): it cannot be paired."""
+
+
 def scores_by_seed(records: list[dict[str, Any]], metric: str) -> dict[int, dict[str, float]]:
     """{seed: {example id: score}} from records that kept their predictions (one record per seed)."""
     out: dict[int, dict[str, float]] = {}
@@ -132,7 +136,8 @@ def scores_by_seed(records: list[dict[str, Any]], metric: str) -> dict[int, dict
         if seed in out:
             raise ValueError(f"two records for seed {seed} ({record['cell']}): compare one configuration at a time")
         if not record.get("predictions"):
-            raise ValueError(f"record {record['cell']} kept no per-example predictions (written before they were)")
+            raise NoPredictions(f"record {record['cell']} kept no per-example predictions (written before records "
+                                "kept them): rerun its cell to compare it example by example")
         out[seed] = {p["id"]: float(p[metric]) for p in record["predictions"]}
     return out
 

@@ -1,10 +1,14 @@
-"""Table 2 from run records only: mean +- std per cell, and the difference to QLoRA paired by seed.
+"""Table 2 from run records only: each row's mean +- std over seeds, and its difference to QLoRA paired by seed and
+example.
 
 A cell is (row, metric), where a row is an adapter-activation pair and each metric comes from the task
 that reports it (ROUGE from the summarization dataset, accuracy from the classification dataset). A cell
-with no successful record shows as "-" (never as 0). The difference to QLoRA uses only seeds that both
-rows have: d_s = row_s - qlora_s, mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n), marked "*" when the 95%
-interval excludes zero.
+with no successful record shows as "-" (never as 0). The difference to QLoRA is computed as every comparison in the
+repository is (loran/pipeline/paired.py): over the seeds both rows have and the examples both scored, d[s, i] =
+row - QLoRA, its mean, the 95 % interval of the crossed bootstrap over seeds and examples, and the minimal
+detectable effect at 80 % power (2.80 x the bootstrap SE); marked "*" when the interval excludes zero. With one
+shared seed the interval covers the examples only. The records must keep each example's score (every record made
+since the study began does); an older record stops the table with NoPredictions, naming it.
 
 A table cell never pools configurations: the records that feed one cell must have the same result-relevant
 config (the record's "identity", see loran/pipeline/cells.py) and differ only in the seed; otherwise ``build`` stops
@@ -15,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from loran.pipeline.cells import flatten
+from loran.pipeline.paired import compare, level, scores_by_seed
 from loran.pipeline.records import RESULT_FIELDS, read_record, record_problem
 
 log = logging.getLogger(__name__)
@@ -37,35 +41,6 @@ def load_rows(folder: str | Path) -> list[tuple[str, str]]:
 
 BASELINE = "qlora-none"
 METRICS = ["rouge1", "rouge2", "rougeL", "accuracy"]
-
-# Two-sided 95% quantiles of Student's t, by degrees of freedom (standard table values).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
-
-
-# One-sided 80% quantiles of Student's t (the power term of a minimal detectable effect), same degrees of freedom.
-T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879,
-       11: 0.876, 12: 0.873, 13: 0.870, 14: 0.868, 15: 0.866, 16: 0.865, 17: 0.863, 18: 0.862, 19: 0.861,
-       20: 0.860, 25: 0.856, 30: 0.854}
-
-
-def _tabulated(table: dict[int, float], df: int, beyond: float) -> float:
-    """The table's value at the nearest tabulated df at or below df; `beyond` (the normal quantile) past the table."""
-    if df > max(table):
-        return beyond
-    return table[max(k for k in table if k <= df)]
-
-
-def t975(df: int) -> float:
-    """t quantile for a 95% two-sided interval (1.96 beyond 30 degrees of freedom)."""
-    return _tabulated(T975, df, 1.96)
-
-
-def t80(df: int) -> float:
-    """t quantile for 80% power (0.842 beyond 30 degrees of freedom)."""
-    return _tabulated(T80, df, 0.842)
-
 
 class MixedConfigs(ValueError):
     """Records that would be pooled into one table cell differ in more than the seed."""
@@ -99,8 +74,9 @@ def row_key(record: dict[str, Any]) -> str | None:
     return f'{choices["adapter"]}-{choices["activation"]}' if "adapter" in choices and "activation" in choices else None
 
 
-def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
-    """(row key, metric) -> {seed: value}, after checking that each cell's records differ only in the seed."""
+def scores_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """(row key, metric) -> {seed: {example id: score}}, after checking that each cell's records differ only in the
+    seed (MixedConfigs) and kept their examples' scores (loran.pipeline.paired.NoPredictions)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
         if row_key(record) is None:
@@ -112,8 +88,7 @@ def values_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
                 groups.setdefault((row_key(record), metric), []).append(record)
     for (row, metric), group in groups.items():
         check_one_config(group, f"{row} / {metric}")
-    return {key: {int(r["choices"]["seed"]): float(r["metrics"][key[1]]) for r in group}
-            for key, group in groups.items()}
+    return {key: scores_by_seed(group, key[1]) for key, group in groups.items()}
 
 
 def require_identity(records: list[dict[str, Any]], where: str) -> None:
@@ -139,25 +114,25 @@ def check_one_config(records: list[dict[str, Any]], where: str) -> None:
                            "extra records out of the folder.")
 
 
-def summarize(values: dict[int, float]) -> dict[str, Any]:
-    """mean, std (sample; None for one value: a single seed says nothing about spread) and n."""
-    xs = list(values.values())
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+def summarize(scores: dict[int, dict[str, float]], n_boot: int = 2000) -> dict[str, Any]:
+    """mean over seeds of each seed's mean score, std over seeds (sample; None for one seed: a single seed says nothing
+    about spread), n, and the 95 % interval of the mean by the crossed bootstrap (loran.pipeline.paired.level)."""
+    means = [statistics.fmean(by_example.values()) for by_example in scores.values()]
+    own = level(scores, n_boot=n_boot)
+    return {"mean": statistics.fmean(means), "std": statistics.stdev(means) if len(means) > 1 else None,
+            "n": len(means), "low": own.ci_low, "high": own.ci_high}
 
 
-def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
-    """Difference to the baseline over shared seeds, with a 95% t interval and the minimal detectable effect at 80%
-    power of that paired t test, (t_.975 + t_.80) x SE (None with fewer than 2 pairs)."""
-    seeds = sorted(set(values) & set(baseline))
-    if len(seeds) < 2:
+def paired_difference(scores: dict[int, dict[str, float]], baseline: dict[int, dict[str, float]],
+                      n_boot: int = 2000) -> dict[str, Any] | None:
+    """The difference to the baseline paired by seed and example (loran.pipeline.paired.compare): mean, 95 % interval,
+    MDE, p-value, the number of seeds paired and of examples; None when the two share no seed."""
+    if not set(scores) & set(baseline):
         return None
-    diffs = [values[s] - baseline[s] for s in seeds]
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    se, df = sd / math.sqrt(len(diffs)), len(diffs) - 1
-    half = t975(df) * se
-    return {"delta": mean, "ci_low": mean - half, "ci_high": mean + half, "mde": (t975(df) + t80(df)) * se,
-            "pairs": len(diffs),
-            "significant": (mean - half > 0) or (mean + half < 0)}
+    result = compare(scores, baseline, n_boot=n_boot)
+    return {"delta": result.delta, "ci_low": result.ci_low, "ci_high": result.ci_high, "mde": result.mde,
+            "p_value": result.p_value, "pairs": len(result.seeds), "examples": result.n_examples,
+            "significant": result.significant}
 
 
 def read_paper(path: str | Path) -> dict[tuple[str, str], str]:
@@ -171,21 +146,22 @@ def read_paper(path: str | Path) -> dict[tuple[str, str], str]:
 
 
 def build(records: list[dict[str, Any]], rows: list[tuple[str, str]],
-          paper: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+          paper: dict[tuple[str, str], str] | None = None, n_boot: int = 2000) -> list[dict[str, Any]]:
     """One entry per (row, metric) in the order of `rows` ((name, label), from load_rows); missing cells have mean
     None."""
-    cells = values_by_cell(records)
+    cells = scores_by_cell(records)
     paper = paper or {}
     table = []
     for row, label in rows:
         for metric in METRICS:
-            values = cells.get((row, metric), {})
+            scores = cells.get((row, metric), {})
             entry = {"row": row, "label": label, "metric": metric, "paper": paper.get((row, metric), ""),
-                     "mean": None, "std": None, "n": 0, "delta": None, "ci_low": None, "ci_high": None,
-                     "mde": None, "pairs": 0, "significant": None, "seeds": sorted(values)}
-            if values:
-                entry.update(summarize(values))
-                if row != BASELINE and (diff := paired_difference(values, cells.get((BASELINE, metric), {}))):
+                     "mean": None, "std": None, "n": 0, "low": None, "high": None, "delta": None, "ci_low": None,
+                     "ci_high": None, "mde": None, "p_value": None, "pairs": 0, "examples": 0, "significant": None,
+                     "seeds": sorted(scores)}
+            if scores:
+                entry.update(summarize(scores, n_boot))
+                if row != BASELINE and (diff := paired_difference(scores, cells.get((BASELINE, metric), {}), n_boot)):
                     entry.update(diff)
             table.append(entry)
     return table
@@ -202,10 +178,11 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
         by_row.setdefault(e["row"], {})[e["metric"]] = e
     head = "| row | " + " | ".join(METRICS) + " | paper |"
     lines = [f"# {title}", "",
-             "Values in percent: mean +- std (n seeds). Second line: difference to QLoRA paired by seed, "
-             "[95% t interval]; * = the interval excludes 0; MDE = minimal detectable effect at 80% power of that "
-             "paired t test, (t.975 + t.80) x SE (0 when a row equals QLoRA on every seed: no seed-to-seed noise "
-             "is seen then). `-` = no successful run for that cell.", "",
+             "Values in percent: mean +- std over seeds (n seeds). Second line: difference to QLoRA paired by seed and "
+             "example, [95 % interval of the crossed bootstrap over seeds and examples]; * = the interval excludes 0; "
+             "MDE = minimal detectable effect at 80 % power, 2.80 x the bootstrap SE (loran/pipeline/paired.py; 0 when "
+             "a row scores as QLoRA on every example of every seed); `1 seed` = the interval covers the examples only. "
+             "`-` = no successful run for that cell.", "",
              head, "|" + "---|" * (len(METRICS) + 2)]
     for row, label in dict.fromkeys((e["row"], e["label"]) for e in table):
         cells, deltas = [], []
@@ -217,8 +194,9 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
                 deltas.append("")
             else:
                 mark = "*" if e["significant"] else ""
+                one = ", 1 seed" if e["pairs"] == 1 else ""
                 deltas.append(f'{_fmt(e["delta"], signed=True)} [{_fmt(e["ci_low"], signed=True)}, '
-                              f'{_fmt(e["ci_high"], signed=True)}]{mark}, MDE {_fmt(e["mde"])}')
+                              f'{_fmt(e["ci_high"], signed=True)}]{mark}, MDE {_fmt(e["mde"])}{one}')
         paper = " / ".join(by_row[row][m]["paper"] or "-" for m in METRICS)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper} |")
         if any(deltas):
@@ -228,8 +206,8 @@ def to_markdown(table: list[dict[str, Any]], title: str) -> str:
 
 def write_csv(table: list[dict[str, Any]], path: str | Path) -> None:
     """The long-format table: one line per (row, metric); missing values are empty, never 0."""
-    columns = ["row", "label", "metric", "mean", "std", "n", "delta", "ci_low", "ci_high", "mde", "pairs",
-               "significant", "paper"]
+    columns = ["row", "label", "metric", "mean", "std", "n", "low", "high", "delta", "ci_low", "ci_high", "mde",
+               "p_value", "pairs", "examples", "significant", "paper"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
