@@ -54,8 +54,9 @@ def _study_record(runs, activation, params, r, seed, correct, alpha=16):
     (runs / cell / "record.json").write_text(__import__("json").dumps(rec))
 
 
-def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeypatch):
-    """The study notebook on records the test writes: a 2 x 2 screening grid and two methods at two ranks."""
+def test_study_notebook_draws_the_heatmaps_the_rank_figure_and_the_tuned_study(tmp_path, monkeypatch):
+    """The study notebook on records the test writes: a 2 x 2 screening grid, two methods at two ranks, and the tuned
+    study's validation grid and confirmation."""
     import numpy as np
     rng = np.random.default_rng(0)
     base = [int(v) for v in rng.integers(0, 2, 50)]
@@ -69,9 +70,12 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
             _study_record(tmp_path / "results/runs/test", "identity", {}, r, seed, base)
             _study_record(tmp_path / "results/runs/test", "sine", {"omega": 300.0}, r, seed, base[::-1])
         _study_record(tmp_path / "results/runs/test", "identity", {}, 8, seed, base[::-1][:25] + base[25:], alpha=200)
+    _tuned_study(tmp_path / "results", rng)
     monkeypatch.setenv("LORAN_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("LORAN_SCREEN", "screen")
     monkeypatch.setenv("LORAN_TEST", "test")
+    monkeypatch.setenv("LORAN_TUNED_VAL", "tval")
+    monkeypatch.setenv("LORAN_TUNED_TEST", "ttest")
     out = tmp_path / "executed.ipynb"
     run_notebook.main(REPO / "notebooks/study.ipynb", out)
     nb = nbformat.read(out, as_version=4)
@@ -86,5 +90,61 @@ def test_study_notebook_draws_the_heatmaps_and_the_rank_figure(tmp_path, monkeyp
     head = [line for line in text.splitlines() if line.startswith("| 8 | activation=identity, lora_alpha=200 | activation=sine")]
     assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
     assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
+    # the tuned study: validation means per learning rate (the 100-step length cell left out), then the confirmation
+    assert "| bbc_news | activation=identity | 0.0003: 50.00 (2), 0.001: 60.00 (2), 0.003: 55.00 (2) |" in text, text
+    assert "| bbc_news | activation=sinter | 0.0003: 40.00 (2), 0.003: 70.00 (2) |" in text
+    assert "| bbc_headlines | activation=identity | 0.0003: 50.00 (2)" in text and "(1)" not in text.split("learning rate: mean")[1]
+    confirmation = text.split("# ttest: 8 successful runs")[1]
+    assert confirmation.count("| control |") == 2 and "p (Holm)" in confirmation
+    assert "| bbc_news | activation=sinter | 0.003 | 2 | 2 | accuracy | 65.00 | +5.00 [" in confirmation
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
-    assert figures == ["screen_heatmaps.png", "test_accuracy_vs_parameters.png"]
+    assert figures == ["screen_heatmaps.png", "test_accuracy_vs_parameters.png", "ttest_vs_lora.png",
+                       "tval_learning_rates.png"]
+
+
+def _tuned_study(results, rng):
+    """The tuned study's records, composed from its configs: on validation LoRA at 3 learning rates and Sinter amp 0.5
+    at 2, seeds 0 and 1, per task (bbc_news at 400 steps, headlines at 200) and LoRA's 100-step length cell; on test
+    LoRA and Sinter at their chosen rates, seeds 0 and 1; the validation choices file."""
+    import json
+
+    import numpy as np
+
+    from loran.pipeline.cells import flatten, identity
+    from loran.pipeline.metrics import primary_metric
+
+    from conftest import cfg_of
+
+    def write(experiment, overrides, seed, value):
+        cfg = cfg_of(f"experiment={experiment}", f"seed={seed}", *overrides)
+        metric = primary_metric({"identity": identity(cfg)})
+        scores = [float(i < round(100 * value)) for i in range(100)]
+        rng.shuffle(scores)
+        rec = {"status": "ok", "cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": seed},
+               "metrics": {metric: float(np.mean(scores)), "rouge1": 0.3, "rouge2": 0.1}, "n_eval": 100,
+               "eval_split": "validation" if experiment == "study_tuned_val" else "test", "trainable_params": 1,
+               "predictions": [{"id": f"a{i}", "prediction": str(v), metric: v, "rouge1": 0.3, "rouge2": 0.1}
+                               for i, v in enumerate(scores)]}
+        folder = results / "runs" / ("tval" if experiment == "study_tuned_val" else "ttest") / cfg.cell
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(rec))
+        return cfg
+
+    lora, sinter = ("activation=identity",), ("activation=sinter", "activation.params.amp=0.5")
+    choices = []
+    for task, steps in (("bbc_news", 400), ("bbc_headlines", 200)):
+        data = (f"dataset={task}", f"trainer.args.max_steps={steps}")
+        write("study_tuned_val", (*lora, f"dataset={task}", "trainer.args.max_steps=100",
+                                  "trainer.args.learning_rate=1e-3"), 0, 0.9)
+        for seed in (0, 1):
+            for lr, value in (("3e-4", 0.5), ("1e-3", 0.6), ("3e-3", 0.55)):
+                write("study_tuned_val", (*lora, *data, f"trainer.args.learning_rate={lr}"), seed, value)
+            for lr, value in (("3e-4", 0.4), ("3e-3", 0.7)):
+                write("study_tuned_val", (*sinter, *data, f"trainer.args.learning_rate={lr}"), seed, value)
+            write("study_tuned_test", (*lora, *data, "trainer.args.learning_rate=1e-3"), seed, 0.6)
+            write("study_tuned_test", (*sinter, *data, "trainer.args.learning_rate=3e-3"), seed, 0.65)
+        for method, tried in ((lora, 3), (sinter, 2)):
+            flat = flatten(identity(cfg_of("experiment=study_tuned_val", *data, *method)))
+            choices.append({"task": task, "tried": tried,
+                            "method": {k: v for k, v in flat.items() if k != "trainer.args.learning_rate"}})
+    (results / "tval_choices.json").write_text(json.dumps(choices))

@@ -95,8 +95,7 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
     """Two tasks x (LoRA, Sinter amp 0.5, the released Sinter row) x 2 seeds on test: per task the control is LoRA;
     the family is the 2 tuned comparisons (the released row is secondary: no Holm value); Holm's values are the
     comparisons' bootstrap p-values, sorted, times 2 and 1 (monotone); 'tried' comes from the validation choices."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import study_confirm
+    from loran.pipeline.confirm import rows_of, to_markdown
 
     rng = np.random.default_rng(0)
     base = {task: rng.integers(0, 2, (2, 60)).astype(float) for task in ("bbc_news", "bbc_headlines")}
@@ -119,7 +118,7 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
             flat = flatten(identity(cfg_of("experiment=study_tuned_val", f"dataset={task}", *overrides)))
             choices.append({"task": task, "tried": tried, "method": {k: v for k, v in flat.items()
                                                                      if k != "trainer.args.learning_rate"}})
-    rows = study_confirm.rows_of(records, choices)
+    rows = rows_of(records, choices)
     assert [(r["task"], r["control"], r["confirmatory"], r["tried"]) for r in rows] == [
         ("bbc_headlines", True, False, 3), ("bbc_headlines", False, False, None), ("bbc_headlines", False, True, 4),
         ("bbc_news", True, False, 3), ("bbc_news", False, False, None), ("bbc_news", False, True, 4)]
@@ -130,7 +129,7 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
     assert all("p_holm" not in r for r in rows if not r["confirmatory"])
     assert {r["metric"] for r in rows} == {"accuracy", "rougeL"} and all(r["delta"] > 0 for r in family)
     assert rows[1]["learning_rate"] == 1e-3 and rows[2]["learning_rate"] == 3e-3
-    markdown = study_confirm.to_markdown(rows, "t")
+    markdown = to_markdown(rows, "t")
     assert markdown.count("| control |") == 2 and "p (Holm)" in markdown
 
 

@@ -1,0 +1,68 @@
+"""The tuned study's confirmation (protocol: results/study_report.md, "The tuned study"): per task, every method
+against LoRA (the identity) on the task's primary metric, paired by seed and example (loran.pipeline.study.study_rows,
+the crossed bootstrap), Holm-corrected over the confirmatory family (every tuned method x task; the released Sinter
+row, amp 5e-5, is secondary and left out of it), with each method's learning rate and the number of configurations
+validation tried for it. ROUGE-1/2 differences are reported, not tested.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from loran.pipeline.metrics import primary_metric
+from loran.pipeline.paired import holm
+from loran.pipeline.study import _pct, configurations, study_rows
+from loran.pipeline.tuning import LR_KEY
+
+CONTROL = {"activation.name": "identity"}
+SECONDARY = {"rougeL": ("rouge1", "rouge2")}
+UNTUNED = {"activation.name": "sinter", "activation.params.amp": 5e-5}  # the released setting: a row, not a method
+
+
+def method_key(flat: dict[str, Any]) -> str:
+    """A method across splits: its identity without the learning rate and the evaluated split."""
+    return json.dumps({k: v for k, v in flat.items() if k not in (LR_KEY, "dataset.eval_split")}, sort_keys=True)
+
+
+def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task and configuration, with the paired comparison and what validation tried."""
+    tried = {method_key({**c["method"], "dataset.name": c["task"]}): c["tried"] for c in choices}
+    out = []
+    for task in sorted({r["identity"]["dataset"]["name"] for r in records}):
+        mine = [r for r in records if r["identity"]["dataset"]["name"] == task]
+        metric = primary_metric(mine[0])
+        secondary = {m: {row["configuration"]: row for row in study_rows(mine, m, CONTROL)}
+                     for m in SECONDARY.get(metric, ())}
+        flats = {g["label"]: g["flat"] for g in configurations(mine)}
+        for row in study_rows(mine, metric, CONTROL):
+            flat = flats[row["configuration"]]
+            untuned = all(flat.get(k) == v for k, v in UNTUNED.items())
+            out.append({"task": task, "metric": metric, **row, "learning_rate": flat.get(LR_KEY),
+                        "tried": None if untuned else tried.get(method_key(flat)), "confirmatory":
+                        not row["control"] and not untuned,
+                        **{f"delta_{m}": by[row["configuration"]].get("delta") for m, by in secondary.items()}})
+    family = [r for r in out if r["confirmatory"]]
+    for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
+        row["p_holm"] = adjusted
+    return out
+
+
+def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The confirmation's table: one line per task and configuration, values in percent."""
+    head = ("| task | configuration | lr | tried | seeds | metric | mean | vs LoRA [95% CI] | MDE | p | p (Holm) | "
+            "texts differ | ROUGE-1 / -2 vs LoRA |")
+    lines = [f"# {title}", "", "Each configuration against LoRA on the same task, paired by seed and example (crossed "
+             "bootstrap); MDE at 80 % power; p two-sided from the bootstrap, Holm over the confirmatory family (the "
+             f"{sum(r['confirmatory'] for r in rows)} rows with a Holm value). tried = configurations tried on "
+             "validation for that method (learning rates; Sine-LoRA's omega was chosen in the first study). Values "
+             "in percent.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        vs = "control" if r["control"] else f"{_pct(r['delta'], True)} [{_pct(r['ci_low'], True)}, " \
+             f"{_pct(r['ci_high'], True)}]"
+        rouge = " / ".join(_pct(r.get(f"delta_{m}"), True) for m in ("rouge1", "rouge2")) if "delta_rouge1" in r else ""
+        cells = [r["task"], r["configuration"], f"{r['learning_rate']:g}", "-" if r["tried"] is None else
+                 str(r["tried"]), str(len(r["seeds"])), r["metric"], _pct(r[r["metric"]]), vs, _pct(r.get("mde")),
+                 f"{r['p_value']:.3f}" if "p_value" in r else "", f"{r['p_holm']:.3f}" if "p_holm" in r else "",
+                 _pct(r.get("texts_differ")), rouge]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
