@@ -4,8 +4,9 @@
     python scripts/study_table.py study_sinter_screen --plan 5,836        # + the MDE of 5 seeds x 836 examples
     python scripts/study_table.py study_test --pair-by adapter.peft.r     # each rank against LoRA at that rank
 
-Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown; where a comparison rests
-on one seed, also the seed-to-seed null (<experiment>_seed_nulls.csv and a section of the markdown).
+Writes results/<experiment>.md and .csv (see loran/pipeline/study.py) and prints the markdown; each comparison's
+p-value is also given Holm-adjusted over the table's comparisons. Where a comparison rests on one seed, also the
+seed-to-seed null (<experiment>_seed_nulls.csv and a section of the markdown).
 """
 import argparse
 import logging
@@ -13,7 +14,8 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.records import CorruptRecord, with_command
-from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, write_csv
+from loran.pipeline.study import (configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, with_holm,
+                                  write_csv)
 from loran.pipeline.tables import load_records, require_identity
 
 
@@ -47,8 +49,8 @@ def main(argv=None) -> None:
             sys.exit(f"no table written: no successful run record under {results / 'runs' / args.experiment} "
                      f"(that reports {args.metric!r})")
         require_identity(records, args.experiment)
-        rows = study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
-                          pair_by=tuple(args.pair_by))
+        rows = with_holm(study_rows(records, args.metric, control, n_boot=args.boot, plan=plan,
+                                    pair_by=tuple(args.pair_by)))
         # a table with a single-seed comparison shows, as its null, two seeds of one configuration compared alike
         nulls = seed_nulls(records, args.metric, n_boot=args.boot) if any(r.get("pairs") == 1 for r in rows) else []
     except (CorruptRecord, ValueError) as err:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown
+from loran.pipeline.paired import holm
+from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, with_holm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,21 @@ def test_each_configuration_against_the_control(records):
     assert released["mde"] == 0 and not released["significant"]
     table = to_markdown(rows, "accuracy", "t", 3)
     assert "3 configurations in this experiment" in table and "| activation=identity | 2 |" in table
+
+
+def test_holm_adjusts_every_comparison_of_the_table_and_the_table_shows_both_p_values(records):
+    """The first round's 14 comparisons had no correction (issue 21): every study table now shows p and Holm's p over
+    its comparisons; the control has neither."""
+    rows = with_holm(study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=500))
+    compared = [r for r in rows if not r["control"]]
+    assert "p_holm" not in rows[0] and [r["p_holm"] for r in compared] == holm([r["p_value"] for r in compared])
+    assert compared[1]["p_holm"] == pytest.approx(min(1, 2 * compared[1]["p_value"]))  # the smaller p, times 2
+    table = to_markdown(rows, "accuracy", "t", 3)
+    assert "| MDE | p | p (Holm) | scores differ |" in table and "adjusted over the 2 comparisons of this table" in table
+    line = next(x for x in table.splitlines() if x.startswith("| activation=sinter, amp=0.5"))
+    assert f"| {compared[1]['p_value']:.3f} | {compared[1]['p_holm']:.3f} |" in line
+    assert "p (Holm)" not in to_markdown(study_rows(records, "accuracy", {"activation.name": "identity"}, n_boot=50),
+                                         "accuracy", "t", 3)
 
 
 def test_the_control_must_be_one_configuration(records):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loran.pipeline.cells import flatten
-from loran.pipeline.paired import changed_predictions, compare, level, planned_mde, scores_by_seed
+from loran.pipeline.paired import changed_predictions, compare, holm, level, planned_mde, scores_by_seed
 
 
 def configurations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -123,6 +123,15 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
     return rows
 
 
+def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, each comparison given ``p_holm``: its p-value Holm-adjusted over every comparison of the table (the
+    family a reader scans; the first round's tables are exploratory, so the correction shows what survives it)."""
+    compared = [r for r in rows if "p_value" in r]
+    for row, adjusted in zip(compared, holm([r["p_value"] for r in compared])):
+        row["p_holm"] = adjusted
+    return rows
+
+
 def seed_nulls(records: list[dict[str, Any]], metric: str, n_boot: int = 2000) -> list[dict[str, Any]]:
     """The null of a single-seed comparison: for each configuration run with several seeds, every later seed against
     its first, paired by example exactly as a configuration is compared with its control at one seed."""
@@ -172,14 +181,18 @@ def _pct(x: float | None, signed: bool = False) -> str:
 def to_markdown(rows: list[dict[str, Any]], metric: str, title: str, n_configurations: int) -> str:
     """The study table in percent; the note says how many configurations the experiment holds."""
     plan = any("planned_mde" in r for r in rows)
-    head = (f"| configuration | seeds | trainable | {metric} | vs control [95% CI] | MDE | scores differ | texts differ | "
-            f"energy beyond r |" + (" planned MDE |" if plan else ""))
+    corrected = sum("p_holm" in r for r in rows)
+    head = (f"| configuration | seeds | trainable | {metric} | vs control [95% CI] | MDE | "
+            + ("p | p (Holm) | " if corrected else "") + "scores differ | texts differ | energy beyond r |"
+            + (" planned MDE |" if plan else ""))
     lines = [f"# {title}", "",
              f"{n_configurations} configurations in this experiment (every one is listed). Differences are paired "
              "by seed and example: two-way bootstrap over seeds and examples, 95% percentile interval (* = excludes "
              "0); MDE = minimal detectable effect at 80% power (2.80 x bootstrap SE). Values in percent; energy "
              "beyond r is the share of the middle adapted layer's update energy beyond rank r; trainable = trainable "
-             "parameters. Each configuration is compared with the control listed above it.", "",
+             "parameters. Each configuration is compared with the control listed above it."
+             + (f" p: two-sided, from the bootstrap; p (Holm): adjusted over the {corrected} comparisons of this "
+                "table." if corrected else ""), "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         vs = "control" if r["control"] else "no control yet" if "delta" not in r else (
@@ -187,8 +200,10 @@ def to_markdown(rows: list[dict[str, Any]], metric: str, title: str, n_configura
             + ("*" if r["significant"] else ""))
         energy = "-" if r["energy_beyond_r"] is None else f"{r['energy_beyond_r']:.2e}"
         trainable = "-" if r.get("trainable_params") is None else f"{r['trainable_params']:,}"
-        cells = [r["configuration"], str(len(r["seeds"])), trainable, _pct(r[metric]), vs, _pct(r.get("mde")),
-                 _pct(r.get("scores_differ")), _pct(r.get("texts_differ")), energy]
+        cells = [r["configuration"], str(len(r["seeds"])), trainable, _pct(r[metric]), vs, _pct(r.get("mde"))]
+        if corrected:
+            cells += [f"{r['p_value']:.3f}" if "p_value" in r else "-", f"{r['p_holm']:.3f}" if "p_holm" in r else "-"]
+        cells += [_pct(r.get("scores_differ")), _pct(r.get("texts_differ")), energy]
         if plan:
             cells.append(_pct(r.get("planned_mde")))
         lines.append("| " + " | ".join(cells) + " |")
