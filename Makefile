@@ -151,7 +151,7 @@ study-tuned-length: $(STAMP)
 	  $(PY) scripts/study_choose.py length study_tuned_val --dataset $$task || exit $$?; \
 	done
 
-## Tuned study, part 2: 6 methods x 3 learning rates x 2 seeds x 2 tasks on validation, 72 cells [~10 h, 2-core CPU]
+## Tuned study, part 2: 6 methods x 3 learning rates x 2 seeds x 2 tasks on validation, 72 cells [~16 h, 2-core CPU]
 # At the length part 1 chose: LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA. A diverged
 # run is kept (its learning rate is then not eligible) and the grid goes on; then each method's learning rate is
 # chosen (results/study_tuned_val_choices.md).
@@ -170,7 +170,9 @@ study-tuned-val: $(STAMP)
 	done; done; $(PY) scripts/study_choose.py lr study_tuned_val && $(PY) scripts/study_choose.py seeds study_tuned_val; \
 	exit $$status
 
-## Tuned study, part 3: each method at its chosen learning rate, 5-10 seeds, test split, both tasks [~10 h, 2-core CPU]
+## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [~20 h, 2-core CPU]
+# Times from the records: a 400-step classification cell ~12.5 min, a 200-step headline cell ~15 min on 2 idle cores
+# (validation); on the 836 test articles evaluation adds ~1.5 / ~5 min; 7 rows x 2 tasks x 5 seeds = 70 cells.
 # The cells are the validation cells the rules chose (scripts/study_choose.py overrides), plus the released Sinter
 # (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and its task's seeds: 5, or up to 10 where the
 # validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds).
