@@ -10,8 +10,7 @@ import json
 from typing import Any
 
 from loran.pipeline.metrics import primary_metric
-from loran.pipeline.paired import holm
-from loran.pipeline.study import _pct, configurations, study_rows
+from loran.pipeline.study import _pct, configurations, study_rows, with_holm
 from loran.pipeline.tuning import LR_KEY
 
 CONTROL = {"activation.name": "identity"}
@@ -41,10 +40,7 @@ def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> lis
                         "tried": None if untuned else tried.get(method_key(flat)), "confirmatory":
                         not row["control"] and not untuned,
                         **{f"delta_{m}": by[row["configuration"]].get("delta") for m, by in secondary.items()}})
-    family = [r for r in out if r["confirmatory"]]
-    for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
-        row["p_holm"] = adjusted
-    return out
+    return with_holm(out, family=lambda row: row["confirmatory"])
 
 
 def to_markdown(rows: list[dict[str, Any]], title: str) -> str:

@@ -13,6 +13,7 @@ import csv
 import json
 import statistics
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from loran.pipeline.cells import flatten
@@ -123,10 +124,12 @@ def study_rows(records: list[dict[str, Any]], metric: str, control: dict[str, st
     return rows
 
 
-def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows, each comparison given ``p_holm``: its p-value Holm-adjusted over every comparison of the table (the
-    family a reader scans; the first round's tables are exploratory, so the correction shows what survives it)."""
-    compared = [r for r in rows if "p_value" in r]
+def with_holm(rows: list[dict[str, Any]], family: Callable[[dict[str, Any]], bool] = lambda row: "p_value" in row
+              ) -> list[dict[str, Any]]:
+    """The rows, each member of the family given ``p_holm``: its p-value Holm-adjusted over the family (by default
+    every comparison of the table, the family a reader scans; the first round's tables are exploratory, so the
+    correction shows what survives it)."""
+    compared = [r for r in rows if family(r)]
     for row, adjusted in zip(compared, holm([r["p_value"] for r in compared])):
         row["p_holm"] = adjusted
     return rows
