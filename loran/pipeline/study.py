@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from loran.pipeline.cells import flatten
