@@ -7,8 +7,12 @@
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
+`lr`, `seeds` and `overrides` need the whole grid (every method at every learning rate and seed, on every task);
+they name what is missing, write nothing and exit 1 otherwise. A diverged run counts as run: its learning rate is
+not eligible.
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
-seeds 0-1 at each learning rate, the chosen one and the number of configurations tried.
+seeds 0-1 at each learning rate, the chosen one and the number of configurations tried (Sine-LoRA's includes the
+omegas the first study tried).
 `seeds` writes results/<experiment>_seeds.md and .json: per task, each method at its chosen learning rate against LoRA
 at its own, the variance components of their validation differences (seed, example, residual) and the planned MDE on
 the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
@@ -24,10 +28,10 @@ from pathlib import Path
 
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.paired import components, difference_matrix, planned_mde, scores_by_seed
-from loran.pipeline.records import CorruptRecord, with_command
+from loran.pipeline.records import CorruptRecord, read_record, with_command
 from loran.pipeline.tables import load_records
 from loran.pipeline.tuning import (
-    LENGTH_KEY, LR_KEY, choose_length, choose_settings, length_curve, method_of, planned_seeds, value_of,
+    LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_of, planned_seeds, value_of,
 )
 
 RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
@@ -36,6 +40,10 @@ CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", LR_KE
 DELTA = {"accuracy": 0.01, "rougeL": 0.005}
 TEST_EXAMPLES = 836   # the BBC re-split's test articles (results/study_report.md, the tuned study's protocol)
 LENGTHS = (100, 200, 400)
+SEEDS = (0, 1)   # the validation grid's seeds: a learning rate is chosen on their mean
+# configurations a method was tuned over before this round, by activation: Sine-LoRA's omega (100, 300, 1000 at lr
+# 1e-3, 100 steps) was chosen on the first study's validation split (results/study_report.md)
+EARLIER_TRIED = {"sine": 3}
 
 
 def length(records, dataset: str) -> int:
@@ -48,10 +56,30 @@ def length(records, dataset: str) -> int:
     return chosen
 
 
-def at_chosen_length(records, task: str) -> list:
-    """The task's records at its chosen length (the control's curve at other lengths is not a method)."""
-    steps = length(records, task)
+def at_length(records, task: str, steps: int) -> list:
+    """The task's records at `steps` training steps."""
     return [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
+
+
+def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
+    """Per task: its finished and its diverged records at its chosen length (the control's curve at other lengths is
+    not a method). ValueError naming the gaps unless every method ran at every learning rate and seed on every task
+    (the methods and learning rates any record holds; seeds 0 and 1)."""
+    grid = {}
+    for task in tasks(records):
+        steps = length(records, task)
+        grid[task] = (at_length(records, task, steps), at_length(diverged, task, steps))
+    axes = {"task": lambda r: r["identity"]["dataset"]["name"], "method": lambda r: label(json.loads(method_of(r))),
+            "lr": lambda r: value_of(r, LR_KEY), "seed": lambda r: int(r["choices"]["seed"])}
+    gaps = grid_gaps([r for finished, ended in grid.values() for r in finished + ended], axes, {"seed": SEEDS})
+    if gaps:
+        shown = "; ".join(" ".join(f"{v}" if k in ("task", "method") else f"{k} {v}" for k, v in gap.items())
+                          for gap in gaps[:4])
+        shown += "; ..." if len(gaps) > 4 else ""
+        runs = f"{len(gaps)} run" + ("s" if len(gaps) > 1 else "")
+        raise ValueError(f"the validation grid is incomplete, {runs} missing ({shown}): finish it "
+                         "(make study-tuned-val) before choosing")
+    return grid
 
 
 def tasks(records) -> list[str]:
@@ -67,18 +95,31 @@ def label(method: dict) -> str:
     return f"{method['adapter.name']}-{name}" + (f" ({shown})" if shown else "")
 
 
-def learning_rates(records, experiment: str, results: Path, argv: list[str]) -> None:
+def choices(grid) -> list[dict]:
+    """Per task and method: ``choose_settings``'s entry, its label, and the configurations tried (earlier ones too)."""
+    entries = []
+    for task, (finished, diverged) in grid.items():
+        for entry in choose_settings(finished, diverged=diverged):
+            earlier = EARLIER_TRIED.get(entry["method"].get("adapter.peft.activation"), 0)
+            entries.append({"task": task, "label": label(entry["method"]), **entry,
+                            "tried": entry["tried"] + earlier, "tried_earlier": earlier})
+    return entries
+
+
+def learning_rates(grid, experiment: str, results: Path, argv: list[str]) -> None:
     """Write and print each task's and method's mean per learning rate, the choice and the configurations tried."""
-    entries = [{"task": task, "label": label(entry["method"]), **entry}
-               for task in tasks(records)
-               for entry in choose_settings(at_chosen_length(records, task))]
+    entries = choices(grid)
     rates = sorted({float(v) for e in entries for v in e["runs"]})
     lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
+             "tried = configurations tried on validation: the learning rates, and for Sine-LoRA the "
+             f"{EARLIER_TRIED['sine']} omegas of the first study. A learning rate where a seed diverged is not "
+             "eligible.", "",
              "| task | method | tried | " + " | ".join(f"lr {v:g}" for v in rates) + " | chosen |",
              "|---|---|---|" + "---|" * len(rates) + "---|"]
     for e in entries:
         means = {float(v): m for v, m in e["means"].items()}
-        cells = [f"{100 * means[lr]:.2f}" if lr in means else "-" for lr in rates]
+        ended = {float(v) for v in e["diverged"]}
+        cells = [f"{100 * means[lr]:.2f}" if lr in means else "diverged" if lr in ended else "-" for lr in rates]
         lines.append(f"| {e['task']} | {e['label']} | {e['tried']} | " + " | ".join(cells) + f" | {e['chosen']} |")
     (results / f"{experiment}_choices.json").write_text(json.dumps(entries, indent=1, default=str) + "\n")
     markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
@@ -86,14 +127,14 @@ def learning_rates(records, experiment: str, results: Path, argv: list[str]) -> 
     print(markdown, end="")
 
 
-def chosen_cells(records, task: str) -> list[tuple[dict, list]]:
+def chosen_cells(grid, task: str) -> list[tuple[dict, list]]:
     """Per method on `task`: its choice (``choose_settings``) and its validation records at the chosen learning rate."""
-    at_length = at_chosen_length(records, task)
+    finished, diverged = grid[task]
     cells = []
-    for entry in choose_settings(at_length):
+    for entry in choose_settings(finished, diverged=diverged):
         if entry["chosen"] is None:
-            raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed yet")
-        cells.append((entry, [r for r in at_length if method_of(r) == json.dumps(entry["method"], sort_keys=True)
+            raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed")
+        cells.append((entry, [r for r in finished if method_of(r) == json.dumps(entry["method"], sort_keys=True)
                               and value_of(r, LR_KEY) == entry["chosen"]]))
     return cells
 
@@ -102,10 +143,10 @@ def is_control(method: dict) -> bool:
     return all(str(method.get(k)) == v for k, v in CONTROL.items() if k != LR_KEY)
 
 
-def seed_plan(records, task: str) -> dict:
+def seed_plan(grid, task: str) -> dict:
     """The task's confirmation seeds, from its validation differences (``planned_seeds``), with each comparison's
     variance components and planned MDEs."""
-    cells = chosen_cells(records, task)
+    cells = chosen_cells(grid, task)
     (control,) = [chosen for entry, chosen in cells if is_control(entry["method"])]
     metric = cells[0][0]["metric"]
     comparisons = []
@@ -124,9 +165,9 @@ def seed_plan(records, task: str) -> dict:
             "met": all(c["mde_at_seeds"] <= DELTA[metric] for c in comparisons), "comparisons": comparisons}
 
 
-def seed_plans(records, experiment: str, results: Path, argv: list[str]) -> None:
+def seed_plans(grid, experiment: str, results: Path, argv: list[str]) -> None:
     """Write and print each task's confirmation seeds and the planned MDE of every comparison."""
-    plans = [seed_plan(records, task) for task in tasks(records)]
+    plans = [seed_plan(grid, task) for task in grid]
     lines = [f"# {experiment}: seeds of the confirmation per task (planned from the validation differences)", "",
              f"Each method at its chosen learning rate against LoRA at its own, on validation (seeds 0-1): variance "
              f"components of the difference (x 1e4), and the planned MDE on {TEST_EXAMPLES} test articles at 5 seeds "
@@ -146,13 +187,13 @@ def seed_plans(records, experiment: str, results: Path, argv: list[str]) -> None
     print(markdown, end="")
 
 
-def confirmation_overrides(records) -> list[str]:
+def confirmation_overrides(grid) -> list[str]:
     """The confirmation's cells: each method's chosen validation cell, as the overrides that built it, with the task's
     seeds."""
     lines = []
-    for task in tasks(records):
-        seeds = "seed=" + ",".join(str(s) for s in range(seed_plan(records, task)["seeds"]))
-        for entry, chosen in chosen_cells(records, task):
+    for task in grid:
+        seeds = "seed=" + ",".join(str(s) for s in range(seed_plan(grid, task)["seeds"]))
+        for entry, chosen in chosen_cells(grid, task):
             overrides = [o for o in chosen[0]["overrides"] if not o.startswith(("experiment=", "seed="))]
             lines.append(" ".join(overrides + [seeds]))
             if is_control(entry["method"]):
@@ -170,17 +211,21 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = Path(args.results)
     try:
-        records = load_records(results / "runs" / args.experiment)
+        runs = results / "runs" / args.experiment
+        records = load_records(runs)
         if args.what == "length":
             if not args.dataset:
                 parser.error("length needs --dataset")
             print(length(records, args.dataset))
-        elif args.what == "lr":
-            learning_rates(records, args.experiment, results, sys.argv[1:] if argv is None else argv)
+            return
+        diverged = [r for r in map(read_record, sorted(runs.glob("*/record.json"))) if r["status"] == "diverged"]
+        grid = validation_grid(records, diverged)
+        if args.what == "lr":
+            learning_rates(grid, args.experiment, results, sys.argv[1:] if argv is None else argv)
         elif args.what == "seeds":
-            seed_plans(records, args.experiment, results, sys.argv[1:] if argv is None else argv)
+            seed_plans(grid, args.experiment, results, sys.argv[1:] if argv is None else argv)
         else:
-            print("\n".join(confirmation_overrides(records)))
+            print("\n".join(confirmation_overrides(grid)))
     except (CorruptRecord, ValueError, KeyError) as err:
         sys.exit(f"no choice made: {err}")
 

@@ -80,15 +80,79 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
     missing = subprocess.run([*script, "length", "study_tuned_val", "--dataset", "bbc_news", "--results",
                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stdout == "" and "no choice made" in missing.stderr
-    done = subprocess.run([*script, "lr", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    for what in ("lr", "seeds", "overrides"):  # one seed of one learning rate: the grid is not complete
+        refused = subprocess.run([*script, what, "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and refused.stdout == "", refused.stderr
+        assert "the validation grid is incomplete" in refused.stderr and "finish it" in refused.stderr
+    assert "incomplete, 1 run missing (bbc_headlines loran-identity lr 0.001 seed 1)" in refused.stderr
+    assert not list(tmp_path.glob("study_tuned_val_*")), "a refused choice writes nothing"
+
+
+def write(runs, rec):
+    (runs / rec["cell"]).mkdir(parents=True)
+    (runs / rec["cell"] / "record.json").write_text(json.dumps(rec))
+
+
+def test_grid_gaps_lists_every_combination_of_the_axes_that_no_record_holds():
+    from loran.pipeline.tuning import LR_KEY, grid_gaps, value_of
+
+    runs = [record("dataset=bbc_news", "activation=identity", f"trainer.args.learning_rate={lr}", seed=s)
+            for lr in ("3e-4", "1e-3") for s in (0, 1)]
+    dora = [record("dataset=bbc_news", "adapter=dora", "trainer.args.learning_rate=1e-3", seed=0)]
+    axes = {"adapter": lambda r: r["identity"]["adapter"]["name"], "lr": lambda r: value_of(r, LR_KEY),
+            "seed": lambda r: r["choices"]["seed"]}
+    assert grid_gaps(runs, axes) == []
+    assert grid_gaps(runs + dora, axes) == [{"adapter": "dora", "lr": 3e-4, "seed": 0},
+                                            {"adapter": "dora", "lr": 3e-4, "seed": 1},
+                                            {"adapter": "dora", "lr": 1e-3, "seed": 1}]
+    assert grid_gaps(runs, axes, {"seed": (0, 1, 2)}) == [{"adapter": "loran", "lr": 3e-4, "seed": 2},
+                                                          {"adapter": "loran", "lr": 1e-3, "seed": 2}]
+
+
+def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learning_rate_ineligible(tmp_path):
+    """LoRA and Sinter amp 0.5 at 3 learning rates x 2 seeds on bbc_news; Sinter's seed 1 at 3e-3 diverged (its record
+    says so, no metrics). `lr` chooses from the rest, marks the rate diverged and counts it as tried; Sine-LoRA's
+    count adds the first study's 3 omegas."""
+    runs = tmp_path / "runs" / "study_tuned_val"
+    methods = {"lora": ("activation=identity",), "sinter": ("activation=sinter", "activation.params.amp=0.5"),
+               "sine": ("activation=sine", "activation.params.omega=300")}
+    values = {"lora": (0.80, 0.90, 0.85), "sinter": (0.70, 0.75, 0.95), "sine": (0.5, 0.6, 0.7)}
+    for name, overrides in methods.items():
+        for lr, value in zip(("3e-4", "1e-3", "3e-3"), values[name]):
+            for seed in (0, 1):
+                rec = record("dataset=bbc_news", *overrides, "trainer.args.max_steps=400",
+                             f"trainer.args.learning_rate={lr}", seed=seed, value=value)
+                if name == "sinter" and lr == "3e-3" and seed == 1:
+                    rec = {**rec, "status": "diverged", "metrics": None}
+                write(runs, rec)
+    for n in (100, 200):  # the control's length curve: 400 steps the best
+        write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
+    done = subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    choices = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
-    assert len(choices) == 1 and choices[0]["chosen"] is None  # one seed only: no eligible learning rate
-    markdown = (tmp_path / "study_tuned_val_choices.md").read_text()
-    assert "loran-identity" in markdown and markdown == done.stdout
-    assert markdown.splitlines()[2] == ("Built from the run records by `python scripts/study_choose.py lr study_tuned_val "
-                                        f"--results {tmp_path}`.")
+    entries = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
+    by_label = {e["label"].split(" ")[0]: e for e in entries}
+    assert by_label["loran-sinter"]["chosen"] == 1e-3 and by_label["loran-sinter"]["tried"] == 3
+    assert by_label["loran-sinter"]["diverged"] == {"0.003": [1]}
+    assert by_label["loran-identity"]["chosen"] == 1e-3 and by_label["loran-identity"]["tried"] == 3
+    assert by_label["loran-sine"]["chosen"] == 3e-3 and by_label["loran-sine"]["tried"] == 6
+    (sinter_line,) = [line for line in done.stdout.splitlines() if "| loran-sinter" in line]
+    assert sinter_line.split(" | ")[2:7] == ["3", "70.00", "75.00", "diverged", "0.001 |"]
+    # a method that ran on one task only leaves the other task's grid incomplete
+    write(runs, record("dataset=bbc_headlines", "activation=identity", "trainer.args.max_steps=100", value=0.2))
+    for n in (200, 400):
+        write(runs, record("dataset=bbc_headlines", "activation=identity", f"trainer.args.max_steps={n}", value=0.3))
+    for lr in ("3e-4", "3e-3"):
+        write(runs, record("dataset=bbc_headlines", "activation=identity", "trainer.args.max_steps=200",
+                           f"trainer.args.learning_rate={lr}", value=0.3))
+    for lr in ("3e-4", "1e-3", "3e-3"):
+        write(runs, record("dataset=bbc_headlines", "activation=identity", "trainer.args.max_steps=200",
+                           f"trainer.args.learning_rate={lr}", seed=1, value=0.3))
+    refused = subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
+                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "incomplete, 12 runs missing" in refused.stderr, refused.stderr
+    assert "(bbc_headlines loran-sine (g=24.0, omega=300) lr 0.0003 seed 0; " in refused.stderr
 
 
 def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):

@@ -50,7 +50,7 @@ def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [f"# {title}", "", "Each configuration against LoRA on the same task, paired by seed and example (crossed "
              "bootstrap); MDE at 80 % power; p two-sided from the bootstrap, Holm over the confirmatory family (the "
              f"{sum(r['confirmatory'] for r in rows)} rows with a Holm value). tried = configurations tried on "
-             "validation for that method (learning rates; Sine-LoRA's omega was chosen in the first study). Values "
+             "validation for that method (its learning rates, and Sine-LoRA's omegas in the first study). Values "
              "in percent.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         vs = "control" if r["control"] else f"{_pct(r['delta'], True)} [{_pct(r['ci_low'], True)}, " \

@@ -13,9 +13,10 @@ Three choices, each a plain function of run records:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
-from typing import Any
+from typing import Any, Callable
 
 from loran.pipeline.cells import flatten
 from loran.pipeline.metrics import primary_metric
@@ -69,13 +70,14 @@ def method_of(record: dict[str, Any], tuned: str = LR_KEY) -> str:
     return json.dumps(flat, sort_keys=True)
 
 
-def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY,
-                    seeds: tuple[int, ...] = (0, 1)) -> list[dict[str, Any]]:
+def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: tuple[int, ...] = (0, 1),
+                    diverged: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Per method: the mean primary metric per value of `tuned` over `seeds`, the chosen value, what was tried.
 
-    A value is eligible only when every one of `seeds` finished there (a diverged or missing run makes it
-    ineligible, and is listed). Returns one dict per method: {"method": its flattened identity without `tuned`,
-    "metric", "means": {value: mean}, "runs": {value: seeds found}, "chosen", "tried": configurations tried}.
+    A value is eligible only when every one of `seeds` finished there: a run in `diverged` (records whose training
+    stopped on a non-finite loss) or a missing one makes it ineligible. Returns one dict per method: {"method": its
+    flattened identity without `tuned`, "metric", "means": {value: mean}, "runs": {value: seeds finished},
+    "diverged": {value: seeds diverged}, "chosen", "tried": the values run, diverged ones included}.
     """
     methods: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -84,16 +86,32 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY,
         value = value_of(record, tuned)
         entry["by_value"].setdefault(value, {})[int(record["choices"]["seed"])] = float(
             record["metrics"][entry["metric"]])
+    ended: dict[str, dict[Any, list[int]]] = {}
+    for record in diverged:
+        ended.setdefault(method_of(record, tuned), {}).setdefault(value_of(record, tuned), []).append(
+            int(record["choices"]["seed"]))
     out = []
-    for entry in methods.values():
+    for key, entry in methods.items():
         by_value = entry.pop("by_value")
-        values = sorted(by_value, key=float)
+        values = sorted(set(by_value) | set(ended.get(key, {})), key=float)
         means = {v: statistics.fmean(by_value[v][s] for s in seeds) for v in values
-                 if all(s in by_value[v] for s in seeds)}
+                 if all(s in by_value.get(v, {}) for s in seeds)}
         chosen = max(means, key=lambda v: (means[v], -values.index(v))) if means else None
-        out.append({**entry, "means": means, "runs": {v: sorted(by_value[v]) for v in values}, "chosen": chosen,
+        out.append({**entry, "means": means, "runs": {v: sorted(by_value.get(v, {})) for v in values},
+                    "diverged": {v: sorted(s) for v, s in ended.get(key, {}).items()}, "chosen": chosen,
                     "tried": len(values)})
     return out
+
+
+def grid_gaps(records: list[dict[str, Any]], axes: dict[str, Callable[[dict[str, Any]], Any]],
+              fixed: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
+    """The runs a complete grid still lacks: each combination of the axes' values ({axis: value}) that no record
+    holds. An axis's values are those the records hold, or `fixed`'s where given (the seeds a protocol asks for).
+    Pass the diverged records with the finished ones: a run that ended is not missing."""
+    fixed = fixed or {}
+    runs = {tuple(axis(r) for axis in axes.values()) for r in records}
+    values = [fixed.get(name) or sorted({run[i] for run in runs}, key=str) for i, name in enumerate(axes)]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*values) if combo not in runs]
 
 
 def planned_seeds(parts: list[dict[str, float]], examples: int, target: float, first: int = 5, most: int = 10) -> int:
