@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from loran.pipeline.paired import holm
-from loran.pipeline.study import configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, with_holm
+from loran.pipeline.study import (
+    configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, with_holm, write_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,3 +176,66 @@ def test_the_seed_null_compares_two_seeds_of_one_configuration_by_example():
     assert rows[0]["delta"] == pytest.approx(0.10) and rows[0]["scores_differ"] == pytest.approx(0.10)
     assert rows[0]["texts_differ"] == pytest.approx(0.01) and rows[0]["ci_low"] > 0
     assert "| activation=identity | 1 - 0 | +10.00 [" in nulls_markdown(rows) and nulls_markdown([]) == ""
+
+
+ROWS = [  # a control, a compared row with everything, one without a control yet (values as fractions)
+    {"configuration": "activation=identity", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9282,
+     "control": True, "energy_beyond_r": None, "scores_differ": None, "texts_differ": None},
+    {"configuration": "amp=0.5", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9162, "control": False,
+     "delta": -0.012, "ci_low": -0.0231, "ci_high": -0.0012, "significant": True, "mde": 0.0115, "p_value": 0.04,
+     "p_holm": 0.56, "scores_differ": 0.044, "texts_differ": 0.05, "energy_beyond_r": 0.123456, "planned_mde": 0.009},
+    {"configuration": "amp=5e-3", "seeds": [0], "trainable_params": None, "accuracy": 0.93, "control": False,
+     "energy_beyond_r": 1.2e-9},
+]
+
+
+def test_the_study_table_renders_every_column_as_written_here():
+    """The whole markdown of three rows, written out by hand: header, note, signs, star, dashes, thousands."""
+    assert to_markdown(ROWS, "accuracy", "T", 7) == (
+        "# T\n\n"
+        "7 configurations in this experiment (every one is listed). Differences are paired by seed and example: "
+        "two-way bootstrap over seeds and examples, 95% percentile interval (* = excludes 0); MDE = minimal "
+        "detectable effect at 80% power (2.80 x bootstrap SE). Values in percent; energy beyond r is the share of "
+        "the middle adapted layer's update energy beyond rank r; trainable = trainable parameters. Each "
+        "configuration is compared with the control listed above it. p: two-sided, from the bootstrap; p (Holm): "
+        "adjusted over the 1 comparisons of this table.\n\n"
+        "| configuration | seeds | trainable | accuracy | vs control [95% CI] | MDE | p | p (Holm) | scores differ | "
+        "texts differ | energy beyond r | planned MDE |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| activation=identity | 2 | 1,234,567 | 92.82 | control | - | - | - | - | - | - | - |\n"
+        "| amp=0.5 | 2 | 1,234,567 | 91.62 | -1.20 [-2.31, -0.12]* | 1.15 | 0.040 | 0.560 | 4.40 | 5.00 | 1.23e-01 "
+        "| 0.90 |\n"
+        "| amp=5e-3 | 1 | - | 93.00 | no control yet | - | - | - | - | - | 1.20e-09 | - |\n")
+    plain = [{k: v for k, v in r.items() if k not in ("p_value", "p_holm", "planned_mde")} for r in ROWS[:2]]
+    plain[1]["significant"] = False
+    lines = to_markdown(plain, "accuracy", "T", 2).splitlines()
+    assert lines[2].endswith("with the control listed above it.")
+    assert lines[4:] == ["| configuration | seeds | trainable | accuracy | vs control [95% CI] | MDE | scores differ | "
+                         "texts differ | energy beyond r |", "|---|---|---|---|---|---|---|---|---|",
+                         "| activation=identity | 2 | 1,234,567 | 92.82 | control | - | - | - | - |",
+                         "| amp=0.5 | 2 | 1,234,567 | 91.62 | -1.20 [-2.31, -0.12] | 1.15 | 4.40 | 5.00 | 1.23e-01 |"]
+
+
+def test_the_seed_null_section_renders_as_written_here():
+    rows = [{"configuration": "lora", "seeds": [0, 1], "delta": 0.0, "ci_low": -0.0287, "ci_high": 0.0287,
+             "significant": False, "mde": 0.0402, "scores_differ": 0.0383, "texts_differ": 0.0431},
+            {"configuration": "sine r=2", "seeds": [1, 2], "delta": -0.0227, "ci_low": -0.0383, "ci_high": -0.0083,
+             "significant": True, "mde": 0.0085, "scores_differ": 0.06, "texts_differ": 0.07}]
+    assert nulls_markdown(rows) == (
+        "\n## Seed-to-seed null\n\nThe same configuration trained with two seeds, compared example by example as a "
+        "single-seed comparison is: what a single-seed difference looks like when nothing but the seed changed.\n\n"
+        "| configuration | seeds | difference [95% CI] | MDE | scores differ | texts differ |\n"
+        "|---|---|---|---|---|---|\n"
+        "| lora | 1 - 0 | +0.00 [-2.87, +2.87] | 4.02 | 3.83 | 4.31 |\n"
+        "| sine r=2 | 2 - 1 | -2.27 [-3.83, -0.83]* | 0.85 | 6.00 | 7.00 |\n")
+
+
+def test_the_csv_holds_every_field_of_every_row_lists_as_json(tmp_path):
+    import csv
+
+    write_csv(ROWS, tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0]) == list(dict.fromkeys(k for r in ROWS for k in r))  # first seen, first column
+    assert json.loads(back[1]["seeds"]) == [0, 1] and float(back[1]["delta"]) == -0.012
+    assert back[0]["delta"] == "" and back[2]["trainable_params"] == "" and back[2]["energy_beyond_r"] == "1.2e-09"

@@ -200,12 +200,21 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
 @pytest.mark.parametrize("parts, seeds", [
     ({"seed": 0.0, "example": 1e-6, "residual": 0.0}, 5),          # examples alone meet it: the minimum, 5
     ({"seed": (0.01 / 2.801585) ** 2 * 6.5, "example": 0.0, "residual": 0.0}, 7),   # 6 seeds miss it, 7 meet it
+    ({"seed": (0.01 / 2.801585) ** 2 * 8.5, "example": 0.0, "residual": 0.0}, 9),   # 9, the last before the cap
+    ({"seed": (0.01 / 2.801585) ** 2 * 9.5, "example": 0.0, "residual": 0.0}, 10),  # 10 meets it
+    ({"seed": (0.01 / 2.801585) ** 2 * 10.5, "example": 0.0, "residual": 0.0}, 10),  # 11 would: the cap
     ({"seed": 1.0, "example": 0.0, "residual": 0.0}, 10),          # never: the cap
 ])
 def test_planned_seeds_is_the_fewest_from_5_to_10_that_meet_the_target(parts, seeds):
     from loran.pipeline.tuning import planned_seeds
 
     assert planned_seeds([{"seed": 0.0, "example": 0.0, "residual": 0.0}, parts], 836, 0.01) == seeds
+
+
+def test_planned_seeds_counts_an_mde_equal_to_the_target_as_met():
+    from loran.pipeline.tuning import planned_seeds
+
+    assert planned_seeds([{"seed": 0.0, "example": 0.0, "residual": 0.0}], 836, 0.0) == 5
 
 
 def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences(tmp_path):

@@ -86,9 +86,6 @@ class Comparison:
     def significant(self) -> bool:
         return self.ci_low > 0 or self.ci_high < 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "significant": self.significant}
-
 
 def compare(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], n_boot: int = 2000,
             seed: int = 0) -> Comparison:
