@@ -1,5 +1,7 @@
 """Paired comparisons: the two-way bootstrap against known answers and simulation, the variance components and the
 minimal detectable effect against their formulas."""
+import math
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,16 @@ def test_bootstrap_se_matches_the_planned_se_and_the_interval_covers_the_truth()
         assert result.mde == pytest.approx(MDE_FACTOR * result.se)
     assert 88 <= covered <= 100
     assert 0.75 < float(np.median(ratios)) < 1.25
+
+
+@pytest.mark.parametrize("parts, se", [
+    ({"seed": 0.04, "example": 0.0, "residual": 0.0}, 0.1),         # sqrt(0.04 / 4)
+    ({"seed": 0.0, "example": 0.09, "residual": 0.0}, 0.03),        # sqrt(0.09 / 100)
+    ({"seed": 0.0, "example": 0.0, "residual": 0.16}, 0.02),        # sqrt(0.16 / (4 x 100))
+    ({"seed": 0.04, "example": 0.09, "residual": 0.16}, math.sqrt(0.01 + 0.0009 + 0.0004)),
+])
+def test_the_planned_se_adds_each_variance_component_over_its_count(parts, se):
+    assert planned_se(parts, 4, 100) == pytest.approx(se, rel=1e-12)
 
 
 def test_records_give_scores_by_seed_and_changed_predictions():

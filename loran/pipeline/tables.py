@@ -209,7 +209,7 @@ def write_csv(table: list[dict[str, Any]], path: str | Path) -> None:
     columns = ["row", "label", "metric", "mean", "std", "n", "low", "high", "delta", "ci_low", "ci_high", "mde",
                "p_value", "pairs", "examples", "significant", "paper"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for e in table:
             writer.writerow({k: ("" if e.get(k) is None else e[k]) for k in columns})
