@@ -66,6 +66,46 @@ def test_choose_settings_takes_the_best_mean_per_method_and_counts_what_was_trie
     assert dora["runs"] == {3e-4: [0, 1], 1e-3: [0, 1], 3e-3: [0]}
 
 
+def test_the_length_rules_refuse_what_they_cannot_decide():
+    with pytest.raises(ValueError, match="no length measured: run the control's length curve first"):
+        choose_length({}, 0.01)
+    twice = [record("dataset=bbc_news", "activation=identity", "trainer.args.max_steps=100", value=v) for v in (.9, .8)]
+    with pytest.raises(ValueError, match="two control records at trainer.args.max_steps=100 on bbc_news, seed 0: "
+                                         "the control must match one configuration"):
+        length_curve(twice, "bbc_news", CONTROL)
+    seeds = [record("dataset=bbc_news", "activation=identity", "trainer.args.max_steps=100", seed=s, value=v)
+             for s, v in ((0, 0.9), (1, 0.1))]
+    assert length_curve(seeds, "bbc_news", CONTROL) == {100: 0.9}   # seed 0 by default, any lengths
+
+
+def test_a_method_is_its_identity_without_the_tuned_key_in_any_key_order():
+    from loran.pipeline.tuning import LENGTH_KEY, LR_KEY, method_of
+
+    a = record("dataset=bbc_news", "activation=identity", "trainer.args.learning_rate=3e-4")
+    b = {**a, "identity": dict(reversed(list(a["identity"].items())))}
+    assert list(b["identity"]) != list(a["identity"]) and method_of(a) == method_of(b)
+    assert LR_KEY not in json.loads(method_of(a)) and LENGTH_KEY in json.loads(method_of(a))
+    assert json.loads(method_of(a, "no.such.key")) == flatten(a["identity"])   # nothing to leave out: all of it
+
+
+def test_choose_settings_over_another_key_and_with_diverged_runs():
+    """Tuning the length instead of the learning rate (the tuned key is a parameter), and diverged runs: a value with a
+    diverged seed is tried but not eligible, and the runs it has are listed."""
+    from loran.pipeline.tuning import LENGTH_KEY
+
+    def at(steps, seed, value):
+        return record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={steps}", seed=seed,
+                      value=value)
+
+    finished = [at(100, 0, 0.7), at(100, 1, 0.7), at(200, 0, 0.9), at(400, 0, 0.8), at(400, 1, 0.8)]
+    diverged = [at(200, 1, None), at(800, 0, None), at(800, 1, None)]
+    (entry,) = choose_settings(finished, tuned=LENGTH_KEY, diverged=diverged)
+    assert entry["chosen"] == 400 and entry["tried"] == 4 and entry["means"] == pytest.approx({100: 0.7, 400: 0.8})
+    assert entry["diverged"] == {200: [1], 800: [0, 1]}
+    assert entry["runs"] == {100: [0, 1], 200: [0], 400: [0, 1], 800: []}
+    assert LENGTH_KEY not in entry["method"] and entry["method"]["trainer.args.learning_rate"] == 0.001
+
+
 def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
     runs = tmp_path / "runs" / "study_tuned_val"
     for n, v in ((100, 0.20), (200, 0.26), (400, 0.262)):

@@ -106,12 +106,13 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
 def grid_gaps(records: list[dict[str, Any]], axes: dict[str, Callable[[dict[str, Any]], Any]],
               fixed: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
     """The runs a complete grid still lacks: each combination of the axes' values ({axis: value}) that no record
-    holds. An axis's values are those the records hold, or `fixed`'s where given (the seeds a protocol asks for).
+    holds, in the order the records first hold each value. An axis's values are those the records hold, or `fixed`'s
+    where given (the seeds a protocol asks for).
     Pass the diverged records with the finished ones: a run that ended is not missing."""
     fixed = fixed or {}
-    runs = {tuple(axis(r) for axis in axes.values()) for r in records}
-    values = [fixed.get(name) or sorted({run[i] for run in runs}, key=str) for i, name in enumerate(axes)]
-    return [dict(zip(axes, combo)) for combo in itertools.product(*values) if combo not in runs]
+    found = [tuple(axis(r) for axis in axes.values()) for r in records]
+    values = [fixed.get(name) or list(dict.fromkeys(run[i] for run in found)) for i, name in enumerate(axes)]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*values) if combo not in set(found)]
 
 
 def planned_seeds(parts: list[dict[str, float]], examples: int, target: float, first: int = 5, most: int = 10) -> int:
