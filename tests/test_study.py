@@ -178,6 +178,19 @@ def test_the_seed_null_compares_two_seeds_of_one_configuration_by_example():
     assert "| activation=identity | 1 - 0 | +10.00 [" in nulls_markdown(rows) and nulls_markdown([]) == ""
 
 
+def test_the_seed_null_interval_is_compare_s_with_the_draws_asked_for():
+    """The null's interval is paired.compare's on the two seeds' scores, at the n_boot given (2,000 by default)."""
+    from loran.pipeline.paired import compare
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 2, 80), rng.integers(0, 2, 80)
+    runs = [record("identity", {}, 0, a), record("identity", {}, 1, b)]
+    as_runs = {name: {0: {f"n{i}": float(v) for i, v in enumerate(x)}} for name, x in (("a", a), ("b", b))}
+    for n_boot, row in ((300, seed_nulls(runs, "accuracy", n_boot=300)[0]), (2000, seed_nulls(runs, "accuracy")[0])):
+        expected = compare(as_runs["b"], as_runs["a"], n_boot=n_boot)
+        assert (row["ci_low"], row["ci_high"], row["mde"]) == (expected.ci_low, expected.ci_high, expected.mde)
+
+
 ROWS = [  # a control, a compared row with everything, one without a control yet (values as fractions)
     {"configuration": "activation=identity", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9282,
      "control": True, "energy_beyond_r": None, "scores_differ": None, "texts_differ": None},
