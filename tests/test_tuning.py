@@ -86,6 +86,11 @@ def test_a_method_is_its_identity_without_the_tuned_key_in_any_key_order():
     assert list(b["identity"]) != list(a["identity"]) and method_of(a) == method_of(b)
     assert LR_KEY not in json.loads(method_of(a)) and LENGTH_KEY in json.loads(method_of(a))
     assert json.loads(method_of(a, "no.such.key")) == flatten(a["identity"])   # nothing to leave out: all of it
+    from loran.pipeline.tuning import value_of
+
+    assert value_of(a, LR_KEY) == 3e-4
+    with pytest.raises(ValueError, match=rf"record {a['cell']} has no no.such.key in its identity"):
+        value_of(a, "no.such.key")
 
 
 def test_choose_settings_over_another_key_and_with_diverged_runs():
