@@ -237,6 +237,18 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
     assert high["p_holm"] == pytest.approx(max(low["p_holm"], high["p_value"]))
     assert all("p_holm" not in r for r in rows if not r["confirmatory"])
     assert {r["metric"] for r in rows} == {"accuracy", "rougeL"} and all(r["delta"] > 0 for r in family)
+    for r in rows:  # each task's rows from its own records, on its own metric
+        assert r["metric"] == {"bbc_news": "accuracy", "bbc_headlines": "rougeL"}[r["task"]] and r["seeds"] == [0, 1]
+    means = {(r["task"], r["configuration"]): r[r["metric"]] for r in rows}
+    for task, metric in (("bbc_news", "accuracy"), ("bbc_headlines", "rougeL")):
+        lora = [x["metrics"][metric] for x in records if x["identity"]["dataset"]["name"] == task
+                and x["identity"]["activation"]["name"] == "identity"]
+        assert means[(task, next(c for t, c in means if t == task and "identity" in c))] == pytest.approx(np.mean(lora))
+    for r in rows:  # ROUGE-1 scored as ROUGE-L here, ROUGE-2 zero everywhere: their deltas follow
+        if r["task"] == "bbc_headlines" and not r["control"]:
+            assert r["delta_rouge1"] == pytest.approx(r["delta"]) and r["delta_rouge2"] == 0.0
+        if r["task"] == "bbc_news":
+            assert "delta_rouge1" not in r
     assert rows[1]["learning_rate"] == 1e-3 and rows[2]["learning_rate"] == 3e-3
     markdown = to_markdown(rows, "t")
     assert markdown.count("| control |") == 2 and "p (Holm)" in markdown
@@ -312,3 +324,31 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(line.endswith(" " + seeds) for line in lines)  # LoRA, Sinter, released Sinter
     assert all("trainer.args.learning_rate=1e-3" in line for line in lines)
+
+
+def test_the_confirmation_table_renders_as_written_here():
+    from loran.pipeline.confirm import to_markdown
+
+    rows = [{"task": "bbc_headlines", "configuration": "activation=identity", "learning_rate": 1e-3, "tried": 3,
+             "seeds": [0, 1, 2, 3, 4], "metric": "rougeL", "rougeL": 0.2922, "control": True, "confirmatory": False,
+             "texts_differ": None, "delta_rouge1": None, "delta_rouge2": None},
+            {"task": "bbc_headlines", "configuration": "amp=0.5", "learning_rate": 3e-3, "tried": 6,
+             "seeds": [0, 1, 2, 3, 4], "metric": "rougeL", "rougeL": 0.2850, "control": False, "confirmatory": True,
+             "delta": -0.0072, "ci_low": -0.0150, "ci_high": 0.0004, "mde": 0.0041, "p_value": 0.061,
+             "p_holm": 0.3, "texts_differ": 0.25, "delta_rouge1": -0.005, "delta_rouge2": 0.001},
+            {"task": "bbc_news", "configuration": "amp=5e-5", "learning_rate": 1e-3, "tried": None, "seeds": [0],
+             "metric": "accuracy", "accuracy": 0.93, "control": False, "confirmatory": False, "delta": 0.0,
+             "ci_low": 0.0, "ci_high": 0.0, "mde": 0.0, "p_value": 1.0, "texts_differ": 0.0}]
+    assert to_markdown(rows, "T") == (
+        "# T\n\nEach configuration against LoRA on the same task, paired by seed and example (crossed bootstrap); "
+        "MDE at 80 % power; p two-sided from the bootstrap, Holm over the confirmatory family (the 1 rows with a "
+        "Holm value). tried = configurations tried on validation for that method (its learning rates, and "
+        "Sine-LoRA's omegas in the first study). Values in percent.\n\n"
+        "| task | configuration | lr | tried | seeds | metric | mean | vs LoRA [95% CI] | MDE | p | p (Holm) | "
+        "texts differ | ROUGE-1 / -2 vs LoRA |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| bbc_headlines | activation=identity | 0.001 | 3 | 5 | rougeL | 29.22 | control | - |  |  | - | - / - |\n"
+        "| bbc_headlines | amp=0.5 | 0.003 | 6 | 5 | rougeL | 28.50 | -0.72 [-1.50, +0.04] | 0.41 | 0.061 | 0.300 | "
+        "25.00 | -0.50 / +0.10 |\n"
+        "| bbc_news | amp=5e-5 | 0.001 | - | 1 | accuracy | 93.00 | +0.00 [+0.00, +0.00] | 0.00 | 1.000 |  | 0.00 |"
+        "  |\n")

@@ -37,7 +37,7 @@ def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> lis
             flat = flats[row["configuration"]]
             untuned = all(flat.get(k) == v for k, v in UNTUNED.items())
             out.append({"task": task, "metric": metric, **row, "learning_rate": flat.get(LR_KEY),
-                        "tried": None if untuned else tried.get(method_key(flat)), "confirmatory":
+                        "tried": tried.get(method_key(flat)), "confirmatory":
                         not row["control"] and not untuned,
                         **{f"delta_{m}": by[row["configuration"]].get("delta") for m, by in secondary.items()}})
     return with_holm(out, family=lambda row: row["confirmatory"])
