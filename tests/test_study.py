@@ -194,9 +194,10 @@ def test_the_seed_null_interval_is_compare_s_with_the_draws_asked_for():
 ROWS = [  # a control, a compared row with everything, one without a control yet (values as fractions)
     {"configuration": "activation=identity", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9282,
      "control": True, "energy_beyond_r": None, "scores_differ": None, "texts_differ": None},
-    {"configuration": "amp=0.5", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9162, "control": False,
-     "delta": -0.012, "ci_low": -0.0231, "ci_high": -0.0012, "significant": True, "mde": 0.0115, "p_value": 0.04,
-     "p_holm": 0.56, "scores_differ": 0.044, "texts_differ": 0.05, "energy_beyond_r": 0.123456, "planned_mde": 0.009},
+    {"configuration": "amp=0.5", "seeds": [0, 1], "trainable_params": 1234567, "accuracy": 0.9402, "control": False,
+     "delta": 0.012, "ci_low": 0.0012, "ci_high": 0.0231, "significant": True, "mde": 0.0115, "p_value": 0.04,
+     "p_holm": 0.56, "scores_differ": 0.044, "texts_differ": 0.05, "energy_beyond_r": 0.123456, "planned_mde": 0.009,
+     "components": {"seed": 1e-4, "example": 0.0}},
     {"configuration": "amp=5e-3", "seeds": [0], "trainable_params": None, "accuracy": 0.93, "control": False,
      "energy_beyond_r": 1.2e-9},
 ]
@@ -216,31 +217,34 @@ def test_the_study_table_renders_every_column_as_written_here():
         "texts differ | energy beyond r | planned MDE |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         "| activation=identity | 2 | 1,234,567 | 92.82 | control | - | - | - | - | - | - | - |\n"
-        "| amp=0.5 | 2 | 1,234,567 | 91.62 | -1.20 [-2.31, -0.12]* | 1.15 | 0.040 | 0.560 | 4.40 | 5.00 | 1.23e-01 "
+        "| amp=0.5 | 2 | 1,234,567 | 94.02 | +1.20 [+0.12, +2.31]* | 1.15 | 0.040 | 0.560 | 4.40 | 5.00 | 1.23e-01 "
         "| 0.90 |\n"
         "| amp=5e-3 | 1 | - | 93.00 | no control yet | - | - | - | - | - | 1.20e-09 | - |\n")
     plain = [{k: v for k, v in r.items() if k not in ("p_value", "p_holm", "planned_mde")} for r in ROWS[:2]]
-    plain[1]["significant"] = False
+    plain[1].update(significant=False, delta=-0.012, ci_low=-0.0231, ci_high=0.0012)
     lines = to_markdown(plain, "accuracy", "T", 2).splitlines()
     assert lines[2].endswith("with the control listed above it.")
     assert lines[4:] == ["| configuration | seeds | trainable | accuracy | vs control [95% CI] | MDE | scores differ | "
                          "texts differ | energy beyond r |", "|---|---|---|---|---|---|---|---|---|",
                          "| activation=identity | 2 | 1,234,567 | 92.82 | control | - | - | - | - |",
-                         "| amp=0.5 | 2 | 1,234,567 | 91.62 | -1.20 [-2.31, -0.12] | 1.15 | 4.40 | 5.00 | 1.23e-01 |"]
+                         "| amp=0.5 | 2 | 1,234,567 | 94.02 | -1.20 [-2.31, +0.12] | 1.15 | 4.40 | 5.00 | 1.23e-01 |"]
 
 
 def test_the_seed_null_section_renders_as_written_here():
     rows = [{"configuration": "lora", "seeds": [0, 1], "delta": 0.0, "ci_low": -0.0287, "ci_high": 0.0287,
              "significant": False, "mde": 0.0402, "scores_differ": 0.0383, "texts_differ": 0.0431},
             {"configuration": "sine r=2", "seeds": [1, 2], "delta": -0.0227, "ci_low": -0.0383, "ci_high": -0.0083,
-             "significant": True, "mde": 0.0085, "scores_differ": 0.06, "texts_differ": 0.07}]
+             "significant": True, "mde": 0.0085, "scores_differ": 0.06, "texts_differ": 0.07},
+            {"configuration": "sine r=8", "seeds": [0, 2], "delta": 0.015, "ci_low": 0.001, "ci_high": 0.03,
+             "significant": True, "mde": 0.01, "scores_differ": 0.02, "texts_differ": 0.03}]
     assert nulls_markdown(rows) == (
         "\n## Seed-to-seed null\n\nThe same configuration trained with two seeds, compared example by example as a "
         "single-seed comparison is: what a single-seed difference looks like when nothing but the seed changed.\n\n"
         "| configuration | seeds | difference [95% CI] | MDE | scores differ | texts differ |\n"
         "|---|---|---|---|---|---|\n"
         "| lora | 1 - 0 | +0.00 [-2.87, +2.87] | 4.02 | 3.83 | 4.31 |\n"
-        "| sine r=2 | 2 - 1 | -2.27 [-3.83, -0.83]* | 0.85 | 6.00 | 7.00 |\n")
+        "| sine r=2 | 2 - 1 | -2.27 [-3.83, -0.83]* | 0.85 | 6.00 | 7.00 |\n"
+        "| sine r=8 | 2 - 0 | +1.50 [+0.10, +3.00]* | 1.00 | 2.00 | 3.00 |\n")
 
 
 def test_the_csv_holds_every_field_of_every_row_lists_as_json(tmp_path):
@@ -250,5 +254,6 @@ def test_the_csv_holds_every_field_of_every_row_lists_as_json(tmp_path):
     with open(tmp_path / "t.csv", newline="") as f:
         back = list(csv.DictReader(f))
     assert list(back[0]) == list(dict.fromkeys(k for r in ROWS for k in r))  # first seen, first column
-    assert json.loads(back[1]["seeds"]) == [0, 1] and float(back[1]["delta"]) == -0.012
+    assert json.loads(back[1]["seeds"]) == [0, 1] and float(back[1]["delta"]) == 0.012
+    assert json.loads(back[1]["components"]) == {"seed": 1e-4, "example": 0.0} and back[0]["components"] == ""
     assert back[0]["delta"] == "" and back[2]["trainable_params"] == "" and back[2]["energy_beyond_r"] == "1.2e-09"

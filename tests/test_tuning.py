@@ -67,7 +67,7 @@ def test_choose_settings_takes_the_best_mean_per_method_and_counts_what_was_trie
 
 
 def test_the_length_rules_refuse_what_they_cannot_decide():
-    with pytest.raises(ValueError, match="no length measured: run the control's length curve first"):
+    with pytest.raises(ValueError, match="^no length measured: run the control's length curve first$"):
         choose_length({}, 0.01)
     twice = [record("dataset=bbc_news", "activation=identity", "trainer.args.max_steps=100", value=v) for v in (.9, .8)]
     with pytest.raises(ValueError, match="two control records at trainer.args.max_steps=100 on bbc_news, seed 0: "
@@ -109,6 +109,8 @@ def test_choose_settings_over_another_key_and_with_diverged_runs():
     assert entry["diverged"] == {200: [1], 800: [0, 1]}
     assert entry["runs"] == {100: [0, 1], 200: [0], 400: [0, 1], 800: []}
     assert LENGTH_KEY not in entry["method"] and entry["method"]["trainer.args.learning_rate"] == 0.001
+    (alone,) = choose_settings([at(100, 0, 0.7)], tuned=LENGTH_KEY)    # one seed: nothing eligible, no choice
+    assert alone["chosen"] is None and alone["means"] == {} and alone["tried"] == 1
 
 
 def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):

@@ -93,7 +93,7 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
     out = []
     for key, entry in methods.items():
         by_value = entry.pop("by_value")
-        values = sorted(set(by_value) | set(ended.get(key, {})), key=float)
+        values = sorted(set(by_value) | set(ended.get(key, {})))
         means = {v: statistics.fmean(by_value[v][s] for s in seeds) for v in values
                  if all(s in by_value.get(v, {}) for s in seeds)}
         chosen = max(means, key=lambda v: (means[v], -values.index(v))) if means else None
