@@ -72,6 +72,24 @@ def test_the_planned_se_adds_each_variance_component_over_its_count(parts, se):
     assert planned_se(parts, 4, 100) == pytest.approx(se, rel=1e-12)
 
 
+def test_components_of_two_seeds_with_a_seed_effect_and_no_residual_are_the_anova_s():
+    """d = seed effect + example effect, 2 seeds (the validation grid's case): residual 0, seed component
+    (b - a)^2 / 2, example component the examples' sample variance."""
+    ex = np.linspace(0.0, 0.5, 11)
+    parts = components(np.array([0.1 + ex, -0.1 + ex]))
+    assert parts["residual"] == pytest.approx(0.0, abs=1e-15)
+    assert parts["seed"] == pytest.approx(0.2**2 / 2) and parts["example"] == pytest.approx(ex.var(ddof=1))
+
+
+def test_components_of_a_single_example_warn_nothing_and_give_no_example_variance():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a variance over one example (ddof 1) would warn: it must not be taken
+        parts = components(np.array([[0.1], [0.3]]))
+    assert parts == pytest.approx({"seed": 0.01, "example": 0.0, "residual": 0.01})
+
+
 def test_records_give_scores_by_seed_and_changed_predictions():
     def record(seed, preds):
         return {"cell": f"c{seed}", "choices": {"seed": seed},
@@ -81,6 +99,8 @@ def test_records_give_scores_by_seed_and_changed_predictions():
     b = [record(0, {"x": "a", "y": "a"}), record(1, {"x": "b", "y": "a"})]
     assert scores_by_seed(a, "accuracy") == {0: {"x": 1.0, "y": 0.0}, 1: {"x": 1.0, "y": 1.0}}
     assert changed_predictions(a, b) == 0.5
+    with pytest.raises(ValueError, match=r"^no \(seed, example\) pair in common$"):
+        changed_predictions(a, [record(2, {"x": "a"})])
     with pytest.raises(ValueError, match="two records for seed 0"):
         scores_by_seed([a[0], a[0]], "accuracy")
     with pytest.raises(ValueError, match="kept no per-example predictions"):
@@ -92,6 +112,7 @@ def test_holm_adjusts_by_rank_keeps_order_and_stays_monotone():
     .03 x 2 = .06 < .06), .06 (.04 x 1 = .04 raised to .06); given order kept; capped at 1."""
     assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and holm([]) == [] and holm([0.2]) == [0.2]
+    assert holm([0.6, 0.7]) == [1.0, 1.0]   # 2 x 0.6 = 1.2: capped at 1
     p = np.random.default_rng(4).uniform(size=12)
     adjusted = holm(list(p))
     assert all(a >= q for a, q in zip(adjusted, p))

@@ -162,6 +162,10 @@ def test_labels_name_the_group_option_and_leave_out_what_only_follows_it():
     bare = sorted(g["label"] for g in configurations([{**r, "overrides": []} for r in records]))
     assert bare == ["activation=identity, adapter=loran", "activation=none, adapter=dora",
                     "activation=sine, adapter=loran", "activation=sinter, adapter=loran"]
+    # Hydra's append and delete prefixes (+key=, ~key=) name the same key
+    appended = [{**r, "overrides": [o if "=" not in o or "params" not in o else "+" + o for o in r["overrides"]]}
+                for r in records]
+    assert sorted(g["label"] for g in configurations(appended)) == labels
 
 
 def test_the_seed_null_compares_two_seeds_of_one_configuration_by_example():

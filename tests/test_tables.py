@@ -503,3 +503,14 @@ def test_the_script_writes_no_table_from_records_without_per_example_scores(runs
                                          r"per-example predictions"):
         script.main(["grid", "--results", str(tmp_path / "results")])
     assert not (tmp_path / "results/grid.md").exists() and not (tmp_path / "results/grid.csv").exists()
+
+
+def test_a_row_s_interval_is_paired_level_s_at_the_draws_asked_for():
+    from loran.pipeline.paired import level
+    from loran.pipeline.tables import summarize
+
+    rng = np.random.default_rng(5)
+    scores = {s: {f"a{i}": float(v) for i, v in enumerate(rng.integers(0, 2, 40))} for s in (0, 1, 2)}
+    for kwargs, n_boot in (({"n_boot": 300}, 300), ({}, 2000)):
+        row, own = summarize(scores, **kwargs), level(scores, n_boot=n_boot)
+        assert (row["low"], row["high"]) == (own.ci_low, own.ci_high) and row["n"] == 3
