@@ -254,6 +254,8 @@ def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_co
     assert rows[1]["learning_rate"] == 1e-3 and rows[2]["learning_rate"] == 3e-3
     markdown = to_markdown(rows, "t")
     assert markdown.count("| control |") == 2 and "p (Holm)" in markdown
+    (alone,) = rows_of(records[:1], choices)   # a task whose only record is LoRA's first seed: its control row
+    assert alone["control"] and alone["seeds"] == [0] and alone["tried"] == 3 and "p_holm" not in alone
 
 
 @pytest.mark.parametrize("parts, seeds", [
