@@ -66,6 +66,22 @@ def test_choose_settings_takes_the_best_mean_per_method_and_counts_what_was_trie
     assert dora["runs"] == {3e-4: [0, 1], 1e-3: [0, 1], 3e-3: [0]}
 
 
+def test_a_tie_in_articles_goes_to_the_smaller_learning_rate_whatever_the_last_bit_of_the_means():
+    """200 + 203 and 201 + 202 of 209 articles right are one count, 403, but their float means differ in the last bit
+    (the larger learning rate's is the larger one): a tie, so the smaller learning rate."""
+    scores = {"3e-4": (200 / 209, 203 / 209), "1e-3": (201 / 209, 202 / 209), "3e-3": (199 / 209, 204 / 209)}
+    records = [record("dataset=bbc_news", "activation=identity", f"trainer.args.learning_rate={lr}", seed=s, value=v)
+               for lr, values in scores.items() for s, v in enumerate(values)]
+    (entry,) = choose_settings(records)
+    assert entry["means"][1e-3] > entry["means"][3e-4]   # one ulp apart: what a plain max would have taken
+    assert entry["chosen"] == 3e-4
+    one_more = [r for r in records if not (r["identity"]["trainer"]["args"]["learning_rate"] == 1e-3
+                                          and r["choices"]["seed"] == 1)]
+    one_more.append(record("dataset=bbc_news", "activation=identity", "trainer.args.learning_rate=1e-3", seed=1,
+                           value=203 / 209))
+    assert choose_settings(one_more)[0]["chosen"] == 1e-3   # one article more is not a tie
+
+
 def test_the_length_rules_refuse_what_they_cannot_decide():
     with pytest.raises(ValueError, match="^no length measured: run the control's length curve first$"):
         choose_length({}, 0.01)

@@ -3,10 +3,10 @@
 Three choices, each a plain function of run records:
   - the training length: the shortest length whose metric is within `delta` of the best length's, on the control's
     curve (``choose_length``): the point where the control's validation metric has stopped improving;
-  - a method's setting (its learning rate): the value with the best mean over seeds (``choose_settings``); ties go
-    to the value listed first (the smaller learning rate). A method is every record's identity without the tuned
-    key, so each method is tuned over exactly the grid it was run on, and the count of configurations tried per
-    method is reported next to its choice;
+  - a method's setting (its learning rate): the value with the best mean over seeds (``choose_settings``); ties
+    (means equal to TIE_DIGITS significant digits) go to the value listed first (the smaller learning rate). A
+    method is every record's identity without the tuned key, so each method is tuned over exactly the grid it was
+    run on, and the count of configurations tried per method is reported next to its choice;
   - the confirmation's seeds per task: the fewest (5 at least, 10 at most) at which every confirmatory comparison's
     planned MDE, from the variance components of its validation differences, meets the task's target
     (``planned_seeds``).
@@ -24,6 +24,7 @@ from loran.pipeline.paired import planned_mde
 
 LENGTH_KEY = "trainer.args.max_steps"
 LR_KEY = "trainer.args.learning_rate"
+TIE_DIGITS = 12   # means equal to 12 significant digits are a tie (float sums differ in the 16th)
 
 
 def value_of(record: dict[str, Any], key: str) -> Any:
@@ -96,7 +97,9 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
         values = sorted(set(by_value) | set(ended.get(key, {})))
         means = {v: statistics.fmean(by_value[v][s] for s in seeds) for v in values
                  if all(s in by_value.get(v, {}) for s in seeds)}
-        chosen = max(means, key=lambda v: (means[v], -values.index(v))) if means else None
+        # ties by value, not by the last bit: two seeds' accuracies 200/209 + 203/209 and 201/202 sum to the same count
+        # but to floats one ulp apart, so means are compared at TIE_DIGITS significant digits
+        chosen = max(means, key=lambda v: (float(f"{means[v]:.{TIE_DIGITS}g}"), -values.index(v))) if means else None
         out.append({**entry, "means": means, "runs": {v: sorted(by_value.get(v, {})) for v in values},
                     "diverged": {v: sorted(s) for v, s in ended.get(key, {}).items()}, "chosen": chosen,
                     "tried": len(values)})
