@@ -11,9 +11,12 @@ distributional assumption (accuracy is 0/1 per example) and keeps every pairing.
 method-of-moments components below are used only to plan (how many seeds and examples reach a target).
 
 Minimal detectable effect (two-sided alpha = 0.05, power 0.8): MDE = (z_0.975 + z_0.8) * SE = 2.80 * SE, with SE
-the bootstrap standard deviation of the mean difference. For planning, SE^2 = v_seed / S + v_example / N +
-v_residual / (S N) from the two-way ANOVA of d (``components``), so ``planned_mde(S, N)`` says what S seeds and
-N examples would give. With one seed the seed component cannot be seen, and the interval covers examples only.
+the bootstrap standard deviation of the mean difference. For planning, ``planned_mde(S, N)`` says what the bootstrap
+will report with S seeds and N examples, from the two-way ANOVA components of d (``components``): resampling seeds
+and examples independently counts the residual about three times and the seed component (S - 1) / S times (Owen
+2007), so its expected variance is (S-1)/S^2 (v_seed + v_res/N) + (N-1)/N^2 (v_example + v_res/S) + (S-1)(N-1)/(S N)^2
+v_res, not the sampling variance v_seed/S + v_example/N + v_res/(S N) (which under-predicted the first round's
+reported MDEs by 15-35 %). With one seed the seed component cannot be seen, and the interval covers examples only.
 
 p-value (two-sided, from the same bootstrap): p = 2 min(P*(d* <= 0), P*(d* >= 0)), counted as (k + 1) / (B + 1), so
 that p < 0.05 exactly when the 95 % percentile interval excludes 0 (up to the +1). A family of comparisons is
@@ -58,8 +61,13 @@ def components(d: np.ndarray) -> dict[str, float]:
 
 
 def planned_se(parts: dict[str, float], seeds: int, examples: int) -> float:
-    """The standard error of the mean difference with `seeds` seeds and `examples` examples."""
-    return math.sqrt(parts["seed"] / seeds + parts["example"] / examples + parts["residual"] / (seeds * examples))
+    """The standard error ``compare`` reports, expected, for `seeds` x `examples` differences with variance components
+    `parts`: the pigeonhole bootstrap's variance (module docstring); exact for the matrix whose components these are
+    (when none was clipped at 0)."""
+    s, n = seeds, examples
+    seed, example, residual = parts["seed"], parts["example"], parts["residual"]
+    return math.sqrt((s - 1) / s**2 * (seed + residual / n) + (n - 1) / n**2 * (example + residual / s)
+                     + (s - 1) * (n - 1) / (s * n) ** 2 * residual)
 
 
 def planned_mde(parts: dict[str, float], seeds: int, examples: int) -> float:
