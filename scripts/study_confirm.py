@@ -6,14 +6,19 @@ Per task, every method against LoRA (the identity) on the task's primary metric 
 and example with the crossed bootstrap (loran/pipeline/paired.py): the difference, its 95 % interval, the MDE at 80 %
 power and the p-value, Holm-corrected over the confirmatory family (loran/pipeline/confirm.py). Next to each method:
 its learning rate and how many configurations were tried for it on validation (results/<validation>_choices.json).
+
+The table is written only when the test grid is the protocol's, whole: every method at its chosen learning rate and
+the released Sinter row at LoRA's, on each task's planned seeds (results/<validation>_seeds.json), and nothing else;
+otherwise the missing, diverged or extra runs are named and nothing is written (exit 1). Below the table: how many
+test runs trained exactly as their validation twin (same method, learning rate and seed), by their loss histories.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from loran.pipeline.confirm import rows_of, to_markdown
-from loran.pipeline.records import CorruptRecord
+from loran.pipeline.confirm import gaps, rows_of, to_markdown, twins
+from loran.pipeline.records import CorruptRecord, read_record
 from loran.pipeline.study import write_csv
 from loran.pipeline.tables import load_records
 
@@ -21,19 +26,34 @@ from loran.pipeline.tables import load_records
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
-    parser.add_argument("--choices", default=None, help="default: <results>/study_tuned_val_choices.json")
+    parser.add_argument("--validation", default="study_tuned_val", help="the validation grid's experiment")
+    parser.add_argument("--choices", default=None, help="default: <results>/<validation>_choices.json")
+    parser.add_argument("--seeds", default=None, help="default: <results>/<validation>_seeds.json")
     parser.add_argument("--results", default="results")
     args = parser.parse_args(argv)
     results = Path(args.results)
+    runs = results / "runs" / args.experiment
     try:
-        records = load_records(results / "runs" / args.experiment)
+        records = load_records(runs)
         if not records:
-            sys.exit(f"no table written: no successful run record under {results / 'runs' / args.experiment}")
-        choices = json.loads(Path(args.choices or results / "study_tuned_val_choices.json").read_text())
+            sys.exit(f"no table written: no successful run record under {runs}")
+        ended = [r for r in map(read_record, sorted(runs.glob("*/record.json"))) if r["status"] != "ok"]
+        choices = json.loads(Path(args.choices or results / f"{args.validation}_choices.json").read_text())
+        plans = json.loads(Path(args.seeds or results / f"{args.validation}_seeds.json").read_text())
+        missing = gaps(records, ended, choices, {plan["task"]: plan["seeds"] for plan in plans})
+        if missing:
+            shown = "; ".join(missing[:6]) + ("; ..." if len(missing) > 6 else "")
+            runs_ = f"{len(missing)} run" + ("s" if len(missing) > 1 else "")
+            sys.exit(f"no table written: the confirmation is not the protocol's, {runs_} to mend "
+                     f"({shown}): run make study-tuned-test, or move what is not asked for away")
         rows = rows_of(records, choices)
-    except (CorruptRecord, ValueError, OSError) as err:
+        paired, differ = twins(records, load_records(results / "runs" / args.validation))
+    except (CorruptRecord, ValueError, OSError, KeyError) as err:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs")
+    markdown += (f"\nTraining as on validation: {paired - len(differ)} of the {paired} test runs that have a "
+                 "validation twin (same task, method, learning rate and seed) repeat its loss history to the last digit"
+                 + (f"; differing: {', '.join(differ)}.\n" if differ else ".\n"))
     (results / f"{args.experiment}.md").write_text(markdown)
     write_csv(rows, results / f"{args.experiment}.csv")
     print(markdown)

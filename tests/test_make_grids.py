@@ -72,6 +72,28 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
     assert tabled == experiments, (tables, experiments)
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
+    """GRID=<dir>: each chosen cell trains there (the validation grid's code), none of them reading the list of cells
+    from its stdin; the table is left to this checkout once the records are copied in."""
+    log, fake, grid = tmp_path / "calls.jsonl", tmp_path / "python", tmp_path / "grid"
+    grid.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"read = sys.stdin.read() if sys.argv[1:2] == ['train.py'] else ''\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps([os.getcwd(), read, sys.argv[1:]]) + '\\n')\n"
+                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'overrides']: print({chr(10).join(CHOSEN_CELLS)!r})\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "study-tuned-test", f"PY={fake}", "STAMP=", f"GRID={grid}"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MAKEFLAGS": ""})
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0] == [str(REPO), "", ["scripts/study_choose.py", "overrides", "study_tuned_val"]]
+    assert calls[1:] == [[str(grid), "", ["train.py", "-m", "experiment=study_tuned_test", *cell.split()]]
+                         for cell in CHOSEN_CELLS]
+    assert done.stdout == (f"copy {grid}/results/runs/study_tuned_test/* into results/runs/study_tuned_test/, then: "
+                           f"{fake} scripts/study_confirm.py study_tuned_test\n")
+
+
 def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_control_present(tmp_path):
     """study-sine-scale runs LoRA at lora_alpha 200 next to the control (LoRA at 16): the control the Makefile gives
     the study tables picks exactly one configuration per rank, and the scale control is compared with it (with the

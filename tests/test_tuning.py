@@ -301,6 +301,108 @@ def test_planned_seeds_counts_an_mde_equal_to_the_target_as_met():
     assert planned_seeds([{"seed": 0.0, "example": 0.0, "residual": 0.0}], 836, 0.0) == 5
 
 
+def confirmation(seeds: dict[str, int], split: str = "test", losses: float = 1.0) -> tuple[list, list]:
+    """The protocol's confirmation on two tasks (LoRA at 1e-3, Sinter amp 0.5 at 3e-3, the released row at LoRA's
+    rate) on each task's seeds, 20 examples a run, and the validation choices that asked for it."""
+    rng = np.random.default_rng(3)
+    experiment = {"test": "study_tuned_test", "validation": "study_tuned_val"}[split]
+    records, choices = [], []
+    for task, metric in (("bbc_news", "accuracy"), ("bbc_headlines", "rougeL")):
+        methods = {("activation=identity",): "1e-3", ("activation=sinter", "activation.params.amp=0.5"): "3e-3"}
+        rows = [(m, lr) for m, lr in methods.items()] + [(RELEASED, "1e-3")]
+        for overrides, lr in rows:
+            for seed in range(seeds[task]):
+                scores = rng.integers(0, 2, 20).astype(float)
+                cfg = cfg_of(f"experiment={experiment}", f"dataset={task}", f"seed={seed}", *overrides,
+                             f"trainer.args.learning_rate={lr}")
+                records.append({"status": "ok", "cell": cfg.cell, "identity": identity(cfg), "choices": {"seed": seed},
+                                "metrics": {metric: float(scores.mean()), "rouge1": 0.0, "rouge2": 0.0}, "n_eval": 20,
+                                "eval_split": split,
+                                "trainable_params": 1, "loss_history": [{"step": 5, "loss": losses + seed}],
+                                "predictions": [{"id": f"a{i}", "prediction": "x", metric: float(v), "rouge1": 0.0,
+                                                 "rouge2": 0.0} for i, v in enumerate(scores)]})
+        for overrides, lr in methods.items():
+            flat = flatten(identity(cfg_of("experiment=study_tuned_val", f"dataset={task}", *overrides)))
+            choices.append({"task": task, "label": " ".join(overrides), "tried": 3, "chosen": float(lr),
+                            "method": {k: v for k, v in flat.items() if k != "trainer.args.learning_rate"}})
+    return records, choices
+
+
+RELEASED = ("activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4")
+
+
+def test_the_confirmation_is_the_protocol_s_whole_or_its_gaps_are_named():
+    from loran.pipeline.confirm import gaps
+
+    seeds = {"bbc_news": 2, "bbc_headlines": 3}
+    records, choices = confirmation(seeds)
+    assert len(records) == 3 * 2 + 3 * 3 and gaps(records, [], choices, seeds) == []
+    dropped = [r for r in records if not (r["identity"]["dataset"]["name"] == "bbc_headlines"
+                                          and r["identity"]["activation"].get("params", {}).get("amp") == 0.5
+                                          and r["choices"]["seed"] == 2)]
+    assert gaps(dropped, [], choices, seeds) == ["bbc_headlines activation=sinter activation.params.amp=0.5 lr 0.003 "
+                                                 "seed 2"]
+    ended = {**next(r for r in records if r not in dropped), "status": "diverged"}
+    assert gaps(dropped, [ended], choices, seeds) == ["bbc_headlines activation=sinter activation.params.amp=0.5 "
+                                                      "lr 0.003 seed 2 (diverged)"]
+    released = [r for r in records if r["identity"]["activation"].get("params", {}).get("amp") == 5e-5]
+    assert len(released) == 5
+    assert gaps([r for r in records if r is not released[0]], [], choices, seeds) == [
+        "bbc_news released Sinter (amp 5e-5) lr 0.001 seed 0"]
+    assert gaps(records, [], choices, {**seeds, "bbc_news": 3}) == [   # a third seed planned for bbc_news
+        "bbc_news activation=identity lr 0.001 seed 2", "bbc_news released Sinter (amp 5e-5) lr 0.001 seed 2",
+        "bbc_news activation=sinter activation.params.amp=0.5 lr 0.003 seed 2"]
+    other_rate = [{**c, "chosen": 1e-3} if c["label"] != "activation=identity" else c for c in choices]
+    extra = [r["cell"] + " is not in the protocol" for r in records
+             if r["identity"]["activation"].get("params", {}).get("amp") == 0.5]
+    assert gaps(records, [], other_rate, seeds)[-len(extra):] == extra   # a run at a rate not chosen is not asked for
+    with pytest.raises(ValueError, match="bbc_news, activation=identity: no learning rate was chosen on validation"):
+        gaps(records, [], [{**choices[0], "chosen": None}], seeds)
+
+
+def test_a_test_run_trains_as_its_validation_twin_or_is_named():
+    from loran.pipeline.confirm import twins
+
+    seeds = {"bbc_news": 2, "bbc_headlines": 3}
+    test, _ = confirmation(seeds)
+    validation, _ = confirmation({"bbc_news": 2, "bbc_headlines": 2}, split="validation")
+    validation = [r for r in validation if r["identity"]["activation"].get("params", {}).get("amp") != 5e-5]
+    assert twins(test, validation) == (8, [])   # 2 methods x 2 seeds x 2 tasks; seed 2 and the released row: no twin
+    drifted = [{**r, "loss_history": [{"step": 5, "loss": 9.0}]} if i == 4 else r for i, r in enumerate(validation)]
+    twin_of = next(r for r in test if r["identity"] == {**validation[4]["identity"], "dataset": {
+        **validation[4]["identity"]["dataset"], "eval_split": "test"}} and r["choices"] == validation[4]["choices"])
+    assert twins(test, drifted) == (8, [twin_of["cell"]])
+
+
+def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole_one(tmp_path):
+    from loran.pipeline.confirm import run_key
+
+    seeds = {"bbc_news": 2, "bbc_headlines": 2}
+    test, choices = confirmation(seeds)
+    validation, _ = confirmation(seeds, split="validation")
+    for rec in validation:
+        if run_key(rec)[1] != "released":
+            write(tmp_path / "runs" / "study_tuned_val", rec)
+    (tmp_path / "study_tuned_val_choices.json").write_text(json.dumps(choices))
+    plans = [{"task": t, "seeds": n} for t, n in seeds.items()]
+    (tmp_path / "study_tuned_val_seeds.json").write_text(json.dumps(plans))
+    for rec in test[1:]:
+        write(tmp_path / "runs" / "study_tuned_test", rec)
+    script = [sys.executable, "scripts/study_confirm.py", "study_tuned_test", "--results", str(tmp_path)]
+    refused = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and not (tmp_path / "study_tuned_test.md").exists()
+    assert refused.stderr.splitlines()[-1] == (
+        "no table written: the confirmation is not the protocol's, 1 run to mend (bbc_news activation=identity lr 0.001 "
+        "seed 0): run make study-tuned-test, or move what is not asked for away")
+    write(tmp_path / "runs" / "study_tuned_test", test[0])
+    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    markdown = (tmp_path / "study_tuned_test.md").read_text()
+    assert markdown.endswith("\nTraining as on validation: 8 of the 8 test runs that have a validation twin (same "
+                             "task, method, learning rate and seed) repeat its loss history to the last digit.\n")
+    assert markdown.count("| control |") == 2 and markdown == done.stdout.rstrip("\n") + "\n"
+
+
 def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences(tmp_path):
     """Two methods x 3 learning rates x 2 seeds on bbc_news validation (60 articles): `seeds` writes each comparison's
     variance components and planned MDE at 836 test articles (checked against a two-way ANOVA written out here), and

@@ -2,13 +2,15 @@
 against LoRA (the identity) on the task's primary metric, paired by seed and example (loran.pipeline.study.study_rows,
 the crossed bootstrap), Holm-corrected over the confirmatory family (every tuned method x task; the released Sinter
 row, amp 5e-5, is secondary and left out of it), with each method's learning rate and the number of configurations
-validation tried for it. ROUGE-1/2 differences are reported, not tested.
+validation tried for it. ROUGE-1/2 differences are reported, not tested. The table is built only from the complete
+confirmation (``gaps``), and says whether each test run trained as its validation twin did (``twins``).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from loran.pipeline.cells import flatten
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.study import _pct, configurations, study_rows, with_holm
 from loran.pipeline.tuning import LR_KEY
@@ -23,6 +25,48 @@ def method_key(flat: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in flat.items() if k not in (LR_KEY, "dataset.eval_split")}, sort_keys=True)
 
 
+def run_key(record: dict[str, Any]) -> tuple:
+    """A test run's place in the protocol: (task, method, learning rate, seed); the released Sinter row's method is
+    "released"."""
+    flat = flatten(record["identity"])
+    method = "released" if is_untuned(flat) else method_key(flat)
+    return flat["dataset.name"], method, flat.get(LR_KEY), int(record["choices"]["seed"])
+
+
+def is_untuned(flat: dict[str, Any]) -> bool:
+    return all(flat.get(k) == v for k, v in UNTUNED.items())
+
+
+def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
+         seeds: dict[str, int]) -> list[str]:
+    """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
+    per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on
+    seeds 0 to seeds[task] - 1. A run asked for with no successful record is missing (or diverged / failed, when
+    `ended` holds it); a successful record of anything else is not in the protocol (it would join the Holm family)."""
+    wanted = {}
+    for c in choices:
+        if c["chosen"] is None:
+            raise ValueError(f"{c['task']}, {c['label']}: no learning rate was chosen on validation")
+        rows = [(method_key(c["method"]), c["label"])]
+        if all(c["method"].get(k) == v for k, v in CONTROL.items()):
+            rows.append(("released", "released Sinter (amp 5e-5)"))
+        for method, name in rows:
+            for seed in range(seeds[c["task"]]):
+                wanted[(c["task"], method, c["chosen"], seed)] = f"{c['task']} {name} lr {c['chosen']:g} seed {seed}"
+    have = {run_key(r) for r in records}
+    status = {run_key(r): r.get("status", "ended") for r in ended}
+    out = [name + (f" ({status[key]})" if key in status else "") for key, name in wanted.items() if key not in have]
+    return out + [f"{r['cell']} is not in the protocol" for r in records if run_key(r) not in wanted]
+
+
+def twins(records: list[dict[str, Any]], validation: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """Test runs whose training a validation run repeats (same task, method, learning rate and seed: training does not
+    depend on the evaluated split), and the cells of those whose loss history differs from their twin's."""
+    by_key = {run_key(r): r for r in validation}
+    pairs = [(r, by_key[run_key(r)]) for r in records if run_key(r) in by_key]
+    return len(pairs), [r["cell"] for r, twin in pairs if r.get("loss_history") != twin.get("loss_history")]
+
+
 def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per task and configuration, with the paired comparison and what validation tried."""
     tried = {method_key({**c["method"], "dataset.name": c["task"]}): c["tried"] for c in choices}
@@ -35,10 +79,9 @@ def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> lis
         flats = {g["label"]: g["flat"] for g in configurations(mine)}
         for row in study_rows(mine, metric, CONTROL):
             flat = flats[row["configuration"]]
-            untuned = all(flat.get(k) == v for k, v in UNTUNED.items())
             out.append({"task": task, "metric": metric, **row, "learning_rate": flat.get(LR_KEY),
-                        "tried": tried.get(method_key(flat)), "confirmatory":
-                        not row["control"] and not untuned,
+                        "tried": tried.get(method_key(flat)),
+                        "confirmatory": not row["control"] and not is_untuned(flat),
                         **{f"delta_{m}": by[row["configuration"]].get("delta") for m, by in secondary.items()}})
     return with_holm(out, family=lambda row: row["confirmatory"])
 
