@@ -54,7 +54,7 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
             for seed in range(seeds[c["task"]]):
                 wanted[(c["task"], method, c["chosen"], seed)] = f"{c['task']} {name} lr {c['chosen']:g} seed {seed}"
     have = {run_key(r) for r in records}
-    status = {run_key(r): r.get("status", "ended") for r in ended}
+    status = {run_key(r): r["status"] for r in ended}
     out = [name + (f" ({status[key]})" if key in status else "") for key, name in wanted.items() if key not in have]
     return out + [f"{r['cell']} is not in the protocol" for r in records if run_key(r) not in wanted]
 
