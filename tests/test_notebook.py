@@ -58,24 +58,7 @@ def test_study_notebook_draws_the_heatmaps_the_rank_figure_and_the_tuned_study(t
     """The study notebook on records the test writes: a 2 x 2 screening grid, two methods at two ranks, and the tuned
     study's validation grid and confirmation."""
     import numpy as np
-    rng = np.random.default_rng(0)
-    base = [int(v) for v in rng.integers(0, 2, 50)]
-    for seed in (0, 1):
-        _study_record(tmp_path / "results/runs/screen", "identity", {}, 8, seed, base)
-        for amp in (0.05, 0.5):
-            for omega in (100.0, 1e4):
-                flipped = [1 - c if i < 10 * amp * (omega > 1e3) else c for i, c in enumerate(base)]
-                _study_record(tmp_path / "results/runs/screen", "sinter", {"amp": amp, "omega": omega}, 8, seed, flipped)
-        for r in (1, 8):
-            _study_record(tmp_path / "results/runs/test", "identity", {}, r, seed, base)
-            _study_record(tmp_path / "results/runs/test", "sine", {"omega": 300.0}, r, seed, base[::-1])
-        _study_record(tmp_path / "results/runs/test", "identity", {}, 8, seed, base[::-1][:25] + base[25:], alpha=200)
-    _tuned_study(tmp_path / "results", rng)
-    monkeypatch.setenv("LORAN_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("LORAN_SCREEN", "screen")
-    monkeypatch.setenv("LORAN_TEST", "test")
-    monkeypatch.setenv("LORAN_TUNED_VAL", "tval")
-    monkeypatch.setenv("LORAN_TUNED_TEST", "ttest")
+    base = _study_results(tmp_path, monkeypatch)
     out = tmp_path / "executed.ipynb"
     run_notebook.main(REPO / "notebooks/study.ipynb", out)
     nb = nbformat.read(out, as_version=4)
@@ -94,18 +77,62 @@ def test_study_notebook_draws_the_heatmaps_the_rank_figure_and_the_tuned_study(t
     assert "| bbc_news | activation=identity | 0.0003: 50.00 (2), 0.001: 60.00 (2), 0.003: 55.00 (2) |" in text, text
     assert "| bbc_news | activation=sinter | 0.0003: 40.00 (2), 0.003: 70.00 (2) |" in text
     assert "| bbc_headlines | activation=identity | 0.0003: 50.00 (2)" in text and "(1)" not in text.split("learning rate: mean")[1]
-    confirmation = text.split("# ttest: 8 successful runs")[1]
+    confirmation = text.split("# ttest: 12 successful runs")[1]
     assert confirmation.count("| control |") == 2 and "p (Holm)" in confirmation
-    assert "| bbc_news | activation=sinter | 0.003 | 2 | 2 | accuracy | 65.00 | +5.00 [" in confirmation
+    (tuned,) = [line for line in confirmation.splitlines() if line.startswith("| bbc_news |") and "amp=0.5" in line]
+    assert "| 0.003 | 2 | 2 | accuracy | 65.00 | +5.00 [" in tuned
+    (row,) = [line for line in confirmation.splitlines() if line.startswith("| bbc_news |") and "amp=5e-05" in line]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2:7] == ["0.001", "-", "2", "accuracy", "60.00"] and cells[9] and not cells[10]   # p, no Holm value
     figures = sorted(p.name for p in (tmp_path / "results/figures").glob("*.png"))
     assert figures == ["screen_heatmaps.png", "test_accuracy_vs_parameters.png", "ttest_vs_lora.png",
                        "tval_learning_rates.png"]
 
 
+def _study_results(tmp_path, monkeypatch):
+    """The records the study notebook reads, and the environment that points it at them."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    base = [int(v) for v in rng.integers(0, 2, 50)]
+    for seed in (0, 1):
+        _study_record(tmp_path / "results/runs/screen", "identity", {}, 8, seed, base)
+        for amp in (0.05, 0.5):
+            for omega in (100.0, 1e4):
+                flipped = [1 - c if i < 10 * amp * (omega > 1e3) else c for i, c in enumerate(base)]
+                _study_record(tmp_path / "results/runs/screen", "sinter", {"amp": amp, "omega": omega}, 8, seed, flipped)
+        for r in (1, 8):
+            _study_record(tmp_path / "results/runs/test", "identity", {}, r, seed, base)
+            _study_record(tmp_path / "results/runs/test", "sine", {"omega": 300.0}, r, seed, base[::-1])
+        _study_record(tmp_path / "results/runs/test", "identity", {}, 8, seed, base[::-1][:25] + base[25:], alpha=200)
+    _tuned_study(tmp_path / "results", rng)
+    monkeypatch.setenv("LORAN_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("LORAN_SCREEN", "screen")
+    monkeypatch.setenv("LORAN_TEST", "test")
+    monkeypatch.setenv("LORAN_TUNED_VAL", "tval")
+    monkeypatch.setenv("LORAN_TUNED_TEST", "ttest")
+    return base
+
+
+def test_the_study_notebook_shows_no_confirmation_table_until_the_confirmation_is_whole(tmp_path, monkeypatch):
+    _study_results(tmp_path, monkeypatch)
+    (one,) = [p for p in (tmp_path / "results/runs/ttest").glob("*/record.json")
+              if "bbc_news" in p.parent.name and "identity" in p.parent.name and "seed1" in p.parent.name]
+    one.unlink()
+    out = tmp_path / "executed.ipynb"
+    run_notebook.main(REPO / "notebooks/study.ipynb", out)
+    nb = nbformat.read(out, as_version=4)
+    text = "".join(str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+    assert "The confirmation is not complete: 1 run to go (bbc_news activation=identity lr 0.001 seed 1). Its table " \
+           "waits for all of them." in text
+    assert "# ttest" not in text and not (tmp_path / "results/figures/ttest_vs_lora.png").exists()
+
+
 def _tuned_study(results, rng):
     """The tuned study's records, composed from its configs: on validation LoRA at 3 learning rates and Sinter amp 0.5
     at 2, seeds 0 and 1, per task (bbc_news at 400 steps, headlines at 200) and LoRA's 100-step length cell; on test
-    LoRA and Sinter at their chosen rates, seeds 0 and 1; the validation choices file."""
+    LoRA and Sinter at their chosen rates and the released Sinter at LoRA's, seeds 0 and 1; the validation choices and
+    seeds files."""
     import json
 
     import numpy as np
@@ -131,6 +158,7 @@ def _tuned_study(results, rng):
         return cfg
 
     lora, sinter = ("activation=identity",), ("activation=sinter", "activation.params.amp=0.5")
+    released = ("activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4")
     choices = []
     for task, steps in (("bbc_news", 400), ("bbc_headlines", 200)):
         data = (f"dataset={task}", f"trainer.args.max_steps={steps}")
@@ -143,8 +171,10 @@ def _tuned_study(results, rng):
                 write("study_tuned_val", (*sinter, *data, f"trainer.args.learning_rate={lr}"), seed, value)
             write("study_tuned_test", (*lora, *data, "trainer.args.learning_rate=1e-3"), seed, 0.6)
             write("study_tuned_test", (*sinter, *data, "trainer.args.learning_rate=3e-3"), seed, 0.65)
-        for method, tried in ((lora, 3), (sinter, 2)):
+            write("study_tuned_test", (*released, *data, "trainer.args.learning_rate=1e-3"), seed, 0.6)
+        for method, tried, chosen in ((lora, 3, 1e-3), (sinter, 2, 3e-3)):
             flat = flatten(identity(cfg_of("experiment=study_tuned_val", *data, *method)))
-            choices.append({"task": task, "tried": tried,
+            choices.append({"task": task, "tried": tried, "chosen": chosen, "label": " ".join(method),
                             "method": {k: v for k, v in flat.items() if k != "trainer.args.learning_rate"}})
     (results / "tval_choices.json").write_text(json.dumps(choices))
+    (results / "tval_seeds.json").write_text(json.dumps([{"task": t, "seeds": 2} for t in ("bbc_news", "bbc_headlines")]))
