@@ -28,8 +28,8 @@ from pathlib import Path
 
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.paired import components, difference_matrix, planned_mde, scores_by_seed
-from loran.pipeline.records import CorruptRecord, read_record, with_command
-from loran.pipeline.tables import load_records
+from loran.pipeline.records import CorruptRecord, with_command
+from loran.pipeline.tables import ended_records, load_records
 from loran.pipeline.tuning import (
     LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_of, planned_seeds, value_of,
 )
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
                 parser.error("length needs --dataset")
             print(length(records, args.dataset))
             return
-        diverged = [r for r in map(read_record, sorted(runs.glob("*/record.json"))) if r["status"] == "diverged"]
+        diverged = [r for r in ended_records(runs) if r["status"] == "diverged"]
         grid = validation_grid(records, diverged)
         if args.what == "lr":
             learning_rates(grid, args.experiment, results, sys.argv[1:] if argv is None else argv)

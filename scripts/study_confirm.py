@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from loran.pipeline.confirm import TWIN_RTOL, gaps, rows_of, to_markdown, twins
-from loran.pipeline.records import CorruptRecord, read_record
+from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import write_csv
-from loran.pipeline.tables import load_records
+from loran.pipeline.tables import ended_records, load_records
 
 
 def main(argv=None) -> None:
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
         records = load_records(runs)
         if not records:
             sys.exit(f"no table written: no successful run record under {runs}")
-        ended = [r for r in map(read_record, sorted(runs.glob("*/record.json"))) if r["status"] != "ok"]
+        ended = ended_records(runs)
         choices = json.loads(Path(args.choices or results / f"{args.validation}_choices.json").read_text())
         plans = json.loads(Path(args.seeds or results / f"{args.validation}_seeds.json").read_text())
         missing = gaps(records, ended, choices, {plan["task"]: plan["seeds"] for plan in plans})

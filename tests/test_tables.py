@@ -244,6 +244,22 @@ def test_load_records_with_a_metric_leaves_out_records_without_it_naming_them(ru
                                                "['rouge1', 'rouge2', 'rougeL', 'rougeLsum'])") for w in warned)
 
 
+def test_ended_records_are_what_load_records_leaves_out_for_its_status(runs, write_fake_record):
+    """The grid's one failed record, then a diverged one: each once, successful ones never, a corrupt one stops it."""
+    from loran.pipeline.records import CorruptRecord
+    from loran.pipeline.tables import ended_records
+
+    (failed,) = ended_records(runs)
+    assert failed["status"] == "failed" and failed["choices"]["activation"] == "relu"
+    write_fake_record(runs, "loran", "sigmoid", "bbc_news", 0, {}, status="diverged")
+    assert sorted(r["status"] for r in ended_records(runs)) == ["diverged", "failed"]
+    assert len(load_records(runs)) == 18
+    (runs / "broken").mkdir()
+    (runs / "broken" / "record.json").write_text("{")
+    with pytest.raises(CorruptRecord, match="broken/record.json is not a valid record"):
+        ended_records(runs)
+
+
 def test_the_row_of_a_record_needs_a_row_name_or_both_adapter_and_activation():
     assert row_key({"choices": {"row": "loran_sinter", "adapter": "x", "activation": "y"}}) == "loran_sinter"
     assert row_key({"choices": {"adapter": "loran", "activation": "tanh"}}) == "loran-tanh"

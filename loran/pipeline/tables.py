@@ -65,6 +65,13 @@ def load_records(runs_dir: str | Path, metric: str | None = None) -> list[dict[s
     return records
 
 
+def ended_records(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record under runs_dir whose run ended without success ("failed" or "diverged"): what load_records leaves
+    out, for the tables that must name it (a corrupt record stops them: CorruptRecord, naming its file)."""
+    records = map(read_record, sorted(Path(runs_dir).glob("*/record.json")))
+    return [record for record in records if record.get("status") != "ok"]
+
+
 def row_key(record: dict[str, Any]) -> str | None:
     """A record's Table 2 row: its row's name, or "<adapter>-<activation>" for records made before rows had names
     (None when its choices name neither)."""
