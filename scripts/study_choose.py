@@ -88,11 +88,13 @@ def tasks(records) -> list[str]:
 
 
 def label(method: dict) -> str:
-    """A method's short name: adapter, activation and its parameters."""
-    name = method.get("adapter.peft.activation") or method["adapter.name"]
+    """A method's short name: adapter, activation and its parameters ("dora" alone: it takes no activation)."""
+    adapter, activation = method["adapter.name"], method.get("adapter.peft.activation")
+    if activation is None:
+        return adapter
     params = {k.rsplit(".", 1)[-1]: v for k, v in method.items() if k.startswith("activation.params.")}
-    shown = ", ".join(f"{k}={v}" for k, v in params.items() if name != "identity" and method["adapter.name"] != "dora")
-    return f"{method['adapter.name']}-{name}" + (f" ({shown})" if shown else "")
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if activation != "identity")
+    return f"{adapter}-{activation}" + (f" ({shown})" if shown else "")
 
 
 def choices(grid) -> list[dict]:

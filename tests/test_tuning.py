@@ -179,8 +179,9 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     count adds the first study's 3 omegas."""
     runs = tmp_path / "runs" / "study_tuned_val"
     methods = {"lora": ("activation=identity",), "sinter": ("activation=sinter", "activation.params.amp=0.5"),
-               "sine": ("activation=sine", "activation.params.omega=300")}
-    values = {"lora": (0.80, 0.90, 0.85), "sinter": (0.70, 0.75, 0.95), "sine": (0.5, 0.6, 0.7)}
+               "sine": ("activation=sine", "activation.params.omega=300"), "dora": ("adapter=dora",)}
+    values = {"lora": (0.80, 0.90, 0.85), "sinter": (0.70, 0.75, 0.95), "sine": (0.5, 0.6, 0.7),
+              "dora": (0.9, 0.6, 0.9)}
     for name, overrides in methods.items():
         for lr, value in zip(("3e-4", "1e-3", "3e-3"), values[name]):
             for seed in (0, 1):
@@ -198,6 +199,10 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     by_label = {e["label"].split(" ")[0]: e for e in entries}
     assert by_label["loran-sinter"]["chosen"] == 1e-3 and by_label["loran-sinter"]["tried"] == 3
     assert by_label["loran-sinter"]["diverged"] == {"0.003": [1]}
+    assert sorted(e["label"] for e in entries) == ["dora", "loran-identity", "loran-sine (g=24.0, omega=300)",
+                                                   "loran-sinter (amp=0.5, omega=10000.0)"]
+    assert by_label["dora"]["chosen"] == 3e-4 and by_label["dora"]["tried"] == 3   # a tie: the smaller rate
+    assert "| bbc_news | dora | 3 | 90.00 | 60.00 | 90.00 | 0.0003 |" in done.stdout
     assert by_label["loran-identity"]["chosen"] == 1e-3 and by_label["loran-identity"]["tried"] == 3
     assert by_label["loran-sine"]["chosen"] == 3e-3 and by_label["loran-sine"]["tried"] == 6
     (sinter_line,) = [line for line in done.stdout.splitlines() if "| loran-sinter" in line]
@@ -214,8 +219,8 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
                            f"trainer.args.learning_rate={lr}", seed=1, value=0.3))
     refused = subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "incomplete, 12 runs missing" in refused.stderr, refused.stderr
-    assert "(bbc_headlines loran-sine (g=24.0, omega=300) lr 0.0003 seed 0; " in refused.stderr
+    assert refused.returncode == 1 and "incomplete, 18 runs missing" in refused.stderr, refused.stderr
+    assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
 
 
 def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):
