@@ -31,7 +31,8 @@ from loran.pipeline.paired import components, difference_matrix, planned_mde, sc
 from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import ended_records, load_records
 from loran.pipeline.tuning import (
-    LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_of, planned_seeds, value_of,
+    LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_label, method_of, planned_seeds,
+    value_of,
 )
 
 RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
@@ -69,7 +70,8 @@ def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
     for task in tasks(records):
         steps = length(records, task)
         grid[task] = (at_length(records, task, steps), at_length(diverged, task, steps))
-    axes = {"task": lambda r: r["identity"]["dataset"]["name"], "method": lambda r: label(json.loads(method_of(r))),
+    axes = {"task": lambda r: r["identity"]["dataset"]["name"],
+            "method": lambda r: method_label(json.loads(method_of(r))),
             "lr": lambda r: value_of(r, LR_KEY), "seed": lambda r: int(r["choices"]["seed"])}
     gaps = grid_gaps([r for finished, ended in grid.values() for r in finished + ended], axes, {"seed": SEEDS})
     if gaps:
@@ -87,23 +89,13 @@ def tasks(records) -> list[str]:
     return sorted({r["identity"]["dataset"]["name"] for r in records})
 
 
-def label(method: dict) -> str:
-    """A method's short name: adapter, activation and its parameters ("dora" alone: it takes no activation)."""
-    adapter, activation = method["adapter.name"], method.get("adapter.peft.activation")
-    if activation is None:
-        return adapter
-    params = {k.rsplit(".", 1)[-1]: v for k, v in method.items() if k.startswith("activation.params.")}
-    shown = ", ".join(f"{k}={v}" for k, v in params.items() if activation != "identity")
-    return f"{adapter}-{activation}" + (f" ({shown})" if shown else "")
-
-
 def choices(grid) -> list[dict]:
     """Per task and method: ``choose_settings``'s entry, its label, and the configurations tried (earlier ones too)."""
     entries = []
     for task, (finished, diverged) in grid.items():
         for entry in choose_settings(finished, diverged=diverged):
             earlier = EARLIER_TRIED.get(entry["method"].get("adapter.peft.activation"), 0)
-            entries.append({"task": task, "label": label(entry["method"]), **entry,
+            entries.append({"task": task, "label": method_label(entry["method"]), **entry,
                             "tried": entry["tried"] + earlier, "tried_earlier": earlier})
     return entries
 
@@ -135,7 +127,7 @@ def chosen_cells(grid, task: str) -> list[tuple[dict, list]]:
     cells = []
     for entry in choose_settings(finished, diverged=diverged):
         if entry["chosen"] is None:
-            raise ValueError(f"{task}, {label(entry['method'])}: no learning rate finished on every seed")
+            raise ValueError(f"{task}, {method_label(entry['method'])}: no learning rate finished on every seed")
         cells.append((entry, [r for r in finished if method_of(r) == json.dumps(entry["method"], sort_keys=True)
                               and value_of(r, LR_KEY) == entry["chosen"]]))
     return cells
@@ -157,7 +149,7 @@ def seed_plan(grid, task: str) -> dict:
             continue
         d, seeds, ids = difference_matrix(scores_by_seed(chosen, metric), scores_by_seed(control, metric))
         parts = components(d)
-        comparisons.append({"label": label(entry["method"]), "learning_rate": entry["chosen"], "seeds": seeds,
+        comparisons.append({"label": method_label(entry["method"]), "learning_rate": entry["chosen"], "seeds": seeds,
                             "examples": len(ids), "components": parts,
                             "mde_5": planned_mde(parts, 5, TEST_EXAMPLES)})
     seeds = planned_seeds([c["components"] for c in comparisons], TEST_EXAMPLES, DELTA[metric])

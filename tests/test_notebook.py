@@ -74,9 +74,9 @@ def test_study_notebook_draws_the_heatmaps_the_rank_figure_and_the_tuned_study(t
     assert len(head) == 1 and f"| {100 * (scaled - sine).mean():+.2f} [" in head[0], text
     assert f"| 2 | {100 * (scaled != sine).mean():.2f} |" in head[0]
     # the tuned study: validation means per learning rate (the 100-step length cell left out), then the confirmation
-    assert "| bbc_news | activation=identity | 0.0003: 50.00 (2), 0.001: 60.00 (2), 0.003: 55.00 (2) |" in text, text
-    assert "| bbc_news | activation=sinter | 0.0003: 40.00 (2), 0.003: 70.00 (2) |" in text
-    assert "| bbc_headlines | activation=identity | 0.0003: 50.00 (2)" in text and "(1)" not in text.split("learning rate: mean")[1]
+    assert "| bbc_news | loran-identity | 0.0003: 50.00 (2), 0.001: 60.00 (2), 0.003: 55.00 (2) |" in text, text
+    assert "| bbc_news | loran-sinter (amp=0.5, omega=10000.0) | 0.0003: 40.00 (2), 0.003: 70.00 (2) |" in text
+    assert "| bbc_headlines | loran-identity | 0.0003: 50.00 (2)" in text and "(1)" not in text.split("learning rate: mean")[1]
     confirmation = text.split("# ttest: 12 successful runs")[1]
     assert confirmation.count("| control |") == 2 and "p (Holm)" in confirmation
     (tuned,) = [line for line in confirmation.splitlines() if line.startswith("| bbc_news |") and "amp=0.5" in line]

@@ -37,6 +37,10 @@ def is_untuned(flat: dict[str, Any]) -> bool:
     return all(flat.get(k) == v for k, v in UNTUNED.items())
 
 
+def is_control(flat: dict[str, Any]) -> bool:
+    return all(flat.get(k) == v for k, v in CONTROL.items())
+
+
 def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
          seeds: dict[str, int]) -> list[str]:
     """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
@@ -48,7 +52,7 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
         if c["chosen"] is None:
             raise ValueError(f"{c['task']}, {c['label']}: no learning rate was chosen on validation")
         rows = [(method_key(c["method"]), c["label"])]
-        if all(c["method"].get(k) == v for k, v in CONTROL.items()):
+        if is_control(c["method"]):
             rows.append(("released", "released Sinter (amp 5e-5)"))
         for method, name in rows:
             for seed in range(seeds[c["task"]]):

@@ -71,6 +71,17 @@ def method_of(record: dict[str, Any], tuned: str = LR_KEY) -> str:
     return json.dumps(flat, sort_keys=True)
 
 
+def method_label(method: dict[str, Any]) -> str:
+    """A method's short name from its flattened identity (``method_of``): adapter, activation and the activation's
+    parameters ("loran-sinter (amp=0.05, omega=10000.0)"; "dora" alone: it takes no activation)."""
+    adapter, activation = method["adapter.name"], method.get("adapter.peft.activation")
+    if activation is None:
+        return adapter
+    params = {k.rsplit(".", 1)[-1]: v for k, v in method.items() if k.startswith("activation.params.")}
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if activation != "identity")
+    return f"{adapter}-{activation}" + (f" ({shown})" if shown else "")
+
+
 def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: tuple[int, ...] = (0, 1),
                     diverged: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Per method: the mean primary metric per value of `tuned` over `seeds`, the chosen value, what was tried.
