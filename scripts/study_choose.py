@@ -11,8 +11,8 @@ primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROU
 they name what is missing, write nothing and exit 1 otherwise. A diverged run counts as run: its learning rate is
 not eligible.
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
-seeds 0-1 at each learning rate, the chosen one and the number of configurations tried (Sine-LoRA's includes the
-omegas the first study tried).
+seeds 0-1 at each learning rate, the chosen one (marked where it is the grid's highest or lowest) and the number of
+configurations tried (Sine-LoRA's includes the omegas the first study tried).
 `seeds` writes results/<experiment>_seeds.md and .json: per task, each method at its chosen learning rate against LoRA
 at its own, the variance components of their validation differences (seed, example, residual) and the planned MDE on
 the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
@@ -107,14 +107,16 @@ def learning_rates(grid, experiment: str, results: Path, argv: list[str]) -> Non
     lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
              "tried = configurations tried on validation: the learning rates, and for Sine-LoRA the "
              f"{EARLIER_TRIED['sine']} omegas of the first study. A learning rate where a seed diverged is not "
-             "eligible.", "",
+             "eligible. A choice marked (highest) or (lowest) is the grid's edge: that method's best rate may lie "
+             "outside the grid, which the protocol does not extend.", "",
              "| task | method | tried | " + " | ".join(f"lr {v:g}" for v in rates) + " | chosen |",
              "|---|---|---|" + "---|" * len(rates) + "---|"]
     for e in entries:
         means = {float(v): m for v, m in e["means"].items()}
         ended = {float(v) for v in e["diverged"]}
         cells = [f"{100 * means[lr]:.2f}" if lr in means else "diverged" if lr in ended else "-" for lr in rates]
-        lines.append(f"| {e['task']} | {e['label']} | {e['tried']} | " + " | ".join(cells) + f" | {e['chosen']} |")
+        chosen = f"{e['chosen']}" + (f" ({e['edge']})" if e["edge"] else "")
+        lines.append(f"| {e['task']} | {e['label']} | {e['tried']} | " + " | ".join(cells) + f" | {chosen} |")
     (results / f"{experiment}_choices.json").write_text(json.dumps(entries, indent=1, default=str) + "\n")
     markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
     (results / f"{experiment}_choices.md").write_text(markdown)

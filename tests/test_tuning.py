@@ -202,9 +202,11 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     assert sorted(e["label"] for e in entries) == ["dora", "loran-identity", "loran-sine (g=24.0, omega=300)",
                                                    "loran-sinter (amp=0.5, omega=10000.0)"]
     assert by_label["dora"]["chosen"] == 3e-4 and by_label["dora"]["tried"] == 3   # a tie: the smaller rate
-    assert "| bbc_news | dora | 3 | 90.00 | 60.00 | 90.00 | 0.0003 |" in done.stdout
+    assert "| bbc_news | dora | 3 | 90.00 | 60.00 | 90.00 | 0.0003 (lowest) |" in done.stdout
     assert by_label["loran-identity"]["chosen"] == 1e-3 and by_label["loran-identity"]["tried"] == 3
     assert by_label["loran-sine"]["chosen"] == 3e-3 and by_label["loran-sine"]["tried"] == 6
+    assert [by_label[m]["edge"] for m in ("dora", "loran-identity", "loran-sine", "loran-sinter")] == [
+        "lowest", None, "highest", None]   # Sinter's 1e-3 is the middle of its rates, the diverged 3e-3 included
     (sinter_line,) = [line for line in done.stdout.splitlines() if "| loran-sinter" in line]
     assert sinter_line.split(" | ")[2:7] == ["3", "70.00", "75.00", "diverged", "0.001 |"]
     # a method that ran on one task only leaves the other task's grid incomplete

@@ -89,7 +89,9 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
     A value is eligible only when every one of `seeds` finished there: a run in `diverged` (records whose training
     stopped on a non-finite loss) or a missing one makes it ineligible. Returns one dict per method: {"method": its
     flattened identity without `tuned`, "metric", "means": {value: mean}, "runs": {value: seeds finished},
-    "diverged": {value: seeds diverged}, "chosen", "tried": the values run, diverged ones included}.
+    "diverged": {value: seeds diverged}, "chosen", "tried": the values run, diverged ones included, "edge": "lowest"
+    or "highest" where the chosen value is the grid's smallest or largest (the grid may not bracket the method's best
+    value; the rule does not extend it), else None}.
     """
     methods: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -113,8 +115,15 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
         chosen = max(means, key=lambda v: (float(f"{means[v]:.{TIE_DIGITS}g}"), -values.index(v))) if means else None
         out.append({**entry, "means": means, "runs": {v: sorted(by_value.get(v, {})) for v in values},
                     "diverged": {v: sorted(s) for v, s in ended.get(key, {}).items()}, "chosen": chosen,
-                    "tried": len(values)})
+                    "tried": len(values), "edge": grid_edge(values, chosen)})
     return out
+
+
+def grid_edge(values: list[Any], chosen: Any) -> str | None:
+    """"lowest" or "highest" where `chosen` is the smallest or largest of the (sorted) `values` tried, else None."""
+    if chosen is None or len(values) < 2:
+        return None
+    return {values[0]: "lowest", values[-1]: "highest"}.get(chosen)
 
 
 def grid_gaps(records: list[dict[str, Any]], axes: dict[str, Callable[[dict[str, Any]], Any]],
