@@ -1,0 +1,81 @@
+"""Land a grid's finished records from the checkout that ran them (a worktree at a fixed commit) into this one.
+
+    python scripts/land_records.py study_tuned_val --grid ../study2
+
+Each cell's record.json under <grid>/results/runs/<experiment>/ that this checkout lacks is copied here, whatever its
+status (a diverged run counts as run). Before anything is copied, every one of them must read as a record, name the
+grid's HEAD commit and be clean (`git.dirty` false: the code that ran is that commit's); a cell whose record here
+differs from the grid's is named too. Any of these: nothing is copied, exit 1. Records are written atomically, so a
+cell still running has no record.json yet and is left for a later landing. Then results/runs/<experiment>_cells.csv is
+rebuilt from the records here.
+"""
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from loran.pipeline.records import CorruptRecord, cells_csv, read_record, rebuild_table
+
+
+def grid_commit(grid: Path) -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=grid, capture_output=True, text=True, timeout=30)
+    if head.returncode != 0:
+        raise ValueError(f"{grid} is not a git checkout: {head.stderr.strip()}")
+    return head.stdout.strip()
+
+
+def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[Path], int]:
+    """The grid's record files this checkout lacks, and how many it already holds; ValueError naming every record that
+    must not land (unreadable, made at another commit or with uncommitted code, or different from this checkout's)."""
+    commit = grid_commit(grid)
+    new, same, problems = [], 0, []
+    for path in sorted((grid / "results" / "runs" / experiment).glob("*/record.json")):
+        mine = here / "results" / "runs" / experiment / path.parent.name / "record.json"
+        if mine.exists():
+            if mine.read_bytes() == path.read_bytes():
+                same += 1
+            else:
+                problems.append(f"{path.parent.name}: its record differs from {mine}")
+            continue
+        try:
+            git = read_record(path).get("git") or {}
+        except CorruptRecord as err:
+            problems.append(str(err))
+            continue
+        if git.get("commit") != commit or git.get("dirty") is not False:
+            problems.append(f"{path.parent.name}: made at {git.get('commit')} (dirty: {git.get('dirty')}), "
+                            f"not at the grid's clean HEAD {commit[:7]}")
+            continue
+        new.append(path)
+    if problems:
+        raise ValueError(f"{len(problems)} record(s) cannot land, nothing copied:\n  " + "\n  ".join(problems))
+    return new, same
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment")
+    parser.add_argument("--grid", required=True, type=Path, help="the checkout (worktree) that ran the grid")
+    parser.add_argument("--here", default=Path("."), type=Path, help="the checkout that receives the records")
+    args = parser.parse_args(argv)
+    try:
+        new, same = to_land(args.grid, args.here, args.experiment)
+    except ValueError as err:
+        sys.exit(f"no records landed: {err}")
+    statuses: dict[str, int] = {}
+    for path in new:
+        target = args.here / "results" / "runs" / args.experiment / path.parent.name / "record.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        status = read_record(target)["status"]
+        statuses[status] = statuses.get(status, 0) + 1
+    rows = rebuild_table(args.here / "results" / "runs" / args.experiment, cells_csv(args.here / "results",
+                                                                                   args.experiment))
+    shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none new"
+    print(f"{args.experiment}: landed {len(new)} records ({shown}) from {args.grid}; {same} were here already; "
+          f"{cells_csv(args.here / 'results', args.experiment)}: {rows} rows")
+
+
+if __name__ == "__main__":
+    main()
