@@ -7,9 +7,10 @@
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
-`lr`, `seeds` and `overrides` need the whole grid (every method at every learning rate and seed, on every task);
-they name what is missing, write nothing and exit 1 otherwise. A diverged run counts as run: its learning rate is
-not eligible.
+`lr`, `seeds` and `overrides` need the whole grid (every method at every learning rate and seed, on every task: the
+protocol's rates RATES and, where a method's best is strictly at their edge, the one rate beyond it for every method,
+EXTENSION); they name what is missing (and the extension's command), write nothing and exit 1 otherwise. A diverged
+run counts as run: its learning rate is not eligible.
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
 seeds 0-1 at each learning rate, the chosen one (marked where it is the grid's highest or lowest) and the number of
 configurations tried (Sine-LoRA's includes the omegas the first study tried).
@@ -31,8 +32,8 @@ from loran.pipeline.paired import components, difference_matrix, planned_mde, sc
 from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import ended_records, load_records
 from loran.pipeline.tuning import (
-    LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_label, method_of, planned_seeds,
-    value_of,
+    LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_label, method_of,
+    owed_extensions, planned_seeds, value_of,
 )
 
 RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
@@ -42,6 +43,9 @@ DELTA = {"accuracy": 0.01, "rougeL": 0.005}
 TEST_EXAMPLES = 836   # the BBC re-split's test articles (results/study_report.md, the tuned study's protocol)
 LENGTHS = (100, 200, 400)
 SEEDS = (0, 1)   # the validation grid's seeds: a learning rate is chosen on their mean
+RATES = (3e-4, 1e-3, 3e-3)   # the protocol's learning rates
+# one more rate beyond an edge where a method's best is strictly (amendment of 2026-12-07, results/study_report.md)
+EXTENSION = {"highest": 1e-2, "lowest": 1e-4}
 # configurations a method was tuned over before this round, by activation: Sine-LoRA's omega (100, 300, 1000 at lr
 # 1e-3, 100 steps) was chosen on the first study's validation split (results/study_report.md)
 EARLIER_TRIED = {"sine": 3}
@@ -64,24 +68,55 @@ def at_length(records, task: str, steps: int) -> list:
 
 def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
     """Per task: its finished and its diverged records at its chosen length (the control's curve at other lengths is
-    not a method). ValueError naming the gaps unless every method ran at every learning rate and seed on every task
-    (the methods and learning rates any record holds; seeds 0 and 1)."""
-    grid = {}
-    for task in tasks(records):
-        steps = length(records, task)
-        grid[task] = (at_length(records, task, steps), at_length(diverged, task, steps))
-    axes = {"task": lambda r: r["identity"]["dataset"]["name"],
-            "method": lambda r: method_label(json.loads(method_of(r))),
-            "lr": lambda r: value_of(r, LR_KEY), "seed": lambda r: int(r["choices"]["seed"])}
-    gaps = grid_gaps([r for finished, ended in grid.values() for r in finished + ended], axes, {"seed": SEEDS})
+    not a method) and at the task's learning rates: the protocol's RATES, plus the extension they owe (``extended``).
+    ValueError naming the gaps unless every method (any record holds, on any task) ran at each of the task's rates on
+    seeds 0 and 1, or naming runs at a rate the task's grid does not hold."""
+    steps = {task: length(records, task) for task in tasks(records)}
+    runs = {task: (at_length(records, task, n), at_length(diverged, task, n)) for task, n in steps.items()}
+    methods = list(dict.fromkeys(label(r) for finished, ended in runs.values() for r in finished + ended))
+    gaps, owed = [], {}
+    for task, (finished, ended) in runs.items():
+        base = [[r for r in rs if value_of(r, LR_KEY) in RATES] for rs in (finished, ended)]
+        missing = task_gaps(task, base[0] + base[1], methods, RATES)
+        if missing:   # the extension is decided on the whole of the protocol's grid
+            gaps += missing
+            continue
+        owed[task] = extended(*base)
+        rates = tuple(sorted(RATES + tuple(owed[task])))
+        stray = sorted({value_of(r, LR_KEY) for r in finished + ended} - set(rates))
+        if stray:
+            raise ValueError(f"{task} has runs at learning rate(s) {', '.join(f'{v:g}' for v in stray)}, which its "
+                             f"grid ({', '.join(f'{v:g}' for v in rates)}) does not hold: move them out of the runs "
+                             "folder before choosing")
+        gaps += task_gaps(task, finished + ended, methods, rates)
     if gaps:
         shown = "; ".join(" ".join(f"{v}" if k in ("task", "method") else f"{k} {v}" for k, v in gap.items())
                           for gap in gaps[:4])
         shown += "; ..." if len(gaps) > 4 else ""
-        runs = f"{len(gaps)} run" + ("s" if len(gaps) > 1 else "")
-        raise ValueError(f"the validation grid is incomplete, {runs} missing ({shown}): finish it "
-                         "(make study-tuned-val) before choosing")
-    return grid
+        runs_missing = f"{len(gaps)} run" + ("s" if len(gaps) > 1 else "")
+        extensions = [f"make study-tuned-val TUNED_TASKS={task} TUNED_LRS={','.join(f'{v:g}' for v in rates)}"
+                      for task, rates in owed.items() if rates]
+        hint = ("; a method's best is strictly at the grid's edge, so the grid's extension is owed: in the grid's "
+                "worktree, " + " and ".join(extensions)) if extensions else ""
+        raise ValueError(f"the validation grid is incomplete, {runs_missing} missing ({shown}): finish it "
+                         f"(make study-tuned-val{hint}) before choosing")
+    return runs
+
+
+def extended(finished, ended) -> list:
+    """The learning rates beyond the protocol's RATES that a task's grid owes (``owed_extensions`` of its choices)."""
+    return owed_extensions(choose_settings(finished, diverged=ended), EXTENSION)
+
+
+def label(record) -> str:
+    return method_label(json.loads(method_of(record)))
+
+
+def task_gaps(task: str, runs, methods: list[str], rates) -> list[dict]:
+    """The (task, method, lr, seed) runs `runs` (finished and diverged) lack on `task`."""
+    axes = {"task": lambda r: task, "method": label, "lr": lambda r: value_of(r, LR_KEY),
+            "seed": lambda r: int(r["choices"]["seed"])}
+    return grid_gaps(runs, axes, {"task": (task,), "method": methods, "lr": rates, "seed": SEEDS})
 
 
 def tasks(records) -> list[str]:

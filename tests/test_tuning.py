@@ -148,7 +148,10 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 1 and refused.stdout == "", refused.stderr
         assert "the validation grid is incomplete" in refused.stderr and "finish it" in refused.stderr
-    assert "incomplete, 1 run missing (bbc_headlines loran-identity lr 0.001 seed 1)" in refused.stderr
+    # the protocol's rates are the grid's, whatever the records hold
+    assert ("incomplete, 5 runs missing (bbc_headlines loran-identity lr 0.0003 seed 0; bbc_headlines loran-identity "
+            "lr 0.0003 seed 1; bbc_headlines loran-identity lr 0.001 seed 1; bbc_headlines loran-identity lr 0.003 "
+            "seed 0; ...)") in refused.stderr
     assert not list(tmp_path.glob("study_tuned_val_*")), "a refused choice writes nothing"
 
 
@@ -180,7 +183,7 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     runs = tmp_path / "runs" / "study_tuned_val"
     methods = {"lora": ("activation=identity",), "sinter": ("activation=sinter", "activation.params.amp=0.5"),
                "sine": ("activation=sine", "activation.params.omega=300"), "dora": ("adapter=dora",)}
-    values = {"lora": (0.80, 0.90, 0.85), "sinter": (0.70, 0.75, 0.95), "sine": (0.5, 0.6, 0.7),
+    values = {"lora": (0.80, 0.90, 0.85), "sinter": (0.70, 0.75, 0.95), "sine": (0.5, 0.7, 0.6),
               "dora": (0.9, 0.6, 0.9)}
     for name, overrides in methods.items():
         for lr, value in zip(("3e-4", "1e-3", "3e-3"), values[name]):
@@ -204,9 +207,10 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     assert by_label["dora"]["chosen"] == 3e-4 and by_label["dora"]["tried"] == 3   # a tie: the smaller rate
     assert "| bbc_news | dora | 3 | 90.00 | 60.00 | 90.00 | 0.0003 (lowest) |" in done.stdout
     assert by_label["loran-identity"]["chosen"] == 1e-3 and by_label["loran-identity"]["tried"] == 3
-    assert by_label["loran-sine"]["chosen"] == 3e-3 and by_label["loran-sine"]["tried"] == 6
+    assert by_label["loran-sine"]["chosen"] == 1e-3 and by_label["loran-sine"]["tried"] == 6
     assert [by_label[m]["edge"] for m in ("dora", "loran-identity", "loran-sine", "loran-sinter")] == [
-        "lowest", None, "highest", None]   # Sinter's 1e-3 is the middle of its rates, the diverged 3e-3 included
+        "lowest", None, None, None]   # Sinter's 1e-3 is the middle of its rates, the diverged 3e-3 included
+    # DoRA's best at the grid's lowest ties with its highest: bracketed, so no extension was owed (the choice ran)
     (sinter_line,) = [line for line in done.stdout.splitlines() if "| loran-sinter" in line]
     assert sinter_line.split(" | ")[2:7] == ["3", "70.00", "75.00", "diverged", "0.001 |"]
     # a method that ran on one task only leaves the other task's grid incomplete
@@ -223,6 +227,50 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "incomplete, 18 runs missing" in refused.stderr, refused.stderr
     assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
+
+
+def test_a_best_strictly_at_the_grids_edge_extends_every_methods_grid_by_one_rate_once(tmp_path):
+    """LoRA's best is strictly at 3e-3 and Sinter's strictly at 3e-4: both methods owe 1e-2 and 1e-4 (the study's
+    amendment of 2026-12-07), and `lr` refuses until they ran, naming the command. Then each is chosen over 5 rates:
+    LoRA's best at 1e-2 is the edge again, marked, and owes nothing more (one extension). A run at a rate the grid
+    does not hold is refused by name."""
+    runs = tmp_path / "runs" / "study_tuned_val"
+    methods = {"lora": ("activation=identity",), "sinter": ("activation=sinter", "activation.params.amp=0.5")}
+    values = {"lora": {"1e-4": 0.70, "3e-4": 0.80, "1e-3": 0.85, "3e-3": 0.90, "1e-2": 0.95},
+              "sinter": {"1e-4": 0.70, "3e-4": 0.90, "1e-3": 0.80, "3e-3": 0.80, "1e-2": 0.60}}
+
+    def run(name, lr, seed=0):
+        write(runs, record("dataset=bbc_news", *methods[name], "trainer.args.max_steps=400",
+                           f"trainer.args.learning_rate={lr}", seed=seed, value=values[name][lr]))
+
+    def choose():
+        return subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
+                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    for name in methods:
+        for lr in ("3e-4", "1e-3", "3e-3"):
+            run(name, lr), run(name, lr, seed=1)
+    for n in (100, 200):
+        write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
+    refused = choose()
+    assert refused.returncode == 1 and "incomplete, 8 runs missing (bbc_news loran-identity lr 0.0001 seed 0; " in \
+        refused.stderr, refused.stderr
+    assert "in the grid's worktree, make study-tuned-val TUNED_TASKS=bbc_news TUNED_LRS=0.0001,0.01)" in refused.stderr
+    for name in methods:
+        for lr in ("1e-4", "1e-2"):
+            run(name, lr), run(name, lr, seed=1)
+    done = choose()
+    assert done.returncode == 0, done.stderr
+    entries = {e["label"].split(" ")[0]: e for e in json.loads((tmp_path / "study_tuned_val_choices.json").read_text())}
+    assert (entries["loran-identity"]["chosen"], entries["loran-identity"]["edge"]) == (1e-2, "highest")
+    assert (entries["loran-sinter"]["chosen"], entries["loran-sinter"]["edge"]) == (3e-4, None)
+    assert entries["loran-identity"]["tried"] == entries["loran-sinter"]["tried"] == 5
+    assert "| bbc_news | loran-identity | 5 | 70.00 | 80.00 | 85.00 | 90.00 | 95.00 | 0.01 (highest) |" in done.stdout
+    values["lora"]["3e-2"] = 0.99
+    run("lora", "3e-2")
+    stray = choose()
+    assert stray.returncode == 1 and "bbc_news has runs at learning rate(s) 0.03, which its grid (0.0001, 0.0003, " \
+        "0.001, 0.003, 0.01) does not hold" in stray.stderr, stray.stderr
 
 
 def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):

@@ -1,12 +1,13 @@
 """Choosing on validation by rules fixed before the results (results/study_report.md, "The tuned study").
 
-Three choices, each a plain function of run records:
+Three choices, each a plain function of run records (and one extension of the grid):
   - the training length: the shortest length whose metric is within `delta` of the best length's, on the control's
     curve (``choose_length``): the point where the control's validation metric has stopped improving;
   - a method's setting (its learning rate): the value with the best mean over seeds (``choose_settings``); ties
     (means equal to TIE_DIGITS significant digits) go to the value listed first (the smaller learning rate). A
     method is every record's identity without the tuned key, so each method is tuned over exactly the grid it was
-    run on, and the count of configurations tried per method is reported next to its choice;
+    run on, and the count of configurations tried per method is reported next to its choice; where a method's best
+    is strictly at the grid's edge, every method is run at one more value beyond it (``owed_extensions``);
   - the confirmation's seeds per task: the fewest (5 at least, 10 at most) at which every confirmatory comparison's
     planned MDE, from the variance components of its validation differences, meets the task's target
     (``planned_seeds``).
@@ -124,6 +125,18 @@ def grid_edge(values: list[Any], chosen: Any) -> str | None:
     if chosen is None or len(values) < 2:
         return None
     return {values[0]: "lowest", values[-1]: "highest"}.get(chosen)
+
+
+def owed_extensions(entries: list[dict[str, Any]], extension: dict[str, Any]) -> list[Any]:
+    """The values beyond the grid's edges that ``choose_settings``'s `entries` call for, sorted: `extension[edge]` for
+    each entry whose chosen value is at the grid's edge ("highest" or "lowest", ``grid_edge``) with a mean above every
+    other value's at TIE_DIGITS (a best the grid brackets with a tie calls for nothing)."""
+    def rounded(mean):
+        return float(f"{mean:.{TIE_DIGITS}g}")
+
+    owed = {extension[e["edge"]] for e in entries if e["edge"] and all(
+        rounded(e["means"][e["chosen"]]) > rounded(mean) for value, mean in e["means"].items() if value != e["chosen"])}
+    return sorted(owed)
 
 
 def grid_gaps(records: list[dict[str, Any]], axes: dict[str, Callable[[dict[str, Any]], Any]],
