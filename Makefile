@@ -154,7 +154,8 @@ study-tuned-length: $(STAMP)
 ## Tuned study, part 2: 6 methods x 3 learning rates x 2 seeds x 2 tasks on validation, 72 cells [~16 h, 2-core CPU]
 # At the length part 1 chose: LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA. A diverged
 # run is kept (its learning rate is then not eligible) and the grid goes on; then each method's learning rate is
-# chosen (results/study_tuned_val_choices.md).
+# chosen (results/study_tuned_val_choices.md). Where a method's best is strictly at the grid's edge, `lr` refuses and
+# names the extension to run first: TUNED_TASKS=<task> TUNED_LRS=1e-2 (or 1e-4), 12 cells a task [~2-3 h].
 TUNED_SEEDS ?= 0 1
 TUNED_LRS ?= 3e-4,1e-3,3e-3
 study-tuned-val: $(STAMP)
