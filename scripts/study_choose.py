@@ -74,28 +74,32 @@ def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
     steps = {task: length(records, task) for task in tasks(records)}
     runs = {task: (at_length(records, task, n), at_length(diverged, task, n)) for task, n in steps.items()}
     methods = list(dict.fromkeys(label(r) for finished, ended in runs.values() for r in finished + ended))
-    gaps, owed = [], {}
+    gaps, strays, owed = [], [], {}
     for task, (finished, ended) in runs.items():
         base = [[r for r in rs if value_of(r, LR_KEY) in RATES] for rs in (finished, ended)]
         missing = task_gaps(task, base[0] + base[1], methods, RATES)
         if missing:   # the extension is decided on the whole of the protocol's grid
             gaps += missing
             continue
-        owed[task] = extended(*base)
-        rates = tuple(sorted(RATES + tuple(owed[task])))
+        rates = tuple(sorted(RATES + tuple(extended(*base))))
         stray = sorted({value_of(r, LR_KEY) for r in finished + ended} - set(rates))
         if stray:
-            raise ValueError(f"{task} has runs at learning rate(s) {', '.join(f'{v:g}' for v in stray)}, which its "
-                             f"grid ({', '.join(f'{v:g}' for v in rates)}) does not hold: move them out of the runs "
-                             "folder before choosing")
-        gaps += task_gaps(task, finished + ended, methods, rates)
+            strays.append(f"{task} at {', '.join(f'{v:g}' for v in stray)} (its grid: "
+                          f"{', '.join(f'{v:g}' for v in rates)})")
+        missing = task_gaps(task, finished + ended, methods, rates)
+        if missing:   # only the extension's runs can be missing here
+            owed[task] = sorted({gap["lr"] for gap in missing})
+        gaps += missing
+    if strays:
+        raise ValueError(f"runs at learning rates their task's grid does not hold: {'; '.join(strays)}. Remove them "
+                         "from the runs folder here and in the grid's worktree before choosing")
     if gaps:
         shown = "; ".join(" ".join(f"{v}" if k in ("task", "method") else f"{k} {v}" for k, v in gap.items())
                           for gap in gaps[:4])
         shown += "; ..." if len(gaps) > 4 else ""
         runs_missing = f"{len(gaps)} run" + ("s" if len(gaps) > 1 else "")
         extensions = [f"make study-tuned-val TUNED_TASKS={task} TUNED_LRS={','.join(f'{v:g}' for v in rates)}"
-                      for task, rates in owed.items() if rates]
+                      for task, rates in owed.items()]
         hint = ("; a method's best is strictly at the grid's edge, so the grid's extension is owed: in the grid's "
                 "worktree, " + " and ".join(extensions)) if extensions else ""
         raise ValueError(f"the validation grid is incomplete, {runs_missing} missing ({shown}): finish it "
@@ -142,8 +146,9 @@ def learning_rates(grid, experiment: str, results: Path, argv: list[str]) -> Non
     lines = [f"# {experiment}: learning rate chosen per method and task (mean over seeds 0-1, validation)", "",
              "tried = configurations tried on validation: the learning rates, and for Sine-LoRA the "
              f"{EARLIER_TRIED['sine']} omegas of the first study. A learning rate where a seed diverged is not "
-             "eligible. A choice marked (highest) or (lowest) is the grid's edge: that method's best rate may lie "
-             "outside the grid, which the protocol does not extend.", "",
+             "eligible. Where a method's best was strictly at the edge of {3e-4, 1e-3, 3e-3}, every method of the "
+             "task ran one rate beyond it (once). A choice marked (highest) or (lowest) is at the edge of the grid as "
+             "run: a best at 1e-2 or 1e-4, or one tied with another rate, is not extended again.", "",
              "| task | method | tried | " + " | ".join(f"lr {v:g}" for v in rates) + " | chosen |",
              "|---|---|---|" + "---|" * len(rates) + "---|"]
     for e in entries:

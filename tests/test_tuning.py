@@ -1,6 +1,7 @@
 """Choosing on validation (loran/pipeline/tuning.py, scripts/study_choose.py): the training length from the control's
 curve and each method's learning rate, on records whose identities are composed from the study's own configs."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -229,6 +230,72 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
 
 
+@pytest.mark.parametrize("scores, owed", [
+    ({"3e-4": (0.2, 0.2), "1e-3": (0.25, 0.25), "3e-3": (0.3, 0.3)}, [1e-2]),       # strictly highest: upward only
+    ({"3e-4": (0.3, 0.3), "1e-3": (0.25, 0.25), "3e-3": (0.2, 0.2)}, [1e-4]),       # strictly lowest: downward only
+    ({"3e-4": (201 / 209, 202 / 209), "1e-3": (200 / 209, 203 / 209), "3e-3": (0.5, 0.5)}, []),  # tie at 12 digits
+    ({"3e-4": (0.9, 0.9), "1e-3": (0.6, 0.6), "3e-3": (0.9, 0.9)}, []),              # both edges tie: among equals
+    ({"3e-4": (0.3, 0.3), "1e-3": (0.9, None), "3e-3": (None, None)}, [1e-4]),      # the only rate finishing
+    ({"3e-4": (0.2, 0.2), "1e-3": (0.3, 0.3), "3e-3": (0.4, 0.4), "1e-2": (None, None)}, []),  # extension diverged
+])
+def test_owed_extensions_follow_a_strict_best_at_an_edge(scores, owed):
+    """``owed_extensions`` on one method's choice: None is a diverged run (it counts as tried, never as best)."""
+    from loran.pipeline.tuning import owed_extensions
+
+    runs = [(lr, seed, value) for lr, values in scores.items() for seed, value in enumerate(values)]
+    records = [record("dataset=bbc_news", f"trainer.args.learning_rate={lr}", seed=seed, value=value)
+               for lr, seed, value in runs if value is not None]
+    diverged = [{**record("dataset=bbc_news", f"trainer.args.learning_rate={lr}", seed=seed), "status": "diverged"}
+                for lr, seed, value in runs if value is None]
+    entries = choose_settings(records, diverged=diverged)
+    assert owed_extensions(entries, {"highest": 1e-2, "lowest": 1e-4}) == owed
+    assert (201 / 209 + 202 / 209) / 2 != (200 / 209 + 203 / 209) / 2   # the tie case is a tie only at 12 digits
+
+
+def test_each_task_owes_its_own_extension_and_a_rate_its_grid_does_not_hold_is_refused(tmp_path):
+    """Two complete tasks, LoRA alone: headlines' best is strictly at 3e-3 (owes 1e-2), bbc_news' is inside. The
+    refusal names headlines' extension only; a 1e-2 run on bbc_news is refused by name; once headlines' 1e-2 ran
+    (seed 1 diverged: not eligible, yet it brackets 3e-3), the choice is 3e-3, unmarked."""
+    runs = tmp_path / "runs" / "study_tuned_val"
+    steps = {"bbc_news": 400, "bbc_headlines": 200}
+    values = {"bbc_news": {"3e-4": 0.80, "1e-3": 0.90, "3e-3": 0.85, "1e-2": 0.95},
+              "bbc_headlines": {"3e-4": 0.20, "1e-3": 0.25, "3e-3": 0.30, "1e-2": 0.35}}
+
+    def run(task, lr, seed, **extra):
+        rec = record(f"dataset={task}", "activation=identity", f"trainer.args.max_steps={steps[task]}",
+                     f"trainer.args.learning_rate={lr}", seed=seed, value=values[task][lr])
+        write(runs, {**rec, **extra})
+        return runs / rec["cell"]
+
+    def choose():
+        return subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
+                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    for task in steps:
+        for lr in ("3e-4", "1e-3", "3e-3"):
+            run(task, lr, 0), run(task, lr, 1)
+    for n in (100, 200):   # bbc_news' curve: 400 steps the best
+        write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
+    for n in (100, 400):   # headlines' curve: 200 steps the best
+        write(runs, record("dataset=bbc_headlines", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
+    refused = choose()
+    assert refused.returncode == 1 and "incomplete, 2 runs missing (bbc_headlines loran-identity lr 0.01 seed 0; " \
+        "bbc_headlines loran-identity lr 0.01 seed 1)" in refused.stderr, refused.stderr
+    assert refused.stderr.count("TUNED_TASKS=") == 1 and "TUNED_TASKS=bbc_headlines TUNED_LRS=0.01)" in refused.stderr
+    stray = run("bbc_news", "1e-2", 0)
+    refused = choose()
+    assert refused.returncode == 1 and "runs at learning rates their task's grid does not hold: bbc_news at 0.01 " \
+        "(its grid: 0.0003, 0.001, 0.003)" in refused.stderr, refused.stderr
+    shutil.rmtree(stray)
+    run("bbc_headlines", "1e-2", 0), run("bbc_headlines", "1e-2", 1, status="diverged", metrics=None)
+    done = choose()
+    assert done.returncode == 0, done.stderr
+    entries = {e["task"]: e for e in json.loads((tmp_path / "study_tuned_val_choices.json").read_text())}
+    assert (entries["bbc_headlines"]["chosen"], entries["bbc_headlines"]["edge"]) == (3e-3, None)
+    assert entries["bbc_headlines"]["tried"] == 4 and entries["bbc_headlines"]["diverged"] == {"0.01": [1]}
+    assert (entries["bbc_news"]["chosen"], entries["bbc_news"]["tried"]) == (1e-3, 3)
+
+
 def test_a_best_strictly_at_the_grids_edge_extends_every_methods_grid_by_one_rate_once(tmp_path):
     """LoRA's best is strictly at 3e-3 and Sinter's strictly at 3e-4: both methods owe 1e-2 and 1e-4 (the study's
     amendment of 2026-12-07), and `lr` refuses until they ran, naming the command. Then each is chosen over 5 rates:
@@ -269,8 +336,8 @@ def test_a_best_strictly_at_the_grids_edge_extends_every_methods_grid_by_one_rat
     values["lora"]["3e-2"] = 0.99
     run("lora", "3e-2")
     stray = choose()
-    assert stray.returncode == 1 and "bbc_news has runs at learning rate(s) 0.03, which its grid (0.0001, 0.0003, " \
-        "0.001, 0.003, 0.01) does not hold" in stray.stderr, stray.stderr
+    assert stray.returncode == 1 and "does not hold: bbc_news at 0.03 (its grid: 0.0001, 0.0003, 0.001, 0.003, " \
+        "0.01). Remove them from the runs folder here and in the grid's worktree" in stray.stderr, stray.stderr
 
 
 def test_the_confirmatory_table_pairs_each_method_with_lora_per_task_and_holm_corrects_the_family(tmp_path):

@@ -92,7 +92,7 @@ def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: t
     flattened identity without `tuned`, "metric", "means": {value: mean}, "runs": {value: seeds finished},
     "diverged": {value: seeds diverged}, "chosen", "tried": the values run, diverged ones included, "edge": "lowest"
     or "highest" where the chosen value is the grid's smallest or largest (the grid may not bracket the method's best
-    value; the rule does not extend it), else None}.
+    value: ``owed_extensions``), else None}.
     """
     methods: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -130,7 +130,8 @@ def grid_edge(values: list[Any], chosen: Any) -> str | None:
 def owed_extensions(entries: list[dict[str, Any]], extension: dict[str, Any]) -> list[Any]:
     """The values beyond the grid's edges that ``choose_settings``'s `entries` call for, sorted: `extension[edge]` for
     each entry whose chosen value is at the grid's edge ("highest" or "lowest", ``grid_edge``) with a mean above every
-    other value's at TIE_DIGITS (a best the grid brackets with a tie calls for nothing)."""
+    other value's at TIE_DIGITS: a best tied with another value calls for nothing (the tie rule chose among equals),
+    and a best that is the only eligible value calls for its edge's extension (the method ran nowhere better)."""
     def rounded(mean):
         return float(f"{mean:.{TIE_DIGITS}g}")
 
