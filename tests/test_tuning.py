@@ -539,18 +539,22 @@ def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole
     assert markdown.count("| control |") == 2 and markdown == done.stdout.rstrip("\n") + "\n"
 
 
-def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences(tmp_path):
-    """Two methods x 3 learning rates x 2 seeds on bbc_news validation (60 articles): `seeds` writes each comparison's
-    variance components and planned MDE at 836 test articles (checked against a two-way ANOVA written out here), and
-    `overrides` gives every cell of the task that many seeds."""
+@pytest.mark.parametrize("flips, chosen", [
+    ({"3e-4": 0.3, "1e-3": 0.1, "3e-3": 0.2}, "1e-3"),
+    ({"3e-4": 0.45, "1e-3": 0.35, "3e-3": 0.2, "1e-2": 0.05}, "1e-2"),   # best strictly at 3e-3: extended, then 1e-2
+])
+def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences(tmp_path, flips, chosen):
+    """Two methods x 3 learning rates (and the extension where owed) x 2 seeds on bbc_news validation (60 articles):
+    `seeds` writes each comparison's variance components and planned MDE at 836 test articles (checked against a
+    two-way ANOVA written out here), and `overrides` gives every cell of the task, at its chosen rate, that many
+    seeds."""
     rng = np.random.default_rng(1)
-    truth = rng.integers(0, 2, 60).astype(float)
     runs = tmp_path / "runs" / "study_tuned_val"
     scores = {}
     for method in (("activation=identity",), ("activation=sinter", "activation.params.amp=0.5")):
-        for lr, flips in (("3e-4", 0.3), ("1e-3", 0.1), ("3e-3", 0.2)):  # 1e-3 the best for both
+        for lr, share in flips.items():   # the fewest flips the best, for both methods
             for seed in (0, 1):
-                s = np.where(rng.uniform(size=60) < flips, 1 - truth, truth)
+                s = (rng.uniform(size=60) >= share).astype(float)   # each article right unless flipped
                 overrides = ["experiment=study_tuned_val", "dataset=bbc_news", f"seed={seed}", *method,
                              "trainer.args.max_steps=400", f"trainer.args.learning_rate={lr}"]
                 cfg = cfg_of(*overrides)
@@ -570,7 +574,7 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     assert done.returncode == 0, done.stderr
     (plan,) = json.loads((tmp_path / "study_tuned_val_seeds.json").read_text())
     (comparison,) = plan["comparisons"]
-    d = np.array([scores[("activation=sinter", "1e-3", s)] - scores[("activation=identity", "1e-3", s)]
+    d = np.array([scores[("activation=sinter", chosen, s)] - scores[("activation=identity", chosen, s)]
                   for s in (0, 1)])
     row, col, m = d.mean(axis=1), d.mean(axis=0), d.mean()
     ms_res = ((d - row[:, None] - col[None, :] + m) ** 2).sum() / (1 * 59)
@@ -590,7 +594,7 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     seeds = "seed=" + ",".join(str(s) for s in range(plan["seeds"]))
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(line.endswith(" " + seeds) for line in lines)  # LoRA, Sinter, released Sinter
-    assert all("trainer.args.learning_rate=1e-3" in line for line in lines)
+    assert all(f"trainer.args.learning_rate={chosen}" in line for line in lines)
 
 
 def test_the_confirmation_table_renders_as_written_here():
