@@ -3,9 +3,10 @@
     python scripts/land_records.py study_tuned_val --grid ../study2
 
 Each cell's record.json under <grid>/results/runs/<experiment>/ that this checkout lacks is copied here, whatever its
-status (a diverged run counts as run). Before anything is copied, every one of them must read as a record, name the
-grid's HEAD commit and be clean (`git.dirty` false: the code that ran is that commit's); a cell whose record here
-differs from the grid's is named too. Any of these: nothing is copied, exit 1. Records are written atomically, so a
+status (a diverged run counts as run), and so is one that replaces a record here whose status is not "ok" (train.py
+runs such a cell again). Before anything is copied, every one of them must read as a record, name the grid's HEAD
+commit and be clean (`git.dirty` false: the code that ran is that commit's); a cell whose "ok" record here differs
+from the grid's is named too. Any of these: nothing is copied, exit 1. Records are written atomically, so a
 cell still running has no record.json yet and is left for a later landing. Then results/runs/<experiment>_cells.csv is
 rebuilt from the records here.
 """
@@ -26,17 +27,22 @@ def grid_commit(grid: Path) -> str:
 
 
 def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[Path], int]:
-    """The grid's record files this checkout lacks, and how many it already holds; ValueError naming every record that
-    must not land (unreadable, made at another commit or with uncommitted code, or different from this checkout's)."""
+    """The grid's record files this checkout lacks (or holds only as a run that did not succeed), and how many it
+    already holds; ValueError naming every record that must not land (unreadable, made at another commit or with
+    uncommitted code, or different from this checkout's successful record of the cell)."""
     commit = grid_commit(grid)
     new, same, problems = [], 0, []
     for path in sorted((grid / "results" / "runs" / experiment).glob("*/record.json")):
         mine = here / "results" / "runs" / experiment / path.parent.name / "record.json"
-        if mine.exists():
-            if mine.read_bytes() == path.read_bytes():
-                same += 1
-            else:
+        if mine.exists() and mine.read_bytes() == path.read_bytes():
+            same += 1
+            continue
+        try:
+            if mine.exists() and read_record(mine).get("status") == "ok":
                 problems.append(f"{path.parent.name}: its record differs from {mine}")
+                continue
+        except CorruptRecord as err:
+            problems.append(str(err))
             continue
         try:
             git = read_record(path).get("git") or {}

@@ -63,6 +63,18 @@ def test_new_records_land_with_any_status_and_the_cells_table_counts_the_success
     assert "landed 0 records (none new)" in capsys.readouterr().out
 
 
+def test_a_run_that_did_not_succeed_here_is_replaced_by_the_grids_rerun_of_its_cell(checkouts, capsys):
+    """train.py runs a cell again unless its record says "ok": the grid's newer record of a cell landed here as
+    diverged (or failed) replaces it; a successful record here is never replaced (next test)."""
+    grid, here, commit = checkouts
+    put(here, REAL[0], commit, status="diverged", metrics=None)
+    rerun = put(grid, REAL[0], commit)
+    land.main([EXPERIMENT, "--grid", str(grid), "--here", str(here)])
+    assert "landed 1 records (1 ok)" in capsys.readouterr().out
+    assert (here / "results" / "runs" / EXPERIMENT / REAL[0].parent.name / "record.json").read_bytes() == \
+        rerun.read_bytes()
+
+
 @pytest.mark.parametrize("problem, named", [
     ("other commit", "made at 0000000000000000000000000000000000000000 (dirty: False), not at the grid's clean HEAD"),
     ("dirty", "(dirty: True), not at the grid's clean HEAD"),
