@@ -178,17 +178,16 @@ study-tuned-val: $(STAMP)
 # (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and its task's seeds: 5, or up to 10 where the
 # validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds). GRID: the checkout that
 # trains them, the one whose code trained the validation grid (GRID=../study2, a worktree at its commit); its records
-# are then copied into this checkout's results/runs/ before the table (scripts/study_confirm.py, which refuses a
-# confirmation that is not the protocol's whole).
+# then land in this checkout (scripts/land_records.py: only clean records of the worktree's commit) before the table
+# (scripts/study_confirm.py, which refuses a confirmation that is not the protocol's whole).
 GRID ?= .
 study-tuned-test: $(STAMP)
 	cells=$$($(PY) scripts/study_choose.py overrides study_tuned_val) || exit $$?; status=0; \
 	while read -r cell; do \
 	  (cd $(GRID) && $(PY) train.py -m experiment=study_tuned_test $$cell) < /dev/null || status=$$?; \
 	done <<< "$$cells"; \
-	if [ "$(GRID)" = . ]; then $(PY) scripts/study_confirm.py study_tuned_test; else echo "copy $(GRID)/results/runs/\
-	study_tuned_test/* into results/runs/study_tuned_test/, then: $(PY) scripts/study_confirm.py study_tuned_test"; fi; \
-	exit $$status
+	if [ "$(GRID)" != . ]; then $(PY) scripts/land_records.py study_tuned_test --grid $(GRID) || exit $$?; fi; \
+	$(PY) scripts/study_confirm.py study_tuned_test; exit $$status
 
 ## Benchmarks, LoRAN vs LoRA: a layer, a SmolLM2 step, merged generation [~12 min, 2-core CPU]
 # And the sparse dropout rewrite that was not built (results/bench.md).

@@ -75,7 +75,7 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
     """GRID=<dir>: each chosen cell trains there (the validation grid's code), none of them reading the list of cells
-    from its stdin; the table is left to this checkout once the records are copied in."""
+    from its stdin; then the records land here from that checkout and the table is built here."""
     log, fake, grid = tmp_path / "calls.jsonl", tmp_path / "python", tmp_path / "grid"
     grid.mkdir()
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
@@ -88,10 +88,10 @@ def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert calls[0] == [str(REPO), "", ["scripts/study_choose.py", "overrides", "study_tuned_val"]]
-    assert calls[1:] == [[str(grid), "", ["train.py", "-m", "experiment=study_tuned_test", *cell.split()]]
-                         for cell in CHOSEN_CELLS]
-    assert done.stdout == (f"copy {grid}/results/runs/study_tuned_test/* into results/runs/study_tuned_test/, then: "
-                           f"{fake} scripts/study_confirm.py study_tuned_test\n")
+    assert calls[1:-2] == [[str(grid), "", ["train.py", "-m", "experiment=study_tuned_test", *cell.split()]]
+                           for cell in CHOSEN_CELLS]
+    assert calls[-2:] == [[str(REPO), "", ["scripts/land_records.py", "study_tuned_test", "--grid", str(grid)]],
+                          [str(REPO), "", ["scripts/study_confirm.py", "study_tuned_test"]]]
 
 
 def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_control_present(tmp_path):
