@@ -154,21 +154,25 @@ study-tuned-length: $(STAMP)
 ## Tuned study, part 2: 6 methods x 3 learning rates x 2 seeds x 2 tasks on validation, 72 cells [~16 h, 2-core CPU]
 # At the length part 1 chose: LoRA, Sinter amp 5e-3 / 5e-2 / 0.5 at omega 1e4, Sine-LoRA omega 300, DoRA. A diverged
 # run is kept (its learning rate is then not eligible) and the grid goes on; then each method's learning rate is
-# chosen (results/study_tuned_val_choices.md). Where a method's best is strictly at the grid's edge, `lr` refuses and
-# names the extension to run first: TUNED_TASKS=<task> TUNED_LRS=1e-2 (or 1e-4), 12 cells a task [~2-3 h].
+# chosen (results/study_tuned_val_choices.md). Where a method's best is strictly at the grid's edge, every method of
+# that task then runs one rate beyond it, seeds 0 and 1 (scripts/study_choose.py extension: 12 cells a task, ~2-3 h).
 TUNED_SEEDS ?= 0 1
 TUNED_LRS ?= 3e-4,1e-3,3e-3
 study-tuned-val: $(STAMP)
-	status=0; for seed in $(TUNED_SEEDS); do for task in $(TUNED_TASKS); do \
-	  steps=$$($(PY) scripts/study_choose.py length study_tuned_val --dataset $$task) || exit $$?; \
-	  grid="experiment=study_tuned_val dataset=$$task seed=$$seed trainer.args.max_steps=$$steps \
-	    trainer.args.learning_rate=$(TUNED_LRS)"; \
-	  $(PY) train.py -m $$grid activation=identity || status=$$?; \
+	status=0; cells() { \
+	  steps=$$($(PY) scripts/study_choose.py length study_tuned_val --dataset $$1) || exit $$?; \
+	  grid="experiment=study_tuned_val dataset=$$1 seed=$$2 trainer.args.max_steps=$$steps \
+	    trainer.args.learning_rate=$$3"; \
+	  $(PY) train.py -m $$grid activation=identity < /dev/null || status=$$?; \
 	  $(PY) train.py -m $$grid activation=sinter activation.params.amp=5e-3,5e-2,0.5 activation.params.omega=1e4 \
-	    || status=$$?; \
-	  $(PY) train.py -m $$grid activation=sine activation.params.omega=$(SINE_OMEGA) || status=$$?; \
-	  $(PY) train.py -m $$grid adapter=dora || status=$$?; \
-	done; done; $(PY) scripts/study_choose.py lr study_tuned_val && $(PY) scripts/study_choose.py seeds study_tuned_val; \
+	    < /dev/null || status=$$?; \
+	  $(PY) train.py -m $$grid activation=sine activation.params.omega=$(SINE_OMEGA) < /dev/null || status=$$?; \
+	  $(PY) train.py -m $$grid adapter=dora < /dev/null || status=$$?; }; \
+	for seed in $(TUNED_SEEDS); do for task in $(TUNED_TASKS); do cells $$task $$seed $(TUNED_LRS); done; done; \
+	owed=$$($(PY) scripts/study_choose.py extension study_tuned_val) || exit $$?; \
+	while read -r task rates; do [ -z "$$task" ] || for seed in 0 1; do cells $$task $$seed $$rates; done; \
+	done <<< "$$owed"; \
+	$(PY) scripts/study_choose.py lr study_tuned_val && $(PY) scripts/study_choose.py seeds study_tuned_val; \
 	exit $$status
 
 ## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [~20 h, 2-core CPU]

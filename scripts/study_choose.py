@@ -1,16 +1,18 @@
 """The tuned study's choices on validation, by the rules in results/study_report.md (loran/pipeline/tuning.py).
 
     python scripts/study_choose.py length study_tuned_val --dataset bbc_news   # prints the chosen max_steps
+    python scripts/study_choose.py extension study_tuned_val                   # rates beyond the grid's edge owed
     python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
     python scripts/study_choose.py seeds study_tuned_val                       # the confirmation's seeds per task
     python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's cells, one a line
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
-`lr`, `seeds` and `overrides` need the whole grid (every method at every learning rate and seed, on every task: the
-protocol's rates RATES and, where a method's best is strictly at their edge, the one rate beyond it for every method,
-EXTENSION); they name what is missing (and the extension's command), write nothing and exit 1 otherwise. A diverged
-run counts as run: its learning rate is not eligible.
+`extension` prints, per task whose protocol rates have all run, the rates beyond them it owes ("bbc_headlines 0.01";
+nothing where none is owed). `lr`, `seeds` and `overrides` need the whole grid (every method at every learning rate
+and seed, on every task: the protocol's rates RATES and, where a method's best is strictly at their edge, the one
+rate beyond it for every method, EXTENSION); they name what is missing (and the extension's command), write nothing
+and exit 1 otherwise. A diverged run counts as run: its learning rate is not eligible.
 `lr` writes results/<experiment>_choices.md and .json: per task, at its chosen length, and per method the mean over
 seeds 0-1 at each learning rate, the chosen one (marked where it is the grid's highest or lowest) and the number of
 configurations tried (Sine-LoRA's includes the omegas the first study tried).
@@ -66,45 +68,62 @@ def at_length(records, task: str, steps: int) -> list:
     return [r for r in records if r["identity"]["dataset"]["name"] == task and value_of(r, LENGTH_KEY) == steps]
 
 
-def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
-    """Per task: its finished and its diverged records at its chosen length (the control's curve at other lengths is
-    not a method) and at the task's learning rates: the protocol's RATES, plus the extension they owe (``extended``).
-    ValueError naming the gaps unless every method (any record holds, on any task) ran at each of the task's rates on
-    seeds 0 and 1, or naming runs at a rate the task's grid does not hold."""
+def grid_state(records, diverged) -> dict[str, dict]:
+    """Per task, its records at its chosen length (the control's curve at other lengths is not a method) and its grid:
+    {"runs": (finished, diverged), "rates": the protocol's RATES plus the extension they owe (``extended``), or None
+    while those RATES are not all run, "missing": the (task, method, lr, seed) runs the grid lacks, "stray": rates
+    run that the grid does not hold}. Every method any record holds, on any task, belongs in every task's grid."""
     steps = {task: length(records, task) for task in tasks(records)}
     runs = {task: (at_length(records, task, n), at_length(diverged, task, n)) for task, n in steps.items()}
     methods = list(dict.fromkeys(label(r) for finished, ended in runs.values() for r in finished + ended))
-    gaps, strays, owed = [], [], {}
+    state = {}
     for task, (finished, ended) in runs.items():
         base = [[r for r in rs if value_of(r, LR_KEY) in RATES] for rs in (finished, ended)]
         missing = task_gaps(task, base[0] + base[1], methods, RATES)
-        if missing:   # the extension is decided on the whole of the protocol's grid
-            gaps += missing
-            continue
-        rates = tuple(sorted(RATES + tuple(extended(*base))))
-        stray = sorted({value_of(r, LR_KEY) for r in finished + ended} - set(rates))
-        if stray:
-            strays.append(f"{task} at {', '.join(f'{v:g}' for v in stray)} (its grid: "
-                          f"{', '.join(f'{v:g}' for v in rates)})")
-        missing = task_gaps(task, finished + ended, methods, rates)
-        if missing:   # only the extension's runs can be missing here
-            owed[task] = sorted({gap["lr"] for gap in missing})
-        gaps += missing
+        rates = None if missing else tuple(sorted(RATES + tuple(extended(*base))))   # decided on the whole of RATES
+        state[task] = {"runs": (finished, ended), "rates": rates,
+                       "missing": missing or task_gaps(task, finished + ended, methods, rates),
+                       "stray": [] if missing else sorted({value_of(r, LR_KEY) for r in finished + ended} - set(rates))}
+    return state
+
+
+def validation_grid(records, diverged) -> dict[str, tuple[list, list]]:
+    """Per task: its finished and its diverged records at its chosen length and learning rates (``grid_state``).
+    ValueError naming the gaps unless every method ran at each of the task's rates on seeds 0 and 1, or naming runs at
+    a rate the task's grid does not hold."""
+    state = grid_state(records, diverged)
+    shown = {task: [", ".join(f"{v:g}" for v in s[key]) for key in ("stray", "rates")] for task, s in state.items()
+             if s["stray"]}
+    strays = [f"{task} at {stray} (its grid: {rates})" for task, (stray, rates) in shown.items()]
     if strays:
         raise ValueError(f"runs at learning rates their task's grid does not hold: {'; '.join(strays)}. Remove them "
                          "from the runs folder here and in the grid's worktree before choosing")
+    gaps = [gap for s in state.values() for gap in s["missing"]]
     if gaps:
         shown = "; ".join(" ".join(f"{v}" if k in ("task", "method") else f"{k} {v}" for k, v in gap.items())
                           for gap in gaps[:4])
         shown += "; ..." if len(gaps) > 4 else ""
         runs_missing = f"{len(gaps)} run" + ("s" if len(gaps) > 1 else "")
+        owed = {task: sorted({gap["lr"] for gap in s["missing"]}) for task, s in state.items()
+                if s["rates"] and s["missing"]}   # the protocol's rates all run: only the extension's can be missing
         extensions = [f"make study-tuned-val TUNED_TASKS={task} TUNED_LRS={','.join(f'{v:g}' for v in rates)}"
                       for task, rates in owed.items()]
         hint = ("; a method's best is strictly at the grid's edge, so the grid's extension is owed: in the grid's "
                 "worktree, " + " and ".join(extensions)) if extensions else ""
         raise ValueError(f"the validation grid is incomplete, {runs_missing} missing ({shown}): finish it "
                          f"(make study-tuned-val{hint}) before choosing")
-    return runs
+    return {task: s["runs"] for task, s in state.items()}
+
+
+def owed(records, diverged) -> list[str]:
+    """One line per task that owes the grid's extension: the task and the rates beyond RATES, comma-separated (what
+    `make study-tuned-val` runs after the protocol's grid)."""
+    lines = []
+    for task, s in grid_state(records, diverged).items():
+        beyond = [v for v in s["rates"] or () if v not in RATES]
+        if beyond:
+            lines.append(f"{task} {','.join(f'{v:g}' for v in beyond)}")
+    return lines
 
 
 def extended(finished, ended) -> list:
@@ -240,7 +259,7 @@ def confirmation_overrides(grid) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["length", "lr", "seeds", "overrides"])
+    parser.add_argument("what", choices=["length", "extension", "lr", "seeds", "overrides"])
     parser.add_argument("experiment")
     parser.add_argument("--dataset", help="length: the task whose training length is chosen")
     parser.add_argument("--results", default="results")
@@ -255,6 +274,10 @@ def main(argv=None) -> None:
             print(length(records, args.dataset))
             return
         diverged = [r for r in ended_records(runs) if r["status"] == "diverged"]
+        if args.what == "extension":
+            for line in owed(records, diverged):
+                print(line)
+            return
         grid = validation_grid(records, diverged)
         if args.what == "lr":
             learning_rates(grid, args.experiment, results, sys.argv[1:] if argv is None else argv)

@@ -73,6 +73,33 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_tuned_grid_runs_the_extension_it_owes_for_every_method_on_both_seeds_before_choosing(tmp_path):
+    """study-tuned-val: after the protocol's grid, the rates `study_choose.py extension` names (here 1e-2 on
+    headlines) run for every method of the grid, seeds 0 and 1, and only then are the choices made."""
+    log, fake = tmp_path / "calls.jsonl", tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'length']: print({CHOSEN_LENGTH})\n"
+                    f"if sys.argv[1:3] == ['scripts/study_choose.py', 'extension']: print('bbc_headlines 0.01')\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "study-tuned-val", f"PY={fake}", "STAMP="],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MAKEFLAGS": ""})
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    at = calls.index(["scripts/study_choose.py", "extension", "study_tuned_val"])
+    base, extension = [c for c in calls[:at] if c[0] == "train.py"], [c for c in calls[at:] if c[0] == "train.py"]
+    assert len(base) == 4 * 2 * 2 and len(extension) == 4 * 2   # 4 commands a task and seed: the 6 methods
+    for seed in (0, 1):
+        ran = [c for c in extension if f"seed={seed}" in c]
+        like = [c for c in base if f"seed={seed}" in c and "dataset=bbc_headlines" in c]
+        assert [[o for o in c if not o.startswith("trainer.args.learning_rate=")] for c in ran] == \
+            [[o for o in c if not o.startswith("trainer.args.learning_rate=")] for c in like]
+        assert all("trainer.args.learning_rate=0.01" in c for c in ran)
+    assert calls[-2:] == [["scripts/study_choose.py", "lr", "study_tuned_val"],
+                          ["scripts/study_choose.py", "seeds", "study_tuned_val"]]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
     """GRID=<dir>: each chosen cell trains there (the validation grid's code), none of them reading the list of cells
     from its stdin; then the records land here from that checkout and the table is built here."""

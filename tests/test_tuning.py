@@ -144,6 +144,9 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
     missing = subprocess.run([*script, "length", "study_tuned_val", "--dataset", "bbc_news", "--results",
                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stdout == "" and "no choice made" in missing.stderr
+    nothing = subprocess.run([*script, "extension", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert (nothing.returncode, nothing.stdout) == (0, ""), nothing.stderr   # owed only once the protocol's rates ran
     for what in ("lr", "seeds", "overrides"):  # one seed of one learning rate: the grid is not complete
         refused = subprocess.run([*script, what, "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
                                  capture_output=True, text=True, timeout=120)
@@ -282,6 +285,9 @@ def test_each_task_owes_its_own_extension_and_a_rate_its_grid_does_not_hold_is_r
     assert refused.returncode == 1 and "incomplete, 2 runs missing (bbc_headlines loran-identity lr 0.01 seed 0; " \
         "bbc_headlines loran-identity lr 0.01 seed 1)" in refused.stderr, refused.stderr
     assert refused.stderr.count("TUNED_TASKS=") == 1 and "TUNED_TASKS=bbc_headlines TUNED_LRS=0.01)" in refused.stderr
+    owed = subprocess.run([sys.executable, "scripts/study_choose.py", "extension", "study_tuned_val", "--results",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (owed.returncode, owed.stdout) == (0, "bbc_headlines 0.01\n"), owed.stderr   # what make runs next
     stray = run("bbc_news", "1e-2", 0)
     refused = choose()
     assert refused.returncode == 1 and "runs at learning rates their task's grid does not hold: bbc_news at 0.01 " \
