@@ -26,10 +26,10 @@ def grid_commit(grid: Path) -> str:
     return head.stdout.strip()
 
 
-def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[Path], int]:
-    """The grid's record files this checkout lacks (or holds only as a run that did not succeed), and how many it
-    already holds; ValueError naming every record that must not land (unreadable, made at another commit or with
-    uncommitted code, or different from this checkout's successful record of the cell)."""
+def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[tuple[Path, str]], int]:
+    """The grid's record files this checkout lacks (or holds only as a run that did not succeed), with their statuses,
+    and how many it already holds; ValueError naming every record that must not land (unreadable, made at another
+    commit or with uncommitted code, or different from this checkout's successful record of the cell)."""
     commit = grid_commit(grid)
     new, same, problems = [], 0, []
     for path in sorted((grid / "results" / "runs" / experiment).glob("*/record.json")):
@@ -45,15 +45,16 @@ def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[Path], int]:
             problems.append(str(err))
             continue
         try:
-            git = read_record(path).get("git") or {}
+            record = read_record(path)
         except CorruptRecord as err:
             problems.append(str(err))
             continue
+        git = record.get("git") or {}
         if git.get("commit") != commit or git.get("dirty") is not False:
             problems.append(f"{path.parent.name}: made at {git.get('commit')} (dirty: {git.get('dirty')}), "
                             f"not at the grid's clean HEAD {commit[:7]}")
             continue
-        new.append(path)
+        new.append((path, record["status"]))
     if problems:
         raise ValueError(f"{len(problems)} record(s) cannot land, nothing copied:\n  " + "\n  ".join(problems))
     return new, same
@@ -70,17 +71,16 @@ def main(argv=None) -> None:
     except ValueError as err:
         sys.exit(f"no records landed: {err}")
     statuses: dict[str, int] = {}
-    for path in new:
-        target = args.here / "results" / "runs" / args.experiment / path.parent.name / "record.json"
+    runs, table = args.here / "results" / "runs" / args.experiment, cells_csv(args.here / "results", args.experiment)
+    for path, status in new:
+        target = runs / path.parent.name / "record.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-        status = read_record(target)["status"]
         statuses[status] = statuses.get(status, 0) + 1
-    rows = rebuild_table(args.here / "results" / "runs" / args.experiment, cells_csv(args.here / "results",
-                                                                                   args.experiment))
+    rows = rebuild_table(runs, table)
     shown = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none new"
     print(f"{args.experiment}: landed {len(new)} records ({shown}) from {args.grid}; {same} were here already; "
-          f"{cells_csv(args.here / 'results', args.experiment)}: {rows} rows")
+          f"{table}: {rows} rows")
 
 
 if __name__ == "__main__":
