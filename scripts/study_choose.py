@@ -5,6 +5,7 @@
     python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
     python scripts/study_choose.py seeds study_tuned_val                       # the confirmation's seeds per task
     python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's cells, one a line
+    python scripts/study_choose.py progress study_tuned_val --results ../study2/results   # how far a running grid is
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
 primary metric is within DELTA of the best length's (1.0 accuracy point, 0.5 ROUGE-L point: the study's MDE targets).
@@ -23,9 +24,13 @@ the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
 `overrides` prints, one line per task and method, the command-line overrides that built the chosen validation cell
 (without experiment=), with the task's seeds (seed=0,...), and a line for the released Sinter (amp 5e-5, omega 1e4)
 at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test (make study-tuned-test).
+`progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the
+extension is owed (decided once the protocol's rates have all run) and the hours left at the median wall time of the
+task's runs so far; it writes nothing and exits 0 however far the grid is.
 """
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,6 +56,7 @@ EXTENSION = {"highest": 1e-2, "lowest": 1e-4}
 # configurations a method was tuned over before this round, by activation: Sine-LoRA's omega (100, 300, 1000 at lr
 # 1e-3, 100 steps) was chosen on the first study's validation split (results/study_report.md)
 EARLIER_TRIED = {"sine": 3}
+RECENT = 5   # progress: a task's last runs whose median wall time estimates the rest (the machine's load now)
 
 
 def length(records, dataset: str) -> int:
@@ -123,6 +129,39 @@ def owed(records, diverged) -> list[str]:
         beyond = [v for v in s["rates"] or () if v not in RATES]
         if beyond:
             lines.append(f"{task} {','.join(f'{v:g}' for v in beyond)}")
+    return lines
+
+
+def progress(records, diverged) -> list[str]:
+    """How far the validation grid is (``grid_state``): per task, the runs done of the grid known so far, whether the
+    extension is owed, the missing runs by method and the hours they need at the median wall time of the task's last
+    RECENT runs (the load of the machine now; a resumed run's record times its last part only: it is left out)."""
+    lines, hours, state = [], 0.0, grid_state(records, diverged)
+    for task, s in state.items():
+        finished, ended = s["runs"]
+        rates = s["rates"] or RATES
+        done = [r for r in finished + ended if value_of(r, LR_KEY) in rates and int(r["choices"]["seed"]) in SEEDS]
+        shown = ", ".join(f"{v:g}" for v in rates)
+        beyond = [f"{v:g}" for v in rates if v not in RATES]
+        extension = ("the extension is decided once they have all run" if s["rates"] is None else
+                     f"extended to {', '.join(beyond)}" if beyond else "no extension owed")
+        lines.append(f"{task}, {value_of(finished[0], LENGTH_KEY)} steps: {len(done)} of "
+                     f"{len(done) + len(s['missing'])} runs (rates {shown}; {extension})")
+        by_method: dict[str, list[str]] = {}
+        for gap in s["missing"]:
+            by_method.setdefault(gap["method"], []).append(f"{gap['lr']:g} seed {gap['seed']}")
+        lines += [f"  missing {method}: {', '.join(gaps)}" for method, gaps in by_method.items()]
+        timed = sorted((r["finished_at"], r["wall_time_s"], r["machine"]["torch_threads"]) for r in finished
+                       if r.get("wall_time_s") and r.get("finished_at") and not r.get("resumed_from"))[-RECENT:]
+        if s["missing"] and timed:
+            each = statistics.median(wall for _, wall, _ in timed)
+            threads = "/".join(str(n) for n in sorted({n for _, _, n in timed}))
+            hours += len(s["missing"]) * each / 3600
+            lines.append(f"  about {len(s['missing']) * each / 3600:.1f} h left at {each / 60:.1f} min a run (the "
+                         f"median of its last {len(timed)} runs; torch threads {threads})")
+    missing = sum(len(s["missing"]) for s in state.values())
+    lines.append(f"in all: {missing} runs missing, about {hours:.1f} h" if missing else
+                 "in all: the grid is complete (`lr` chooses)")
     return lines
 
 
@@ -259,7 +298,7 @@ def confirmation_overrides(grid) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["length", "extension", "lr", "seeds", "overrides"])
+    parser.add_argument("what", choices=["length", "extension", "lr", "seeds", "overrides", "progress"])
     parser.add_argument("experiment")
     parser.add_argument("--dataset", help="length: the task whose training length is chosen")
     parser.add_argument("--results", default="results")
@@ -274,8 +313,8 @@ def main(argv=None) -> None:
             print(length(records, args.dataset))
             return
         diverged = [r for r in ended_records(runs) if r["status"] == "diverged"]
-        if args.what == "extension":
-            for line in owed(records, diverged):
+        if args.what in ("extension", "progress"):
+            for line in (owed if args.what == "extension" else progress)(records, diverged):
                 print(line)
             return
         grid = validation_grid(records, diverged)

@@ -233,6 +233,52 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
 
 
+def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_path):
+    """A running grid: LoRA complete, Sinter one run. `progress` counts 7 of 12 runs, names Sinter's 5 missing, times
+    them at the median of the last 5 runs (720 s; a resumed run, the latest, is left out), and says the
+    extension is not yet decided; once the protocol's rates ran with LoRA's best strictly at 3e-3, it names the
+    extension owed; a complete grid says so. It exits 0 throughout."""
+    runs = tmp_path / "runs" / "study_tuned_val"
+    methods = {"lora": ("activation=identity",), "sinter": ("activation=sinter", "activation.params.amp=0.5")}
+    clock = iter(range(10, 60))
+
+    def run(name, lr, seed, wall=600.0, **extra):
+        rec = record("dataset=bbc_news", *methods[name], "trainer.args.max_steps=400",
+                     f"trainer.args.learning_rate={lr}", seed=seed, value={"3e-3": 0.9, "1e-2": 0.8}.get(lr, 0.5))
+        write(runs, {**rec, "wall_time_s": wall, "finished_at": f"2026-12-07T12:{next(clock)}:00+00:00",
+                     "machine": {"torch_threads": 2}, "resumed_from": None, **extra})
+
+    def progress():
+        done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
+                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    for n in (100, 200):
+        write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
+    for lr in ("3e-4", "1e-3"):
+        run("lora", lr, 0, wall=6000.0), run("lora", lr, 1, wall=6000.0)
+    run("lora", "3e-3", 0), run("lora", "3e-3", 1, wall=660.0), run("sinter", "1e-3", 0, wall=720.0)
+    run("sinter", "3e-4", 0, wall=9000.0, status="diverged", metrics=None)   # a diverged run is done, not timed
+    run("lora", "3e-4", 2, wall=1.0, resumed_from="checkpoint-200")   # another seed: not the grid's, not timed
+    assert progress() == [
+        "bbc_news, 400 steps: 8 of 12 runs (rates 0.0003, 0.001, 0.003; the extension is decided once they have all "
+        "run)",
+        "  missing loran-sinter (amp=0.5, omega=10000.0): 0.0003 seed 1, 0.001 seed 1, 0.003 seed 0, 0.003 seed 1",
+        "  about 0.8 h left at 12.0 min a run (the median of its last 5 runs; torch threads 2)",
+        "in all: 4 runs missing, about 0.8 h"]
+    for lr, seed in (("3e-4", 1), ("1e-3", 1), ("3e-3", 0), ("3e-3", 1)):
+        run("sinter", lr, seed)
+    lines = progress()
+    assert lines[0] == "bbc_news, 400 steps: 12 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)"
+    assert lines[1:3] == ["  missing loran-identity: 0.01 seed 0, 0.01 seed 1",
+                          "  missing loran-sinter (amp=0.5, omega=10000.0): 0.01 seed 0, 0.01 seed 1"]
+    for name in methods:
+        run(name, "1e-2", 0), run(name, "1e-2", 1)
+    assert progress() == ["bbc_news, 400 steps: 16 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)",
+                          "in all: the grid is complete (`lr` chooses)"]
+
+
 @pytest.mark.parametrize("scores, owed", [
     ({"3e-4": (0.2, 0.2), "1e-3": (0.25, 0.25), "3e-3": (0.3, 0.3)}, [1e-2]),       # strictly highest: upward only
     ({"3e-4": (0.3, 0.3), "1e-3": (0.25, 0.25), "3e-3": (0.2, 0.2)}, [1e-4]),       # strictly lowest: downward only
