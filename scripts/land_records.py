@@ -3,10 +3,12 @@
     python scripts/land_records.py study_tuned_val --grid ../study2
 
 Each cell's record.json under <grid>/results/runs/<experiment>/ that this checkout lacks is copied here, whatever its
-status (a diverged run counts as run), and so is one that replaces a record here whose status is not "ok" (train.py
-runs such a cell again). Before anything is copied, every one of them must read as a record, name the grid's HEAD
-commit and be clean (`git.dirty` false: the code that ran is that commit's); a cell whose "ok" record here differs
-from the grid's is named too. Any of these: nothing is copied, exit 1. Records are written atomically, so a
+status (a diverged run counts as run), and so is one that replaces a "failed" record here (an error, run again) or a
+"diverged" one by the grid's rerun that diverged too (grids at commits before 2026-12-07 ran a diverged cell again).
+Before anything is copied, every one of them must read as a record, name the grid's HEAD commit and be clean
+(`git.dirty` false: the code that ran is that commit's); a cell whose "ok" record here differs from the grid's, or
+whose "diverged" record here the grid's record says did not diverge, is named too (a result is never replaced by
+another outcome of the same cell). Any of these: nothing is copied, exit 1. Records are written atomically, so a
 cell still running has no record.json yet and is left for a later landing. Then results/runs/<experiment>_cells.csv is
 rebuilt from the records here.
 """
@@ -27,7 +29,8 @@ def grid_commit(grid: Path) -> str:
 
 
 def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[tuple[Path, str]], int]:
-    """The grid's record files this checkout lacks (or holds only as a run that did not succeed), with their statuses,
+    """The grid's record files this checkout lacks (or holds only as a failed run, or as a diverged one the grid's rerun
+    repeats), with their statuses,
     and how many it already holds; ValueError naming every record that must not land (unreadable, made at another
     commit or with uncommitted code, or different from this checkout's successful record of the cell)."""
     commit = grid_commit(grid)
@@ -38,16 +41,14 @@ def to_land(grid: Path, here: Path, experiment: str) -> tuple[list[tuple[Path, s
             same += 1
             continue
         try:
-            if mine.exists() and read_record(mine).get("status") == "ok":
-                problems.append(f"{path.parent.name}: its record differs from {mine}")
-                continue
-        except CorruptRecord as err:
-            problems.append(str(err))
-            continue
-        try:
+            status_here = read_record(mine).get("status") if mine.exists() else None
             record = read_record(path)
         except CorruptRecord as err:
             problems.append(str(err))
+            continue
+        if status_here == "ok" or (status_here == "diverged" and record.get("status") != "diverged"):
+            problems.append(f"{path.parent.name}: its record ({record.get('status')}) differs from {mine} "
+                            f"({status_here})")
             continue
         git = record.get("git") or {}
         if git.get("commit") != commit or git.get("dirty") is not False:

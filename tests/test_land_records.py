@@ -63,16 +63,21 @@ def test_new_records_land_with_any_status_and_the_cells_table_counts_the_success
     assert "landed 0 records (none new)" in capsys.readouterr().out
 
 
-def test_a_run_that_did_not_succeed_here_is_replaced_by_the_grids_rerun_of_its_cell(checkouts, capsys):
-    """train.py runs a cell again unless its record says "ok": the grid's newer record of a cell landed here as
-    diverged (or failed) replaces it; a successful record here is never replaced (next test)."""
+def test_a_failed_run_here_is_replaced_by_the_grids_rerun_and_a_diverged_one_by_a_rerun_that_diverged(checkouts,
+                                                                                                      capsys):
+    """train.py runs a failed cell again: the grid's newer record replaces the failed one landed here. A diverged
+    record is a result: only the rerun of a grid at an older commit, diverged again, replaces it; a successful one
+    (or a diverged one here that the grid says succeeded) never is (next test)."""
     grid, here, commit = checkouts
-    put(here, REAL[0], commit, status="diverged", metrics=None)
+    put(here, REAL[0], commit, status="failed", metrics=None)
     rerun = put(grid, REAL[0], commit)
+    put(here, REAL[1], commit, status="diverged", metrics=None, wall_time_s=1.0)
+    again = put(grid, REAL[1], commit, status="diverged", metrics=None, wall_time_s=2.0)
     land.main([EXPERIMENT, "--grid", str(grid), "--here", str(here)])
-    assert "landed 1 records (1 ok)" in capsys.readouterr().out
-    assert (here / "results" / "runs" / EXPERIMENT / REAL[0].parent.name / "record.json").read_bytes() == \
-        rerun.read_bytes()
+    assert "landed 2 records (1 diverged, 1 ok)" in capsys.readouterr().out
+    for source, landed in ((REAL[0], rerun), (REAL[1], again)):
+        assert (here / "results" / "runs" / EXPERIMENT / source.parent.name / "record.json").read_bytes() == \
+            landed.read_bytes()
 
 
 @pytest.mark.parametrize("problem, named", [
@@ -80,7 +85,8 @@ def test_a_run_that_did_not_succeed_here_is_replaced_by_the_grids_rerun_of_its_c
     ("dirty", "(dirty: True), not at the grid's clean HEAD"),
     ("no git", "made at None (dirty: None)"),
     ("corrupt", "is not a valid record"),
-    ("differs here", "its record differs from"),
+    ("differs here", "its record (ok) differs from"),
+    ("diverged here", "its record (ok) differs from"),   # a diverged result is not replaced by a success
 ])
 def test_a_record_that_must_not_land_is_named_and_nothing_lands(checkouts, problem, named):
     grid, here, commit = checkouts
@@ -90,6 +96,8 @@ def test_a_record_that_must_not_land_is_named_and_nothing_lands(checkouts, probl
            "no git": lambda: put(grid, REAL[1], commit, git=None),
            "corrupt": lambda: put(grid, REAL[1], commit).write_text("{\"status\": "),
            "differs here": lambda: (put(here, REAL[1], commit, seed_note="another run"), put(grid, REAL[1], commit)),
+           "diverged here": lambda: (put(here, REAL[1], commit, status="diverged", metrics=None),
+                                     put(grid, REAL[1], commit)),
            }[problem]
     bad()
     before = sorted(p.relative_to(here) for p in here.rglob("*")) if here.exists() else []

@@ -198,6 +198,16 @@ def test_a_diverging_run_is_recorded_as_diverged_with_its_step_and_gets_no_row(w
     assert rows(results) == []
     ckpts = Path(cell_paths(cfg)["out_dir"]) / "checkpoints"
     assert not (ckpts / "checkpoint-4").exists()  # no checkpoint of NaN weights, though step 4 was a save step
+    # a divergence is a result: the same command does not run the cell again (it would only choose among outcomes)
+    written = Path(cell_paths(cfg)["record"]).read_bytes()
+    with pytest.raises(Diverged, match=r"diverged before \(at step 4; .*record.json\); a diverged run is a result "
+                                       r"and is not run again: skip_existing=false"):
+        run_cell(cfg)
+    assert Path(cell_paths(cfg)["record"]).read_bytes() == written
+    with pytest.raises(Diverged, match=r"training diverged at step 4"):   # asked for: it runs (and diverges) again
+        run_cell(cfg_of(*SMALL, "trainer.args.max_steps=12", "dataset.n_train=24", "trainer.args.save_steps=4",
+                        "skip_existing=false", results=results))
+    assert Path(cell_paths(cfg)["record"]).read_bytes() != written
 
 
 # One process per cell, one row per finished cell.

@@ -8,7 +8,8 @@ config with ``hydra.utils.instantiate``; this file orders the steps and writes t
     (loran/pipeline/tracking.py)
 The cell's name carries the hash of its result-relevant config (loran/pipeline/cells.py). Training state lives in
 the cell's output folder (outputs/<experiment>/<cell>/), so running the same command again resumes from the
-last complete checkpoint, and a cell whose record says "ok" is skipped. One process runs a cell at a time.
+last complete checkpoint, and a cell whose record says "ok" (or "diverged") is not run again. One process runs a
+cell at a time.
 
 The contract in full (tests/test_run.py checks it; the README has the summary):
 - Refused while Hydra composes (exit code 2 through train.py, the message naming the field's full key, no folder
@@ -30,7 +31,9 @@ The contract in full (tests/test_run.py checks it; the README has the summary):
   weights), the record says "diverged", exit code 3.
 - One process per cell: a second launch of a running cell stops at once (exit code 4) without touching its record;
   the lock (<results_dir>/runs/<experiment>/<cell>.lock, git-ignored) is an flock, released if its process dies.
-- Skip and resume: a cell whose record says "ok" is skipped (and its row restored if a crash lost it); otherwise
+- Skip and resume: a cell whose record says "ok" is skipped (and its row restored if a crash lost it); one whose
+  record says "diverged" is not run again either (exit code 3 again, the message naming the record: a divergence is a
+  result; skip_existing=false runs it again); otherwise (no record, or "failed")
   training resumes from the newest complete checkpoint (every file present and readable; a truncated newest one is
   moved aside as checkpoint-N.incomplete with a warning).
 - Signals: SIGTERM, SIGUSR1/2 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the
@@ -225,12 +228,19 @@ def write_failed(path: Path, record: RunRecord) -> None:
 
 
 def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
-    """The cell's successful record when it should be skipped (its row is restored if a crash lost it)."""
+    """The cell's successful record when it should be skipped (its row is restored if a crash lost it); Diverged when
+    its record says it diverged: that is a result (a grid counts the run, its learning rate not eligible), and running
+    it again until it does not diverge would choose among outcomes. A failed run (an error, not a result) runs again."""
     try:
         existing = read_record(paths["record"])
     except CorruptRecord as err:
         raise ConfigError(str(err)) from err
-    if not (cfg.skip_existing and existing and RunRecord.from_dict(existing).status == "ok"):
+    status = RunRecord.from_dict(existing).status if existing else None
+    if cfg.skip_existing and status == "diverged":
+        raise Diverged(f"cell {cfg.cell} diverged before (at step {(existing.get('divergence') or {}).get('step')}; "
+                       f"{paths['record']}); a diverged run is a result and is not run again: skip_existing=false, "
+                       "or move the record away, to run it again")
+    if not (cfg.skip_existing and status == "ok"):
         return None
     if problem := record_problem(existing, {**RESULT_FIELDS, **RUN_FIELDS}):
         raise ConfigError(f"{paths['record']} is not a usable record ({problem}): move it away to run the cell again")

@@ -173,7 +173,7 @@ class TrainConfig:
     seed: int = setting(rule=Rule(INT, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"))
     experiment_name: str = setting(result=False)  # where the record, the CSV and the W&B group go
     results_dir: str = setting(result=False)
-    skip_existing: bool = setting(result=False)  # whether a finished cell is run again
+    skip_existing: bool = setting(result=False)  # whether a finished (or diverged) cell is run again
     zero_shot: bool = MISSING  # also score the base model before training
     cell: str = setting(result=False)  # derived from the identity itself
 
