@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install --progress-bar on -c constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-rank-null study-sine-scale study-tuned-length study-tuned-val study-tuned-test bench gpu-check gpu-kit clean-venv
+.PHONY: help demo smoke test test-slow mutate reproduce-table2 reproduce-table2-mini study-sinter-screen study-sine-omega study-sinter study-rank study-rank-null study-sine-scale study-tuned-length study-tuned-val study-progress study-tuned-test bench gpu-check gpu-kit clean-venv
 
 ## This list: every target, its time and the hardware it needs.
 help:
@@ -174,6 +174,10 @@ study-tuned-val: $(STAMP)
 	done <<< "$$owed"; \
 	$(PY) scripts/study_choose.py lr study_tuned_val && $(PY) scripts/study_choose.py seeds study_tuned_val; \
 	exit $$status
+
+## How far the tuned study's validation grid is (GRID=../study2): runs done and missing, hours left [seconds]
+study-progress: $(STAMP)
+	$(PY) scripts/study_choose.py progress study_tuned_val --results $(GRID)/results
 
 ## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [~20 h, 2-core CPU]
 # Times from the records: a 400-step classification cell ~12.5 min, a 200-step headline cell ~15 min on 2 idle cores

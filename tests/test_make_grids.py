@@ -100,6 +100,21 @@ def test_the_tuned_grid_runs_the_extension_it_owes_for_every_method_on_both_seed
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_grids_progress_reads_the_grid_checkouts_records(tmp_path):
+    log, fake = tmp_path / "calls.jsonl", tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    for grid, results in (("../study2", "../study2/results"), (None, "./results")):
+        log.unlink(missing_ok=True)
+        done = subprocess.run(["make", "-s", "-C", str(REPO), "study-progress", f"PY={fake}", "STAMP="]
+                              + ([f"GRID={grid}"] if grid else []), capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MAKEFLAGS": ""})
+        assert done.returncode == 0, done.stderr
+        assert json.loads(log.read_text()) == ["scripts/study_choose.py", "progress", "study_tuned_val", "--results",
+                                               results]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
     """GRID=<dir>: each chosen cell trains there (the validation grid's code), none of them reading the list of cells
     from its stdin; then the records land here from that checkout and the table is built here."""
