@@ -184,10 +184,11 @@ study-progress: $(STAMP)
 # (validation); on the 836 test articles evaluation adds ~1.5 / ~5 min; 7 rows x 2 tasks x 5 seeds = 70 cells.
 # The cells are the validation cells the rules chose (scripts/study_choose.py overrides), plus the released Sinter
 # (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and its task's seeds: 5, or up to 10 where the
-# validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds). GRID: the checkout that
-# trains them, the one whose code trained the validation grid (GRID=../study2, a worktree at its commit); its records
-# then land in this checkout (scripts/land_records.py: only clean records of the worktree's commit) before the table
-# (scripts/study_confirm.py, which refuses a confirmation that is not the protocol's whole).
+# validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds), numbered from 2 (the
+# validation grid trained seeds 0 and 1: fresh seeds keep the tuning's lucky draws out of the confirmation). GRID: the
+# checkout that trains them, the one whose code trained the validation grid (GRID=../study2, a worktree at its
+# commit); its records then land in this checkout (scripts/land_records.py: only clean records of the worktree's
+# commit) before the table (scripts/study_confirm.py, which refuses a confirmation that is not the protocol's whole).
 GRID ?= .
 study-tuned-test: $(STAMP)
 	cells=$$($(PY) scripts/study_choose.py overrides study_tuned_val) || exit $$?; status=0; \

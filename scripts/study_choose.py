@@ -22,8 +22,9 @@ at its own, the variance components of their validation differences (seed, examp
 the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
 the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
 `overrides` prints, one line per task and method, the command-line overrides that built the chosen validation cell
-(without experiment=), with the task's seeds (seed=0,...), and a line for the released Sinter (amp 5e-5, omega 1e4)
-at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test (make study-tuned-test).
+(without experiment=), with the task's seeds (seed=2,...: those after the validation grid's), and a line for the
+released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test
+(make study-tuned-test).
 `progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the
 extension is owed (decided once the protocol's rates have all run) and the hours left at the median wall time of the
 task's runs so far; it writes nothing and exits 0 however far the grid is.
@@ -40,7 +41,7 @@ from loran.pipeline.records import CorruptRecord, with_command
 from loran.pipeline.tables import ended_records, load_records
 from loran.pipeline.tuning import (
     LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_label, method_of,
-    owed_extensions, planned_seeds, value_of,
+    VALIDATION_SEEDS, confirmation_seeds, owed_extensions, planned_seeds, value_of,
 )
 
 RELEASED_SINTER = ["activation=sinter", "activation.params.amp=5e-5", "activation.params.omega=1e4"]  # a row, untuned
@@ -49,7 +50,7 @@ CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", LR_KE
 DELTA = {"accuracy": 0.01, "rougeL": 0.005}
 TEST_EXAMPLES = 836   # the BBC re-split's test articles (results/study_report.md, the tuned study's protocol)
 LENGTHS = (100, 200, 400)
-SEEDS = (0, 1)   # the validation grid's seeds: a learning rate is chosen on their mean
+SEEDS = VALIDATION_SEEDS   # the validation grid's seeds: a learning rate is chosen on their mean
 RATES = (3e-4, 1e-3, 3e-3)   # the protocol's learning rates
 # one more rate beyond an edge where a method's best is strictly (amendment of 2026-12-07, results/study_report.md)
 EXTENSION = {"highest": 1e-2, "lowest": 1e-4}
@@ -273,8 +274,10 @@ def seed_plans(grid, experiment: str, results: Path, argv: list[str]) -> None:
             parts = " | ".join(f"{1e4 * c['components'][k]:.2f}" for k in ("seed", "example", "residual"))
             lines.append(f"| {plan['task']} | {c['label']} | {c['learning_rate']} | {parts} | {100 * c['mde_5']:.2f} | "
                          f"{plan['seeds']} | {100 * c['mde_at_seeds']:.2f} | {100 * plan['target']:.1f} |")
-    lines += [""] + [f"{p['task']}: {p['seeds']} seeds; " + ("every comparison meets its target." if p["met"] else
-                     "the target is not met even at 10 seeds (the protocol's cap).") for p in plans]
+    verdict = {True: "every comparison meets its target.",
+               False: "the target is not met even at 10 seeds (the protocol's cap)."}
+    lines += [""] + [f"{p['task']}: {p['seeds']} seeds ({', '.join(map(str, confirmation_seeds(p['seeds'])))}); "
+                     + verdict[p["met"]] for p in plans]
     markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
     (results / f"{experiment}_seeds.json").write_text(json.dumps(plans, indent=1, default=str) + "\n")
     (results / f"{experiment}_seeds.md").write_text(markdown)
@@ -286,7 +289,7 @@ def confirmation_overrides(grid) -> list[str]:
     seeds."""
     lines = []
     for task in grid:
-        seeds = "seed=" + ",".join(str(s) for s in range(seed_plan(grid, task)["seeds"]))
+        seeds = "seed=" + ",".join(str(s) for s in confirmation_seeds(seed_plan(grid, task)["seeds"]))
         for entry, chosen in chosen_cells(grid, task):
             overrides = [o for o in chosen[0]["overrides"] if not o.startswith(("experiment=", "seed="))]
             lines.append(" ".join(overrides + [seeds]))

@@ -8,17 +8,16 @@ power and the p-value, Holm-corrected over the confirmatory family (loran/pipeli
 its learning rate and how many configurations were tried for it on validation (results/<validation>_choices.json).
 
 The table is written only when the test grid is the protocol's, whole: every method at its chosen learning rate and
-the released Sinter row at LoRA's, on each task's planned seeds (results/<validation>_seeds.json), and nothing else;
-otherwise the missing, diverged or extra runs are named and nothing is written (exit 1). Below the table: how many
-test runs trained as their validation twin (same method, learning rate and seed): logged losses within a relative
-1e-4.
+the released Sinter row at LoRA's, on each task's planned seeds (results/<validation>_seeds.json: that many seeds
+after the validation grid's, 2, 3, ...), and nothing else; otherwise the missing, diverged or extra runs are named and
+nothing is written (exit 1).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from loran.pipeline.confirm import TWIN_RTOL, gaps, rows_of, to_markdown, twins
+from loran.pipeline.confirm import gaps, rows_of, to_markdown
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import write_csv
 from loran.pipeline.tables import ended_records, load_records
@@ -48,14 +47,9 @@ def main(argv=None) -> None:
             sys.exit(f"no table written: the confirmation is not the protocol's, {runs_} to mend "
                      f"({shown}): run make study-tuned-test, or move what is not asked for away")
         rows = rows_of(records, choices)
-        paired, largest, differ = twins(records, load_records(results / "runs" / args.validation))
     except (CorruptRecord, ValueError, OSError, KeyError) as err:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs")
-    markdown += (f"\nTraining as on validation: {paired - len(differ)} of the {paired} test runs that have a "
-                 "validation twin (same task, method, learning rate and seed) repeat its logged losses to a relative "
-                 f"{TWIN_RTOL:g} (largest difference {largest:.1e})"
-                 + (f"; differing: {', '.join(differ)}.\n" if differ else ".\n"))
     (results / f"{args.experiment}.md").write_text(markdown)
     write_csv(rows, results / f"{args.experiment}.csv")
     print(markdown)

@@ -3,7 +3,7 @@ against LoRA (the identity) on the task's primary metric, paired by seed and exa
 the crossed bootstrap), Holm-corrected over the confirmatory family (every tuned method x task; the released Sinter
 row, amp 5e-5, is secondary and left out of it), with each method's learning rate and the number of configurations
 validation tried for it. ROUGE-1/2 differences are reported, not tested. The table is built only from the complete
-confirmation (``gaps``), and says whether each test run trained as its validation twin did (``twins``).
+confirmation (``gaps``): each task's planned number of seeds, on the seeds after the validation grid's.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from loran.pipeline.cells import flatten
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.study import _pct, configurations, study_rows, with_holm
-from loran.pipeline.tuning import LR_KEY
+from loran.pipeline.tuning import LR_KEY, confirmation_seeds
 
 CONTROL = {"activation.name": "identity"}
 SECONDARY = {"rougeL": ("rouge1", "rouge2")}
@@ -44,9 +44,10 @@ def is_control(flat: dict[str, Any]) -> bool:
 def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
          seeds: dict[str, int]) -> list[str]:
     """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
-    per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on
-    seeds 0 to seeds[task] - 1. A run asked for with no successful record is missing (or diverged / failed, when
-    `ended` holds it); a successful record of anything else is not in the protocol (it would join the Holm family)."""
+    per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on its
+    seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no successful record
+    is missing (or diverged / failed, when `ended` holds it); a successful record of anything else is not in the
+    protocol (it would join the Holm family)."""
     wanted = {}
     for c in choices:
         if c["chosen"] is None:
@@ -55,37 +56,12 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
         if is_control(c["method"]):
             rows.append(("released", "released Sinter (amp 5e-5)"))
         for method, name in rows:
-            for seed in range(seeds[c["task"]]):
+            for seed in confirmation_seeds(seeds[c["task"]]):
                 wanted[(c["task"], method, c["chosen"], seed)] = f"{c['task']} {name} lr {c['chosen']:g} seed {seed}"
     have = {run_key(r) for r in records}
     status = {run_key(r): r["status"] for r in ended}
     out = [name + (f" ({status[key]})" if key in status else "") for key, name in wanted.items() if key not in have]
     return out + [f"{r['cell']} is not in the protocol" for r in records if run_key(r) not in wanted]
-
-
-TWIN_RTOL = 1e-4   # losses of one training in another thread count or build differ by up to ~6e-5 (Table 2 mini)
-
-
-def twins(records: list[dict[str, Any]], validation: list[dict[str, Any]]) -> tuple[int, float, list[str]]:
-    """Test runs whose training a validation run repeats (same task, method, learning rate and seed: training does not
-    depend on the evaluated split): how many, the largest relative difference between their logged losses, and the
-    cells whose losses differ from their twin's by more than TWIN_RTOL (or at other steps)."""
-    by_key = {run_key(r): r for r in validation}
-    largest, differ, pairs = 0.0, [], 0
-    for record in records:
-        twin = by_key.get(run_key(record))
-        if twin is None:
-            continue
-        pairs += 1
-        ours, theirs = record.get("loss_history") or [], twin.get("loss_history") or []
-        if [h["step"] for h in ours] != [h["step"] for h in theirs] or not ours:
-            differ.append(record["cell"])
-            continue
-        gap = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in zip(ours, theirs))
-        largest = max(largest, gap)
-        if gap > TWIN_RTOL:
-            differ.append(record["cell"])
-    return pairs, largest, differ
 
 
 def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ Three choices, each a plain function of run records (and one extension of the gr
     is strictly at the grid's edge, every method is run at one more value beyond it (``owed_extensions``);
   - the confirmation's seeds per task: the fewest (5 at least, 10 at most) at which every confirmatory comparison's
     planned MDE, from the variance components of its validation differences, meets the task's target
-    (``planned_seeds``).
+    (``planned_seeds``); they are the seeds after the validation grid's (``confirmation_seeds``).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from loran.pipeline.paired import planned_mde
 LENGTH_KEY = "trainer.args.max_steps"
 LR_KEY = "trainer.args.learning_rate"
 TIE_DIGITS = 12   # means equal to 12 significant digits are a tie (float sums differ in the 16th)
+VALIDATION_SEEDS = (0, 1)   # the validation grid's seeds: a learning rate is chosen on their mean
 
 
 def value_of(record: dict[str, Any], key: str) -> Any:
@@ -150,6 +151,14 @@ def grid_gaps(records: list[dict[str, Any]], axes: dict[str, Callable[[dict[str,
     found = [tuple(axis(r) for axis in axes.values()) for r in records]
     values = [fixed.get(name) or list(dict.fromkeys(run[i] for run in found)) for i, name in enumerate(axes)]
     return [dict(zip(axes, combo)) for combo in itertools.product(*values) if combo not in set(found)]
+
+
+def confirmation_seeds(count: int) -> list[int]:
+    """The confirmation's `count` seeds: those after the validation grid's (2, 3, ...). A test run at a validation
+    seed would repeat the very training whose luck helped choose its learning rate; fresh seeds measure the method as
+    tuned, not the draws that won the tuning (amendment of 2026-12-07, results/study_report.md)."""
+    first = max(VALIDATION_SEEDS) + 1
+    return list(range(first, first + count))
 
 
 def planned_seeds(parts: list[dict[str, float]], examples: int, target: float, first: int = 5, most: int = 10) -> int:
