@@ -66,8 +66,8 @@ def test_new_records_land_with_any_status_and_the_cells_table_counts_the_success
 def test_a_failed_run_here_is_replaced_by_the_grids_rerun_and_a_diverged_one_by_a_rerun_that_diverged(checkouts,
                                                                                                       capsys):
     """train.py runs a failed cell again: the grid's newer record replaces the failed one landed here. A diverged
-    record is a result: only the rerun of a grid at an older commit, diverged again, replaces it; a successful one
-    (or a diverged one here that the grid says succeeded) never is (next test)."""
+    record is a result: only the rerun of a grid at an older commit, diverged again, replaces it (another outcome never
+    does: next test); a successful record here is never replaced."""
     grid, here, commit = checkouts
     put(here, REAL[0], commit, status="failed", metrics=None)
     rerun = put(grid, REAL[0], commit)
@@ -80,13 +80,30 @@ def test_a_failed_run_here_is_replaced_by_the_grids_rerun_and_a_diverged_one_by_
             landed.read_bytes()
 
 
+@pytest.mark.parametrize("rerun", ["ok", "failed"])
+def test_a_divergence_here_stands_against_a_grid_rerun_that_did_not_diverge_and_the_rest_lands(checkouts, capsys,
+                                                                                              rerun):
+    """A grid at an older commit runs a diverged cell again at each restart: a rerun that succeeded (another outcome)
+    or failed (no result) does not replace the divergence landed here; it is named, and the grid's other records land."""
+    grid, here, commit = checkouts
+    diverged = put(here, REAL[0], commit, status="diverged", metrics=None)
+    before = diverged.read_bytes()
+    put(grid, REAL[0], commit, status=rerun, **({"metrics": None} if rerun == "failed" else {}))
+    put(grid, REAL[1], commit)
+    land.main([EXPERIMENT, "--grid", str(grid), "--here", str(here)])
+    out = capsys.readouterr().out
+    assert "landed 1 records (1 ok)" in out and diverged.read_bytes() == before
+    assert f"kept the divergence here (a result; the rerun is not landed): {REAL[0].parent.name}: diverged here, " \
+        f"{rerun} in the grid's rerun" in out
+    assert (here / "results" / "runs" / EXPERIMENT / REAL[1].parent.name / "record.json").exists()
+
+
 @pytest.mark.parametrize("problem, named", [
     ("other commit", "made at 0000000000000000000000000000000000000000 (dirty: False), not at the grid's clean HEAD"),
     ("dirty", "(dirty: True), not at the grid's clean HEAD"),
     ("no git", "made at None (dirty: None)"),
     ("corrupt", "is not a valid record"),
     ("differs here", "its record (ok) differs from"),
-    ("diverged here", "its record (ok) differs from"),   # a diverged result is not replaced by a success
 ])
 def test_a_record_that_must_not_land_is_named_and_nothing_lands(checkouts, problem, named):
     grid, here, commit = checkouts
@@ -96,8 +113,6 @@ def test_a_record_that_must_not_land_is_named_and_nothing_lands(checkouts, probl
            "no git": lambda: put(grid, REAL[1], commit, git=None),
            "corrupt": lambda: put(grid, REAL[1], commit).write_text("{\"status\": "),
            "differs here": lambda: (put(here, REAL[1], commit, seed_note="another run"), put(grid, REAL[1], commit)),
-           "diverged here": lambda: (put(here, REAL[1], commit, status="diverged", metrics=None),
-                                     put(grid, REAL[1], commit)),
            }[problem]
     bad()
     before = sorted(p.relative_to(here) for p in here.rglob("*")) if here.exists() else []
