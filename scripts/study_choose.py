@@ -26,8 +26,9 @@ the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
 released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test
 (make study-tuned-test).
 `progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the
-extension is owed (decided once the protocol's rates have all run) and the hours left at the median wall time of the
-task's runs so far; it writes nothing and exits 0 however far the grid is.
+extension is owed (decided once the protocol's rates have all run: until then up to 12 more runs a task) and the hours
+left at the median wall time of the task's last 5 runs; it writes nothing and exits 0 however far the grid is, once
+each task's training length is chosen.
 """
 import argparse
 import json
@@ -152,6 +153,13 @@ def progress(records, diverged) -> list[str]:
         for gap in s["missing"]:
             by_method.setdefault(gap["method"], []).append(f"{gap['lr']:g} seed {gap['seed']}")
         lines += [f"  missing {method}: {', '.join(gaps)}" for method, gaps in by_method.items()]
+        if s["stray"]:
+            lines.append(f"  runs at rates its grid does not hold ({', '.join(f'{v:g}' for v in s['stray'])}): "
+                         "remove them here and in the grid's worktree before choosing")
+        if s["rates"] is None:
+            per_rate = len({label(r) for t in state.values() for runs in t["runs"] for r in runs}) * len(SEEDS)
+            lines.append(f"  an extension, if owed, adds {per_rate} runs a rate (every method, seeds "
+                         f"{' and '.join(map(str, SEEDS))})")
         timed = sorted((r["finished_at"], r["wall_time_s"], r["machine"]["torch_threads"]) for r in finished
                        if r.get("wall_time_s") and r.get("finished_at") and not r.get("resumed_from"))[-RECENT:]
         if s["missing"] and timed:
@@ -160,6 +168,8 @@ def progress(records, diverged) -> list[str]:
             hours += len(s["missing"]) * each / 3600
             lines.append(f"  about {len(s['missing']) * each / 3600:.1f} h left at {each / 60:.1f} min a run (the "
                          f"median of its last {len(timed)} runs; torch threads {threads})")
+        elif s["missing"]:
+            lines.append("  no timed run yet: its hours are not counted below")
     missing = sum(len(s["missing"]) for s in state.values())
     lines.append(f"in all: {missing} runs missing, about {hours:.1f} h" if missing else
                  "in all: the grid is complete (`lr` chooses)")
@@ -257,6 +267,7 @@ def seed_plan(grid, task: str) -> dict:
     for c in comparisons:
         c["mde_at_seeds"] = planned_mde(c["components"], seeds, TEST_EXAMPLES)
     return {"task": task, "metric": metric, "target": DELTA[metric], "test_examples": TEST_EXAMPLES, "seeds": seeds,
+            "confirmation_seeds": confirmation_seeds(seeds),
             "met": all(c["mde_at_seeds"] <= DELTA[metric] for c in comparisons), "comparisons": comparisons}
 
 

@@ -9,15 +9,16 @@ its learning rate and how many configurations were tried for it on validation (r
 
 The table is written only when the test grid is the protocol's, whole: every method at its chosen learning rate and
 the released Sinter row at LoRA's, on each task's planned seeds (results/<validation>_seeds.json: that many seeds
-after the validation grid's, 2, 3, ...), and nothing else; otherwise the missing, diverged or extra runs are named and
-nothing is written (exit 1).
+after the validation grid's, 2, 3, ...), and nothing else; otherwise the missing (or failed) and extra runs are named
+and nothing is written (exit 1). A diverged run is a result: every test example scores 0, and it is named under the
+table (loran/pipeline/confirm.py, ``scored``).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from loran.pipeline.confirm import gaps, rows_of, to_markdown
+from loran.pipeline.confirm import gaps, rows_of, scored, to_markdown
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import write_csv
 from loran.pipeline.tables import ended_records, load_records
@@ -38,18 +39,22 @@ def main(argv=None) -> None:
         if not records:
             sys.exit(f"no table written: no successful run record under {runs}")
         ended = ended_records(runs)
+        confirmed, diverged = scored(records, ended)
         choices = json.loads(Path(args.choices or results / f"{args.validation}_choices.json").read_text())
         plans = json.loads(Path(args.seeds or results / f"{args.validation}_seeds.json").read_text())
-        missing = gaps(records, ended, choices, {plan["task"]: plan["seeds"] for plan in plans})
+        missing = gaps(confirmed, ended, choices, {plan["task"]: plan["seeds"] for plan in plans})
         if missing:
             shown = "; ".join(missing[:6]) + ("; ..." if len(missing) > 6 else "")
             runs_ = f"{len(missing)} run" + ("s" if len(missing) > 1 else "")
             sys.exit(f"no table written: the confirmation is not the protocol's, {runs_} to mend "
                      f"({shown}): run make study-tuned-test, or move what is not asked for away")
-        rows = rows_of(records, choices)
+        rows = rows_of(confirmed, choices)
     except (CorruptRecord, ValueError, OSError, KeyError) as err:
         sys.exit(f"no table written: {err}")
-    markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs")
+    markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs"
+                           + (f", {len(diverged)} diverged" if diverged else ""))
+    if diverged:
+        markdown += f"\nDiverged, each test example scored 0 (a result, not rerun): {', '.join(diverged)}.\n"
     (results / f"{args.experiment}.md").write_text(markdown)
     write_csv(rows, results / f"{args.experiment}.csv")
     print(markdown)

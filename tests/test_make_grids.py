@@ -21,9 +21,9 @@ TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/st
                  "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`
 CHOSEN_CELLS = ["dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity "
-                "seed=0,1,2,3,4",
+                "seed=2,3,4,5,6",
                 "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora "
-                "seed=0,1,2,3,4,5,6"]
+                "seed=2,3,4,5,6,7,8"]
 
 
 def make_calls(target: str, tmp_path: Path) -> list[list[str]]:

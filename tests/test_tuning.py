@@ -234,8 +234,8 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
 
 
 def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_path):
-    """A running grid: LoRA complete, Sinter one run. `progress` counts 7 of 12 runs, names Sinter's 5 missing, times
-    them at the median of the last 5 runs (720 s; a resumed run, the latest, is left out), and says the
+    """A running grid: LoRA complete, Sinter two runs (one diverged). `progress` counts 8 of 12, names Sinter's 4
+    missing, times them at the median of the last 5 runs (720 s; a resumed run, the latest, is left out), and says the
     extension is not yet decided; once the protocol's rates ran with LoRA's best strictly at 3e-3, it names the
     extension owed; a complete grid says so. It exits 0 throughout."""
     runs = tmp_path / "runs" / "study_tuned_val"
@@ -247,6 +247,7 @@ def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_p
                      f"trainer.args.learning_rate={lr}", seed=seed, value={"3e-3": 0.9, "1e-2": 0.8}.get(lr, 0.5))
         write(runs, {**rec, "wall_time_s": wall, "finished_at": f"2026-12-07T12:{next(clock)}:00+00:00",
                      "machine": {"torch_threads": 2}, "resumed_from": None, **extra})
+        return runs / rec["cell"]
 
     def progress():
         done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
@@ -265,6 +266,7 @@ def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_p
         "bbc_news, 400 steps: 8 of 12 runs (rates 0.0003, 0.001, 0.003; the extension is decided once they have all "
         "run)",
         "  missing loran-sinter (amp=0.5, omega=10000.0): 0.0003 seed 1, 0.001 seed 1, 0.003 seed 0, 0.003 seed 1",
+        "  an extension, if owed, adds 4 runs a rate (every method, seeds 0 and 1)",
         "  about 0.8 h left at 12.0 min a run (the median of its last 5 runs; torch threads 2)",
         "in all: 4 runs missing, about 0.8 h"]
     for lr, seed in (("3e-4", 1), ("1e-3", 1), ("3e-3", 0), ("3e-3", 1)):
@@ -273,6 +275,10 @@ def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_p
     assert lines[0] == "bbc_news, 400 steps: 12 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)"
     assert lines[1:3] == ["  missing loran-identity: 0.01 seed 0, 0.01 seed 1",
                           "  missing loran-sinter (amp=0.5, omega=10000.0): 0.01 seed 0, 0.01 seed 1"]
+    stray = run("lora", "1e-4", 0)   # a rate the grid does not hold: named
+    assert progress()[3] == "  runs at rates its grid does not hold (0.0001): remove them here and in the grid's " \
+        "worktree before choosing"
+    shutil.rmtree(stray)
     for name in methods:
         run(name, "1e-2", 0), run(name, "1e-2", 1)
     assert progress() == ["bbc_news, 400 steps: 16 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)",
@@ -532,13 +538,38 @@ def test_the_confirmation_is_the_protocol_s_whole_or_its_gaps_are_named():
     validation_seed, _ = confirmation({"bbc_news": 1, "bbc_headlines": 0}, split="validation")
     at_seed_0 = {**validation_seed[0], "eval_split": "test"}
     assert confirmation_seeds(3) == [2, 3, 4] and at_seed_0["choices"]["seed"] == 0
-    assert gaps(records + [at_seed_0], [], choices, seeds) == [f"{at_seed_0['cell']} is not in the protocol"]
+    assert gaps(records + [at_seed_0], [], choices, seeds) == [f"{at_seed_0['cell']} is not in the protocol",
+                                                               f"{at_seed_0['cell']} is not on the test split"]
     other_rate = [{**c, "chosen": 1e-3} if c["label"] != "activation=identity" else c for c in choices]
     extra = [r["cell"] + " is not in the protocol" for r in records
              if r["identity"]["activation"].get("params", {}).get("amp") == 0.5]
     assert gaps(records, [], other_rate, seeds)[-len(extra):] == extra   # a run at a rate not chosen is not asked for
     with pytest.raises(ValueError, match="bbc_news, activation=identity: no learning rate was chosen on validation"):
         gaps(records, [], [{**choices[0], "chosen": None}], seeds)
+
+
+def test_a_diverged_test_run_is_a_result_scored_0_on_every_example_and_a_failed_one_stays_missing():
+    """Amendment of 2026-12-07: a diverged confirmation run delivered no usable model; it keeps its place (its
+    comparison, the Holm family) with every example scored 0, not rerun until it converges. A failed run (an error) is
+    no result: still missing, named with its status."""
+    from loran.pipeline.confirm import gaps, rows_of, scored
+
+    seeds = {"bbc_news": 2, "bbc_headlines": 2}
+    records, choices = confirmation(seeds)
+    amp = [r for r in records if r["identity"]["dataset"]["name"] == "bbc_news"
+           and r["identity"]["activation"].get("params", {}).get("amp") == 0.5]
+    lost = amp[1]   # Sinter amp 0.5, bbc_news, seed 3
+    ended = {**lost, "status": "diverged", "metrics": None, "predictions": None, "examples": None}
+    kept = [r for r in records if r is not lost]
+    confirmed, diverged = scored(kept, [ended])
+    assert diverged == [lost["cell"]] and gaps(confirmed, [ended], choices, seeds) == []
+    (row,) = [r for r in rows_of(confirmed, choices) if r["task"] == "bbc_news" and r["confirmatory"]]
+    assert row["accuracy"] == pytest.approx(amp[0]["metrics"]["accuracy"] / 2)   # seed 3 scores 0 on all 20 articles
+    assert row["seeds"] == [2, 3] and row["p_holm"] >= row["p_value"]            # still in the family
+    failed = {**ended, "status": "failed"}
+    confirmed, diverged = scored(kept, [failed])
+    assert diverged == [] and gaps(confirmed, [failed], choices, seeds) == [
+        "bbc_news activation=sinter activation.params.amp=0.5 lr 0.003 seed 3 (failed)"]
 
 
 def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole_one(tmp_path):
@@ -560,6 +591,15 @@ def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole
     assert done.returncode == 0, done.stderr
     markdown = (tmp_path / "study_tuned_test.md").read_text()
     assert markdown.count("| control |") == 2 and markdown == done.stdout.rstrip("\n") + "\n"
+    assert "diverged" not in markdown
+    lost = next(r for r in test if r["identity"]["activation"].get("params", {}).get("amp") == 0.5)
+    (tmp_path / "runs" / "study_tuned_test" / lost["cell"] / "record.json").write_text(json.dumps(
+        {**lost, "status": "diverged", "metrics": None, "predictions": None}))
+    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    markdown = (tmp_path / "study_tuned_test.md").read_text()
+    assert "# study_tuned_test: 11 successful runs, 1 diverged\n" in markdown
+    assert markdown.endswith(f"\nDiverged, each test example scored 0 (a result, not rerun): {lost['cell']}.\n")
 
 
 @pytest.mark.parametrize("flips, chosen", [
@@ -608,6 +648,7 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
                                          + (n_s - 1) * 835 / (n_s * 836) ** 2 * ms_res)  # the bootstrap's variance
     assert comparison["mde_5"] == pytest.approx(mde(5), rel=1e-4)
     assert plan["seeds"] == next((n for n in range(5, 11) if mde(n) <= 0.01), 10)
+    assert plan["confirmation_seeds"] == list(range(2, 2 + plan["seeds"]))   # after the validation grid's 0 and 1
     assert comparison["mde_at_seeds"] == pytest.approx(mde(plan["seeds"]), rel=1e-4)
     markdown = (tmp_path / "study_tuned_val_seeds.md").read_text()
     assert markdown == done.stdout and f"bbc_news: {plan['seeds']} seeds (2, 3, 4, 5, 6" in markdown

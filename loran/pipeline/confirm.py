@@ -3,7 +3,8 @@ against LoRA (the identity) on the task's primary metric, paired by seed and exa
 the crossed bootstrap), Holm-corrected over the confirmatory family (every tuned method x task; the released Sinter
 row, amp 5e-5, is secondary and left out of it), with each method's learning rate and the number of configurations
 validation tried for it. ROUGE-1/2 differences are reported, not tested. The table is built only from the complete
-confirmation (``gaps``): each task's planned number of seeds, on the seeds after the validation grid's.
+confirmation (``gaps``): each task's planned number of seeds, on the seeds after the validation grid's; a diverged
+test run is in it, every example scored 0 (``scored``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
     per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on its
     seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no successful record
     is missing (or diverged / failed, when `ended` holds it); a successful record of anything else is not in the
-    protocol (it would join the Holm family)."""
+    protocol (it would join the Holm family), nor is one evaluated on another split than test. `records` are the
+    confirmation's results (``scored``: a diverged run is one)."""
     wanted = {}
     for c in choices:
         if c["chosen"] is None:
@@ -61,7 +63,33 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
     have = {run_key(r) for r in records}
     status = {run_key(r): r["status"] for r in ended}
     out = [name + (f" ({status[key]})" if key in status else "") for key, name in wanted.items() if key not in have]
-    return out + [f"{r['cell']} is not in the protocol" for r in records if run_key(r) not in wanted]
+    out += [f"{r['cell']} is not in the protocol" for r in records if run_key(r) not in wanted]
+    return out + [f"{r['cell']} is not on the test split" for r in records
+                  if flatten(r["identity"]).get("dataset.eval_split") != "test"]
+
+
+def scored(records: list[dict[str, Any]], ended: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The confirmation's results: the successful test records, and each diverged one as the result it is (amendment
+    of 2026-12-07, results/study_report.md): the run delivered no usable model, so every test example scores 0 on the
+    task's primary metric (and ROUGE-1/2), and the run keeps its place in its comparison and in the Holm family;
+    rerunning it until it does not diverge would choose among outcomes. Also the diverged cells, to name under the
+    table. A failed run (an error, not a result) is not scored: it stays missing (``gaps``)."""
+    examples = {}
+    for r in records:
+        examples.setdefault(r["identity"]["dataset"]["name"], [p["id"] for p in r["predictions"]])
+    out, diverged = list(records), []
+    for r in ended:
+        if r["status"] != "diverged":
+            continue
+        task = r["identity"]["dataset"]["name"]
+        if task not in examples:
+            raise ValueError(f"{r['cell']} diverged, and no successful {task} run names the test examples to score")
+        metric = primary_metric(r)
+        zeros = {m: 0.0 for m in (metric, *SECONDARY.get(metric, ()))}
+        out.append({**r, "metrics": zeros, "n_eval": len(examples[task]), "eval_split": "test", "update_spectrum": None,
+                    "predictions": [{"id": i, "prediction": "", **zeros} for i in examples[task]]})
+        diverged.append(r["cell"])
+    return out, diverged
 
 
 def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -237,9 +237,10 @@ def finished(paths: dict[str, Path], cfg: DictConfig) -> dict[str, Any] | None:
         raise ConfigError(str(err)) from err
     status = RunRecord.from_dict(existing).status if existing else None
     if cfg.skip_existing and status == "diverged":
-        raise Diverged(f"cell {cfg.cell} diverged before (at step {(existing.get('divergence') or {}).get('step')}; "
-                       f"{paths['record']}); a diverged run is a result and is not run again: skip_existing=false, "
-                       "or move the record away, to run it again")
+        step = (existing.get("divergence") or {}).get("step")
+        raise Diverged(f"cell {cfg.cell} diverged before ({f'at step {step}; ' if step else ''}{paths['record']}); a "
+                       "diverged run is a result and is not run again: skip_existing=false, or move the record away, "
+                       "to run it again")
     if not (cfg.skip_existing and status == "ok"):
         return None
     if problem := record_problem(existing, {**RESULT_FIELDS, **RUN_FIELDS}):

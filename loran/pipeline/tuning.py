@@ -84,7 +84,7 @@ def method_label(method: dict[str, Any]) -> str:
     return f"{adapter}-{activation}" + (f" ({shown})" if shown else "")
 
 
-def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: tuple[int, ...] = (0, 1),
+def choose_settings(records: list[dict[str, Any]], tuned: str = LR_KEY, seeds: tuple[int, ...] = VALIDATION_SEEDS,
                     diverged: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Per method: the mean primary metric per value of `tuned` over `seeds`, the chosen value, what was tried.
 
