@@ -11,14 +11,15 @@ The table is written only when the test grid is the protocol's, whole: every met
 the released Sinter row at LoRA's, on each task's planned seeds (results/<validation>_seeds.json: that many seeds
 after the validation grid's, 2, 3, ...), and nothing else; otherwise the missing (or failed) and extra runs are named
 and nothing is written (exit 1). A diverged run is a result: every test example scores 0, and it is named under the
-table (loran/pipeline/confirm.py, ``scored``).
+table (loran/pipeline/confirm.py, ``scored``). Last line: whether every test and validation run used the same library
+versions (their records' "versions"), else which runs used which.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from loran.pipeline.confirm import gaps, rows_of, scored, to_markdown
+from loran.pipeline.confirm import gaps, rows_of, scored, to_markdown, versions_note
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import write_csv
 from loran.pipeline.tables import ended_records, load_records
@@ -49,12 +50,14 @@ def main(argv=None) -> None:
             sys.exit(f"no table written: the confirmation is not the protocol's, {runs_} to mend "
                      f"({shown}): run make study-tuned-test, or move what is not asked for away")
         rows = rows_of(confirmed, choices)
+        versions = versions_note(records, load_records(results / "runs" / args.validation))
     except (CorruptRecord, ValueError, OSError, KeyError) as err:
         sys.exit(f"no table written: {err}")
     markdown = to_markdown(rows, f"{args.experiment}: {len(records)} successful runs"
                            + (f", {len(diverged)} diverged" if diverged else ""))
     if diverged:
         markdown += f"\nDiverged, each test example scored 0 (a result, not rerun): {', '.join(diverged)}.\n"
+    markdown += f"\n{versions}\n"
     (results / f"{args.experiment}.md").write_text(markdown)
     write_csv(rows, results / f"{args.experiment}.csv")
     print(markdown)

@@ -92,6 +92,21 @@ def scored(records: list[dict[str, Any]], ended: list[dict[str, Any]]) -> tuple[
     return out, diverged
 
 
+def versions_note(records: list[dict[str, Any]], validation: list[dict[str, Any]]) -> str:
+    """One line for under the table: whether every test and validation record ran on the same library versions (the
+    records' "versions"), else each set of versions with how many records of each split ran on it."""
+    seen: dict[str, dict[str, int]] = {}
+    for split, group in (("test", records), ("validation", validation)):
+        for r in group:
+            key = ", ".join(f"{k} {v}" for k, v in sorted((r.get("versions") or {}).items())) or "not recorded"
+            seen.setdefault(key, {}).setdefault(split, 0)
+            seen[key][split] += 1
+    if len(seen) == 1:
+        return f"Library versions: the same in every test and validation run ({next(iter(seen))})."
+    return "Library versions differ between runs: " + "; ".join(
+        f"{key} ({', '.join(f'{n} {split}' for split, n in counts.items())})" for key, counts in seen.items()) + "."
+
+
 def rows_of(records: list[dict[str, Any]], choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per task and configuration, with the paired comparison and what validation tried."""
     tried = {method_key({**c["method"], "dataset.name": c["task"]}): c["tried"] for c in choices}
