@@ -180,8 +180,9 @@ study-progress: $(STAMP)
 	$(PY) scripts/study_choose.py progress study_tuned_val --results $(GRID)/results
 
 ## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [~20 h, 2-core CPU]
-# Times from the records: a 400-step classification cell ~12.5 min, a 200-step headline cell ~15 min on 2 idle cores
-# (validation); on the 836 test articles evaluation adds ~1.5 / ~5 min; 7 rows x 2 tasks x 5 seeds = 70 cells.
+# Times from the validation records: a 400-step classification cell 14.5-16 min at two torch threads on 2 idle cores;
+# a 200-step headline cell 18-38 min at one thread beside another queue (not yet timed alone); evaluation on the 836
+# test articles is about 4x validation's 209 (35 s; 1.5-3.5 min for headlines); 7 rows x 2 tasks x 5 seeds = 70 cells.
 # The cells are the validation cells the rules chose (scripts/study_choose.py overrides), plus the released Sinter
 # (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and its task's seeds: 5, or up to 10 where the
 # validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds), numbered from 2 (the
@@ -192,6 +193,7 @@ study-progress: $(STAMP)
 GRID ?= .
 study-tuned-test: $(STAMP)
 	cells=$$($(PY) scripts/study_choose.py overrides study_tuned_val) || exit $$?; status=0; \
+	if [ "$(GRID)" != . ]; then $(PY) scripts/land_records.py study_tuned_test --grid $(GRID) || exit $$?; fi; \
 	while read -r cell; do \
 	  (cd $(GRID) && $(PY) train.py -m experiment=study_tuned_test $$cell) < /dev/null || status=$$?; \
 	done <<< "$$cells"; \

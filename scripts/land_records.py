@@ -77,6 +77,9 @@ def main(argv=None) -> None:
         sys.exit(f"no records landed: {err}")
     statuses: dict[str, int] = {}
     runs, table = args.here / "results" / "runs" / args.experiment, cells_csv(args.here / "results", args.experiment)
+    if not new and not runs.exists():   # nothing run yet (a grid landed before its first cell): no empty table
+        print(f"{args.experiment}: no records in {args.grid} or here yet")
+        return
     for path, status in new:
         target = runs / path.parent.name / "record.json"
         target.parent.mkdir(parents=True, exist_ok=True)

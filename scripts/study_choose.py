@@ -25,10 +25,10 @@ the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
 (without experiment=), with the task's seeds (seed=2,...: those after the validation grid's), and a line for the
 released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test
 (make study-tuned-test).
-`progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the
-extension is owed (decided once the protocol's rates have all run: until then up to 12 more runs a task) and the hours
-left at the median wall time of the task's last 5 runs; it writes nothing and exits 0 however far the grid is, once
-each task's training length is chosen.
+`progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the extension
+is owed (decided once the protocol's rates have all run: until then it may add every method's two seeds at one rate
+beyond either edge) and the hours left at the median wall time of the task's last 5 runs; it writes nothing and exits 0
+however far the grid is, once each task's training length is chosen.
 """
 import argparse
 import json
@@ -137,7 +137,7 @@ def owed(records, diverged) -> list[str]:
 def progress(records, diverged) -> list[str]:
     """How far the validation grid is (``grid_state``): per task, the runs done of the grid known so far, whether the
     extension is owed, the missing runs by method and the hours they need at the median wall time of the task's last
-    RECENT runs (the load of the machine now; a resumed run's record times its last part only: it is left out)."""
+    RECENT runs (the machine's recent load; a resumed run's record times its last part only: it is left out)."""
     lines, hours, state = [], 0.0, grid_state(records, diverged)
     for task, s in state.items():
         finished, ended = s["runs"]

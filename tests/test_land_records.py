@@ -123,6 +123,13 @@ def test_a_record_that_must_not_land_is_named_and_nothing_lands(checkouts, probl
     assert (sorted(p.relative_to(here) for p in here.rglob("*")) if here.exists() else []) == before
 
 
+def test_a_grid_with_no_record_yet_lands_nothing_and_writes_no_table(checkouts, capsys):
+    grid, here, _ = checkouts
+    land.main([EXPERIMENT, "--grid", str(grid), "--here", str(here)])
+    assert capsys.readouterr().out == f"{EXPERIMENT}: no records in {grid} or here yet\n"
+    assert not here.exists()
+
+
 def test_a_grid_that_is_not_a_git_checkout_is_refused(tmp_path):
     (tmp_path / "grid").mkdir()
     with pytest.raises(SystemExit, match="no records landed: .*grid is not a git checkout"):

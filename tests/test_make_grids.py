@@ -116,8 +116,8 @@ def test_the_grids_progress_reads_the_grid_checkouts_records(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
-    """GRID=<dir>: each chosen cell trains there (the validation grid's code), none of them reading the list of cells
-    from its stdin; then the records land here from that checkout and the table is built here."""
+    """GRID=<dir>: what that checkout holds lands here first; each chosen cell trains there (the validation grid's code),
+    none of them reading the list of cells from its stdin; then the records land here and the table is built here."""
     log, fake, grid = tmp_path / "calls.jsonl", tmp_path / "python", tmp_path / "grid"
     grid.mkdir()
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
@@ -130,7 +130,9 @@ def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert calls[0] == [str(REPO), "", ["scripts/study_choose.py", "overrides", "study_tuned_val"]]
-    assert calls[1:-2] == [[str(grid), "", ["train.py", "-m", "experiment=study_tuned_test", *cell.split()]]
+    # records of an earlier, cut run land first: a diverged one is here before the grid's train.py could rerun it
+    assert calls[1] == [str(REPO), "", ["scripts/land_records.py", "study_tuned_test", "--grid", str(grid)]]
+    assert calls[2:-2] == [[str(grid), "", ["train.py", "-m", "experiment=study_tuned_test", *cell.split()]]
                            for cell in CHOSEN_CELLS]
     assert calls[-2:] == [[str(REPO), "", ["scripts/land_records.py", "study_tuned_test", "--grid", str(grid)]],
                           [str(REPO), "", ["scripts/study_confirm.py", "study_tuned_test"]]]

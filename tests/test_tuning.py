@@ -600,7 +600,8 @@ def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole
     markdown = (tmp_path / "study_tuned_test.md").read_text()
     assert "# study_tuned_test: 11 successful runs, 1 diverged\n" in markdown
     assert markdown.endswith(f"\nDiverged, each test example scored 0 (a result, not rerun): {lost['cell']}.\n\n"
-                             "Library versions: the same in every test and validation run (not recorded).\n")
+                             "Library versions: the same in every successful test and validation run (not "
+                             "recorded).\n")
 
 
 def test_the_confirmation_says_whether_test_and_validation_ran_on_the_same_library_versions():
@@ -611,7 +612,7 @@ def test_the_confirmation_says_whether_test_and_validation_ran_on_the_same_libra
     same = {"torch": "2.13.0+cpu", "peft": "0.21.2"}
     test = [{**r, "versions": same} for r in test]
     assert versions_note(test, [{**r, "versions": dict(reversed(same.items()))} for r in validation]) == (
-        "Library versions: the same in every test and validation run (peft 0.21.2, torch 2.13.0+cpu).")
+        "Library versions: the same in every successful test and validation run (peft 0.21.2, torch 2.13.0+cpu).")
     drifted = [{**r, "versions": {**same, "peft": "0.22.0"}} if i == 0 else {**r, "versions": same}
                for i, r in enumerate(validation)]
     assert versions_note(test, drifted) == (

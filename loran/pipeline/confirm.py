@@ -46,10 +46,10 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
          seeds: dict[str, int]) -> list[str]:
     """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
     per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on its
-    seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no successful record
-    is missing (or diverged / failed, when `ended` holds it); a successful record of anything else is not in the
-    protocol (it would join the Holm family), nor is one evaluated on another split than test. `records` are the
-    confirmation's results (``scored``: a diverged run is one)."""
+    seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no record among
+    `records` is missing (or failed, when `ended` holds it); a successful record of anything else is not in the protocol
+    (it would join the Holm family), nor is one evaluated on another split than test. `records` are the confirmation's
+    results (``scored``: a diverged run is one)."""
     wanted = {}
     for c in choices:
         if c["chosen"] is None:
@@ -93,8 +93,8 @@ def scored(records: list[dict[str, Any]], ended: list[dict[str, Any]]) -> tuple[
 
 
 def versions_note(records: list[dict[str, Any]], validation: list[dict[str, Any]]) -> str:
-    """One line for under the table: whether every test and validation record ran on the same library versions (the
-    records' "versions"), else each set of versions with how many records of each split ran on it."""
+    """One line for under the table: whether every successful test and validation record ran on the same library
+    versions (the records' "versions"), else each set of versions with how many records of each split ran on it."""
     seen: dict[str, dict[str, int]] = {}
     for split, group in (("test", records), ("validation", validation)):
         for r in group:
@@ -102,7 +102,7 @@ def versions_note(records: list[dict[str, Any]], validation: list[dict[str, Any]
             seen.setdefault(key, {}).setdefault(split, 0)
             seen[key][split] += 1
     if len(seen) == 1:
-        return f"Library versions: the same in every test and validation run ({next(iter(seen))})."
+        return f"Library versions: the same in every successful test and validation run ({next(iter(seen))})."
     return "Library versions differ between runs: " + "; ".join(
         f"{key} ({', '.join(f'{n} {split}' for split, n in counts.items())})" for key, counts in seen.items()) + "."
 
