@@ -99,8 +99,8 @@ def versions_note(records: list[dict[str, Any]], validation: list[dict[str, Any]
     for split, group in (("test", records), ("validation", validation)):
         for r in group:
             key = ", ".join(f"{k} {v}" for k, v in sorted((r.get("versions") or {}).items())) or "not recorded"
-            seen.setdefault(key, {}).setdefault(split, 0)
-            seen[key][split] += 1
+            counts = seen.setdefault(key, {})
+            counts[split] = counts.get(split, 0) + 1
     if len(seen) == 1:
         return f"Library versions: the same in every successful test and validation run ({next(iter(seen))})."
     return "Library versions differ between runs: " + "; ".join(
