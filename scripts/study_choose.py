@@ -160,6 +160,8 @@ def progress(records, diverged) -> list[str]:
             per_rate = len({label(r) for t in state.values() for runs in t["runs"] for r in runs}) * len(SEEDS)
             lines.append(f"  an extension, if owed, adds {per_rate} runs a rate (every method, seeds "
                          f"{' and '.join(map(str, SEEDS))})")
+        if s["rates"] is not None:
+            lines.append(forecast(task, s))
         timed = sorted((r["finished_at"], r["wall_time_s"], r["machine"]["torch_threads"]) for r in finished
                        if r.get("wall_time_s") and r.get("finished_at") and not r.get("resumed_from"))[-RECENT:]
         if s["missing"] and timed:
@@ -174,6 +176,26 @@ def progress(records, diverged) -> list[str]:
     lines.append(f"in all: {missing} runs missing, about {hours:.1f} h" if missing else
                  "in all: the grid is complete (`lr` chooses)")
     return lines
+
+
+def forecast(task: str, state: dict) -> str:
+    """The confirmation's size as the grid stands: ``seed_plan`` over the rates every method has run on both seeds
+    (once the protocol's rates have all run). A forecast of its cost, not a choice: `seeds` plans on the whole grid."""
+    finished, ended = state["runs"]
+    open_rates = {gap["lr"] for gap in state["missing"]}
+    run = [[r for r in rs if value_of(r, LR_KEY) in state["rates"] and value_of(r, LR_KEY) not in open_rates]
+           for rs in (finished, ended)]
+    try:
+        plan = seed_plan({task: tuple(run)}, task)
+    except ValueError as err:
+        return f"  no forecast of the confirmation: {err}"
+    spread = {n: [100 * c[key] for c in plan["comparisons"]]
+              for n, key in ((5, "mde_5"), (plan["seeds"], "mde_at_seeds"))}
+    mdes = ", ".join(f"{min(v):.2f}-{max(v):.2f} at {n} seeds" for n, v in spread.items())
+    runs = (len(plan["comparisons"]) + 2) * plan["seeds"]   # every method, the control and the released Sinter's row
+    return ("  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the whole grid): "
+            f"{plan['seeds']} seeds, {runs} test runs; planned MDE {mdes} (target {100 * plan['target']:.1f}: "
+            f"{'met' if plan['met'] else 'missed'})")
 
 
 def extended(finished, ended) -> list:

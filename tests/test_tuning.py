@@ -281,8 +281,10 @@ def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_p
     shutil.rmtree(stray)
     for name in methods:
         run(name, "1e-2", 0), run(name, "1e-2", 1)
-    assert progress() == ["bbc_news, 400 steps: 16 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)",
-                          "in all: the grid is complete (`lr` chooses)"]
+    lines = progress()   # these records kept no per-example scores: no forecast, and the reason why
+    assert lines[0] == "bbc_news, 400 steps: 16 of 16 runs (rates 0.0003, 0.001, 0.003, 0.01; extended to 0.01)"
+    assert lines[1].startswith("  no forecast of the confirmation: record bbc_news.") and "per-example" in lines[1]
+    assert lines[2:] == ["in all: the grid is complete (`lr` chooses)"]
 
 
 @pytest.mark.parametrize("scores, owed", [
@@ -620,6 +622,13 @@ def test_the_confirmation_says_whether_test_and_validation_ran_on_the_same_libra
         "peft 0.22.0, torch 2.13.0+cpu (1 validation).")
 
 
+def progress_of(results):
+    done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
+                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 @pytest.mark.parametrize("flips, chosen", [
     ({"3e-4": 0.3, "1e-3": 0.1, "3e-3": 0.2}, "1e-3"),
     ({"3e-4": 0.45, "1e-3": 0.35, "3e-3": 0.2, "1e-2": 0.05}, "1e-2"),   # best strictly at 3e-3: extended, then 1e-2
@@ -655,15 +664,19 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     assert done.returncode == 0, done.stderr
     (plan,) = json.loads((tmp_path / "study_tuned_val_seeds.json").read_text())
     (comparison,) = plan["comparisons"]
-    d = np.array([scores[("activation=sinter", chosen, s)] - scores[("activation=identity", chosen, s)]
-                  for s in (0, 1)])
-    row, col, m = d.mean(axis=1), d.mean(axis=0), d.mean()
-    ms_res = ((d - row[:, None] - col[None, :] + m) ** 2).sum() / (1 * 59)
-    v_seed = max(0.0, (60 * row.var(ddof=1) - ms_res) / 60)
-    v_example = max(0.0, (2 * col.var(ddof=1) - ms_res) / 2)
-    mde = lambda n_s: 2.801585 * np.sqrt((n_s - 1) / n_s**2 * (v_seed + ms_res / 836)  # noqa: E731
-                                         + 835 / 836**2 * (v_example + ms_res / n_s)
-                                         + (n_s - 1) * 835 / (n_s * 836) ** 2 * ms_res)  # the bootstrap's variance
+
+    def mde_at(lr, n_s):   # a two-way ANOVA of the difference at `lr`, and the crossed bootstrap's variance
+        d = np.array([scores[("activation=sinter", lr, s)] - scores[("activation=identity", lr, s)]
+                      for s in (0, 1)])
+        row, col, m = d.mean(axis=1), d.mean(axis=0), d.mean()
+        ms_res = ((d - row[:, None] - col[None, :] + m) ** 2).sum() / (1 * 59)
+        v_seed = max(0.0, (60 * row.var(ddof=1) - ms_res) / 60)
+        v_example = max(0.0, (2 * col.var(ddof=1) - ms_res) / 2)
+        return 2.801585 * np.sqrt((n_s - 1) / n_s**2 * (v_seed + ms_res / 836)
+                                  + 835 / 836**2 * (v_example + ms_res / n_s)
+                                  + (n_s - 1) * 835 / (n_s * 836) ** 2 * ms_res)
+
+    mde = lambda n_s: mde_at(chosen, n_s)  # noqa: E731
     assert comparison["mde_5"] == pytest.approx(mde(5), rel=1e-4)
     assert plan["seeds"] == next((n for n in range(5, 11) if mde(n) <= 0.01), 10)
     assert plan["confirmation_seeds"] == list(range(2, 2 + plan["seeds"]))   # after the validation grid's 0 and 1
@@ -677,6 +690,18 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(line.endswith(" " + seeds) for line in lines)  # LoRA, Sinter, released Sinter
     assert all(f"trainer.args.learning_rate={chosen}" in line for line in lines)
+    # `progress` forecasts the same plan from the whole grid; with the extension not yet run, from the protocol's rates
+    forecast = [line for line in progress_of(tmp_path) if "forecast" in line]
+    mdes = ", ".join(f"{100 * mde(n):.2f}-{100 * mde(n):.2f} at {n} seeds" for n in dict.fromkeys((5, plan["seeds"])))
+    assert forecast == [f"  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the "
+                        f"whole grid): {plan['seeds']} seeds, {3 * plan['seeds']} test runs; planned MDE {mdes} "
+                        f"(target 1.0: {'met' if mde(plan['seeds']) <= 0.01 else 'missed'})"]
+    for extension in runs.glob("*/record.json"):
+        if "trainer.args.learning_rate=1e-2" in json.loads(extension.read_text()).get("overrides", ()):
+            shutil.rmtree(extension.parent)
+    forecast = [line for line in progress_of(tmp_path) if "forecast" in line]
+    at_base = mde_at("3e-3" if chosen == "1e-2" else chosen, 5)   # the protocol's best rate
+    assert len(forecast) == 1 and f"planned MDE {100 * at_base:.2f}-" in forecast[0]
 
 
 def test_the_confirmation_table_renders_as_written_here():
