@@ -66,6 +66,10 @@ def test_a_learning_rate_sweep_gives_two_cells_with_their_own_results(workdir):
     ["experiment=table2", "trainer.args.use_cpu=true", "row=loran_sinter"],  # r=64, dropout 0.2, trainer=gpu
     ["experiment=table2_mini", "row=qlora"],
     ["adapter=dora"],                                                   # the study's DoRA arm
+    ["experiment=study_sinter_screen", "activation.params.amp=0.5"],   # the study's experiments: validation ...
+    ["experiment=study_tuned_val", "activation=sine"],
+    ["experiment=study_test"],                                          # ... and test (the confirmations)
+    ["experiment=study_tuned_test", "trainer.args.learning_rate=3e-3"],
 ])
 def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides):
     # model and dataset after the experiment: its hub model and data are swapped for the tiny ones
@@ -74,6 +78,9 @@ def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides)
     assert all(isinstance(e["grad_norm"], float) for e in record["loss_history"])
     if "trainer=gpu" in overrides or "experiment=table2" in overrides:
         assert record["config"]["trainer"]["args"]["bf16"] is True
+    if overrides[0].startswith("experiment=study"):   # a study scores the split its name says, every example kept
+        assert record["eval_split"] == ("test" if overrides[0].endswith("test") else "validation")
+        assert len(record["predictions"]) == 4 and all("rougeL" in p for p in record["predictions"])
 
 
 def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
