@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-embedded.txt
 demo: $(STAMP)
 	$(PY) train.py
 
+## The whole pipeline on a few examples: 10 steps, 16 articles scored, no logger [~3 min, 2-core CPU]
+smoke: $(STAMP)
+	$(PY) train.py experiment=smoke
+
 ## The default test suite, offline; slow tests skipped [~5 min, 2-core CPU]
 # One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process), one thread each (tests/conftest.py).
 TEST_WORKERS ?= auto

@@ -161,3 +161,16 @@ def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_cont
     assert "lora_alpha=16" in rows[0]["configuration"]
     with pytest.raises(ValueError, match="matches 2 configurations"):
         study_rows(records, "accuracy", {"activation.name": "identity"}, pair_by=("adapter.peft.r",), n_boot=10)
+
+
+def test_every_phony_target_has_a_rule_and_a_line_in_make_help():
+    """A name in .PHONY without a rule makes `make <name>` print "Nothing to be done" and exit 0."""
+    text = (REPO / "Makefile").read_text()
+    (phony,) = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith(".PHONY:")]
+    rules = {line.split(":", 1)[0] for line in text.splitlines() if line[:1].isalpha() and ":" in line
+             and "=" not in line.split(":", 1)[0]}
+    assert sorted(set(phony) - rules) == []
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "help", "STAMP="], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    listed = {line.split()[0] for line in done.stdout.splitlines()[1:] if line.startswith("  ")}
+    assert sorted(set(phony) - listed - {"help", "clean-venv"}) == []
