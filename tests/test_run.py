@@ -83,6 +83,26 @@ def test_paper_scale_trainer_and_experiments_train_two_steps(workdir, overrides)
         assert len(record["predictions"]) == 4 and all("rougeL" in p for p in record["predictions"])
 
 
+# Every row of Table 2 and every activation option, beyond those the tests above and the sweep test run.
+@pytest.mark.parametrize("overrides", [
+    ["row=loran_identity"], ["row=loran_sigmoid"], ["row=loran_sigmoid_official"], ["row=loran_relu_official"],
+    ["row=loran_relu"],                                                  # the centred start: relu's gradient flows
+    ["activation=cos"], ["activation=gaussian"], ["activation=silu"], ["activation=swish"],
+])
+def test_every_row_and_activation_trains_two_steps(workdir, overrides):
+    cfg = cfg_of("experiment=table2_mini", *overrides, *SMALL, results=workdir / "results")
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and [e["step"] for e in record["loss_history"]] == [1, 2]
+    name, value = overrides[0].split("=")
+    if name == "activation":
+        assert record["identity"]["activation"]["name"] == value
+    grads = [e["grad_norm"] for e in record["loss_history"]]
+    if overrides == ["row=loran_relu_official"]:   # B = 0 and relu'(0) = 0: no gradient ever reaches A or B
+        assert grads == [0.0, 0.0]
+    else:
+        assert all(g > 0 for g in grads)
+
+
 def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
     """experiment=smoke in its smallest real form (the tiny model): its own 10 steps on 40 examples, 16 scored, no
     W&B, its own experiment folder; every other choice still applies (here the tiny model)."""
