@@ -4,6 +4,7 @@ recoverable faults (a signal during the final evaluation, a full disk, a truncat
 train.py's exit codes."""
 import csv
 import errno
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -101,6 +102,39 @@ def test_every_row_and_activation_trains_two_steps(workdir, overrides):
         assert grads == [0.0, 0.0]
     else:
         assert all(g > 0 for g in grads)
+
+
+def _newsgroups_files(tmp_path) -> list[str]:
+    """20 Newsgroups as SetFit/20_newsgroups holds it: text, an int label and its label_text, train and test only.
+    SetFit's label ids are sklearn's target ids, whose target_names are the 20 names sorted."""
+    names = sorted(cfg_of("dataset=newsgroups20").dataset.prompt.labels)
+    folder = tmp_path / "newsgroups"
+    folder.mkdir()
+    for split, per_class in (("train", 10), ("test", 1)):   # validation: 1 a class of train
+        rows = [json.dumps({"text": f"{split} post {i} about {names[k]}", "label": k, "label_text": names[k]})
+                for k in range(20) for i in range(per_class)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    files = ",".join(f"{s}:{folder}/{s}.jsonl" for s in ("train", "test"))
+    return ["dataset.loader.path=json", f"+dataset.loader.data_files={{{files}}}"]
+
+
+@pytest.mark.parametrize("dataset", ["samsum", "newsgroups20", "aclsum"])
+def test_the_paper_and_aclsum_datasets_train_two_steps_through_their_configs(workdir, dataset):
+    """The hub datasets' configs on local files made here (as the hub holds them), ACLSum from its wheel: two steps
+    and the evaluation, each target as the data holds it (20 Newsgroups: the int label through the config's names)."""
+    extra = {"samsum": _samsum_files, "newsgroups20": _newsgroups_files}.get(dataset, lambda _: [])(workdir)
+    n_eval = 20 if dataset == "newsgroups20" else 4   # every class's test post
+    small = [o for o in SMALL if not o.startswith(("dataset=", "dataset.n_eval="))]
+    record = run_cell(cfg_of(f"dataset={dataset}", *small, *extra, "dataset.prompt.max_source_tokens=256",
+                             f"dataset.n_eval={n_eval}", results=workdir / "results"))
+    assert record["status"] == "ok" and [e["step"] for e in record["loss_history"]] == [1, 2]
+    assert len(record["predictions"]) == n_eval and record["eval_split"] == "test"
+    metric = "accuracy" if dataset == "newsgroups20" else "rougeL"
+    assert all(0.0 <= p[metric] <= 1.0 for p in record["predictions"])
+    if dataset == "newsgroups20":   # each scored post's target is its label_text (ids: sha1 of the text, 16 hex)
+        rows = [json.loads(line) for line in (workdir / "newsgroups/test.jsonl").read_text().splitlines()]
+        names = {hashlib.sha1(r["text"].encode()).hexdigest()[:16]: r["label_text"] for r in rows}
+        assert [p["target"] for p in record["predictions"]] == [names[p["id"]] for p in record["predictions"]]
 
 
 def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
