@@ -33,16 +33,17 @@ def csv_rows(results: Path, experiment: str) -> list[str]:
     return path.read_text().splitlines()[1:] if path.exists() else []
 
 
-def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
-    """No SLURM here: render the sbatch file submitit would submit, from the composed launcher config."""
+def slurm_sbatch(tmp_path, monkeypatch, local_yaml: str, env: dict[str, str]) -> tuple[dict, str]:
+    """The launcher's parameters and the sbatch file submitit would submit, from configs/hydra/launcher/slurm.yaml
+    with `local_yaml` as configs/local/slurm.yaml and `env` set (no SLURM here: nothing is submitted)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     local = tmp_path / "extra/local"
     local.mkdir(parents=True)
-    (local / "slurm.yaml").write_text("account: proj42\nsetup: ['source .venv/bin/activate']\n")
-    monkeypatch.setenv("LORAN_SLURM_PARTITION", "a100")
-    monkeypatch.setenv("LORAN_SLURM_GPUS", "4")
+    (local / "slurm.yaml").write_text(local_yaml)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
@@ -58,8 +59,7 @@ def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     params = dict(launcher.params)
-    assert (params["partition"], params["account"], params["gpus_per_node"]) == ("a100", "proj42", 4)
-    assert params["signal_delay_s"] == 120 and params["max_num_timeout"] >= 1 and params["timeout_min"] == 720
+    shown = dict(params)
 
     # The same parameter mapping as hydra-submitit-launcher's launch(), then submitit's own sbatch text.
     executor = submitit.AutoExecutor(folder=tmp_path / "sub", cluster="slurm",
@@ -67,9 +67,27 @@ def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
     params.pop("submitit_folder")
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    return shown, executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+
+
+def test_slurm_launcher_composes_into_an_sbatch_script(tmp_path, monkeypatch):
+    params, sbatch = slurm_sbatch(tmp_path, monkeypatch, "account: proj42\nsetup: ['source .venv/bin/activate']\n",
+                                  {"LORAN_SLURM_PARTITION": "a100", "LORAN_SLURM_GPUS": "4"})
+    assert (params["partition"], params["account"], params["gpus_per_node"]) == ("a100", "proj42", 4)
+    assert params["signal_delay_s"] == 120 and params["max_num_timeout"] >= 1 and params["timeout_min"] == 720
     for line in ("#SBATCH --partition=a100", "#SBATCH --account=proj42", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --signal=USR2@120", "#SBATCH --time=720", "source .venv/bin/activate"):
+        assert line in sbatch, line
+
+
+def test_the_slurm_example_a_user_copies_reaches_the_sbatch_script(tmp_path, monkeypatch):
+    """configs/local/slurm.example.yaml, copied as the README says, sets every sbatch line it names."""
+    for key in [k for k in os.environ if k.startswith("LORAN_SLURM_")]:
+        monkeypatch.delenv(key)
+    _, sbatch = slurm_sbatch(tmp_path, monkeypatch, (REPO / "configs/local/slurm.example.yaml").read_text(), {})
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=my-project", "#SBATCH --qos=normal",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=720",
+                 "source ~/.bashrc", "cd ~/loran && source .venv/bin/activate"):
         assert line in sbatch, line
 
 
