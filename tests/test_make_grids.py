@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
-from loran.pipeline.cells import identity
+from loran.pipeline.cells import identity, register_resolver
 from loran.pipeline.checks import check_config
 from loran.pipeline.study import study_rows
 from conftest import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
          "study-rank", "study-rank-null", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
+CELLS = {"reproduce-table2": 48, "reproduce-table2-mini": 48}   # 8 rows x 2 tasks x 3 seeds (the README's count)
 TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py",
                  "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`
@@ -42,10 +44,18 @@ def make_calls(target: str, tmp_path: Path) -> list[list[str]]:
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """A -m command's override lists, one per cell: comma sweeps expanded (no Makefile value holds a comma
-    otherwise); Hydra's own groups (hydra/launcher=...) left out, they choose where a cell runs, not what it is."""
-    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides
-            if not o.startswith("hydra/")]
+    """A -m command's override lists, one per cell, as Hydra's basic sweeper builds them: the experiment's own
+    hydra.sweeper.params and the command's comma sweeps expanded (the command's value wins for a key both name; no
+    Makefile value holds a comma otherwise); Hydra's own groups (hydra/launcher=...) left out, they choose where a cell
+    runs, not what it is."""
+    given = [o for o in overrides if not o.startswith("hydra/")]
+    first = [f"{o.split('=', 1)[0]}={o.split('=', 1)[1].split(',')[0]}" for o in given]
+    register_resolver()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        swept = compose("train", overrides=first, return_hydra_config=True).hydra.sweeper.params or {}
+    named = {o.split("=", 1)[0] for o in given}
+    given += [f"{key}={value}" for key, value in swept.items() if key not in named]
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in given]
     return [list(cell) for cell in itertools.product(*axes)]
 
 
@@ -56,7 +66,7 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
     trains = [c[1:] for c in calls if c[0] == "train.py"]
     tables = [c for c in calls if c[0] in TABLE_SCRIPTS]
     assert trains and tables and len(trains) + len(tables) == len(calls), calls
-    experiments = set()
+    experiments, count = set(), 0
     for args in trains:
         assert args[0] == "-m", args  # a grid is a multirun: Hydra's launcher, resumable cell by cell
         cells = []
@@ -66,6 +76,8 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
             cells.append(cfg.cell)
             experiments.add(cfg.experiment_name)
         assert len(set(cells)) == len(cells), f"{target}: a sweep value that names no new cell in {args}"
+        count += len(cells)
+    assert count == CELLS.get(target, count), f"{target}: {count} cells"
     # the experiment is the first argument of a table script; study_choose.py's comes after what it chooses, and its
     # `overrides` reads the validation grid that chose the test cells
     tabled = {t[2] if t[0] == "scripts/study_choose.py" else t[1] for t in tables if t[1:2] != ["overrides"]}
