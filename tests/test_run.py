@@ -137,6 +137,44 @@ def test_the_paper_and_aclsum_datasets_train_two_steps_through_their_configs(wor
         assert [p["target"] for p in record["predictions"]] == [names[p["id"]] for p in record["predictions"]]
 
 
+def _hub_model_folder(folder: Path, family: str) -> dict[str, tuple[int, int]]:
+    """A tiny random model of the hub model's family saved as a local folder (the real SmolLM2 tokenizer), and the
+    (in, out) features of each adapted layer in one decoder block: Llama (GQA: v_proj is 64 -> 32) or Falcon-7B's
+    form (multi-query: one fused query_key_value, 64 -> 64 + 2 x 16)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model, tokenizer = loran.pipeline.base_models.tiny_causal_lm()
+    layers = {"q_proj": (64, 64), "v_proj": (64, 32)}
+    if family == "falcon":
+        config = FalconConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        model, layers = FalconForCausalLM(config), {"query_key_value": (64, 96)}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return layers
+
+
+@pytest.mark.parametrize("name, family", [("llama2_7b", "llama"), ("llama2_13b", "llama"), ("falcon_7b", "falcon")])
+def test_the_hub_model_configs_train_two_steps_on_a_local_folder_of_their_family(workdir, name, family):
+    """Each hub model's config as written (NF4, bfloat16, gradient checkpointing, its target modules) loading a tiny
+    model of its family from a folder, as `model.load.name_or_path=/path` does offline: two steps, an adapter of
+    r (in + out) weights on every targeted layer (Falcon's fused QKV is non-square)."""
+    layers = _hub_model_folder(workdir / "model", family)
+    small = [o for o in SMALL if not o.startswith("model=")]
+    cfg = cfg_of(f"model={name}", f"model.load.name_or_path={workdir / 'model'}", *small,
+                 results=workdir / "results")
+    assert cfg.model.load.quantization == "nf4" and cfg.model.load.gradient_checkpointing is True
+    assert list(cfg.model.target_modules) == list(layers)
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and [e["step"] for e in record["loss_history"]] == [1, 2]
+    assert all(e["grad_norm"] > 0 for e in record["loss_history"])
+    r = cfg.adapter.peft.r
+    assert record["trainable_params"] == 2 * sum(r * (n_in + n_out) for n_in, n_out in layers.values())  # 2 blocks
+
+
 def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
     """experiment=smoke in its smallest real form (the tiny model): its own 10 steps on 40 examples, 16 scored, no
     W&B, its own experiment folder; every other choice still applies (here the tiny model)."""
