@@ -175,6 +175,22 @@ def test_the_hub_model_configs_train_two_steps_on_a_local_folder_of_their_family
     assert record["trainable_params"] == 2 * sum(r * (n_in + n_out) for n_in, n_out in layers.values())  # 2 blocks
 
 
+def test_the_default_cell_make_demo_runs_trains_a_step_and_scores_in_its_smallest_real_form(workdir):
+    """`make demo` (python train.py, every default: SmolLM2-135M on NF4, LoRAN-Sinter, BBC News), one step on 4
+    articles and 2 scored: the real pretrained model through its config, an adapter on its 30 blocks' q_proj
+    (576 -> 576) and v_proj (576 -> 192, GQA)."""
+    cfg = cfg_of("trainer.args.max_steps=1", "dataset.n_train=4", "dataset.n_eval=2", "zero_shot=false", "logger=none",
+                 "trainer.args.per_device_train_batch_size=2", "trainer.eval_batch_size=2", "trainer.args.logging_steps=1",
+                 results=workdir / "results")
+    assert (cfg.model.name, cfg.dataset.name, cfg.adapter.name, cfg.activation.name) == (
+        "smollm2_135m", "bbc_news", "loran", "sinter")
+    record = run_cell(cfg)
+    assert record["status"] == "ok" and [e["step"] for e in record["loss_history"]] == [1]
+    assert record["trainable_params"] == 30 * cfg.adapter.peft.r * ((576 + 576) + (576 + 192))
+    labels = set(cfg.dataset.prompt.labels)
+    assert len(record["predictions"]) == 2 and all(p["target"] in labels for p in record["predictions"])
+
+
 def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
     """experiment=smoke in its smallest real form (the tiny model): its own 10 steps on 40 examples, 16 scored, no
     W&B, its own experiment folder; every other choice still applies (here the tiny model)."""
