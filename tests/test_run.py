@@ -180,8 +180,8 @@ def test_the_default_cell_make_demo_runs_trains_a_step_and_scores_in_its_smalles
     articles and 2 scored: the real pretrained model through its config, an adapter on its 30 blocks' q_proj
     (576 -> 576) and v_proj (576 -> 192, GQA)."""
     cfg = cfg_of("trainer.args.max_steps=1", "dataset.n_train=4", "dataset.n_eval=2", "zero_shot=false", "logger=none",
-                 "trainer.args.per_device_train_batch_size=2", "trainer.eval_batch_size=2", "trainer.args.logging_steps=1",
-                 results=workdir / "results")
+                 "trainer.args.per_device_train_batch_size=2", "trainer.eval_batch_size=2",
+                 "trainer.args.logging_steps=1", results=workdir / "results")
     assert (cfg.model.name, cfg.dataset.name, cfg.adapter.name, cfg.activation.name) == (
         "smollm2_135m", "bbc_news", "loran", "sinter")
     record = run_cell(cfg)
