@@ -233,6 +233,14 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
 
 
+def progress_of(results) -> list[str]:
+    """`study_choose.py progress` on `results`: its lines (it exits 0 however far the grid is)."""
+    done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
+                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_path):
     """A running grid: LoRA complete, Sinter two runs (one diverged). `progress` counts 8 of 12, names Sinter's 4
     missing, times them at the median of the last 5 runs (720 s; a resumed run, the latest, is left out), and says the
@@ -250,10 +258,7 @@ def test_progress_counts_the_grid_names_what_is_missing_and_times_the_rest(tmp_p
         return runs / rec["cell"]
 
     def progress():
-        done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
-                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.splitlines()
+        return progress_of(tmp_path)
 
     for n in (100, 200):
         write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
@@ -620,13 +625,6 @@ def test_the_confirmation_says_whether_test_and_validation_ran_on_the_same_libra
     assert versions_note(test, drifted) == (
         "Library versions differ between runs: peft 0.21.2, torch 2.13.0+cpu (6 test, 5 validation); "
         "peft 0.22.0, torch 2.13.0+cpu (1 validation).")
-
-
-def progress_of(results):
-    done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
-                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()
 
 
 @pytest.mark.parametrize("flips, chosen", [
