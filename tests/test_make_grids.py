@@ -175,6 +175,7 @@ def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_cont
         study_rows(records, "accuracy", {"activation.name": "identity"}, pair_by=("adapter.peft.r",), n_boot=10)
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_every_phony_target_has_a_rule_and_a_line_in_make_help():
     """A name in .PHONY without a rule makes `make <name>` print "Nothing to be done" and exit 0."""
     text = (REPO / "Makefile").read_text()
