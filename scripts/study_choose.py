@@ -4,7 +4,7 @@
     python scripts/study_choose.py extension study_tuned_val                   # rates beyond the grid's edge owed
     python scripts/study_choose.py lr study_tuned_val                          # each method's learning rate
     python scripts/study_choose.py seeds study_tuned_val                       # the confirmation's seeds per task
-    python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's cells, one a line
+    python scripts/study_choose.py overrides study_tuned_val                   # the confirmation's runs, one a line
     python scripts/study_choose.py progress study_tuned_val --results ../study2/results   # how far a running grid is
 
 `length` reads the control's (LoRA's) runs at learning rate 1e-3, seed 0, and prints the shortest length whose
@@ -21,10 +21,10 @@ configurations tried (Sine-LoRA's includes the omegas the first study tried).
 at its own, the variance components of their validation differences (seed, example, residual) and the planned MDE on
 the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
 the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
-`overrides` prints, one line per task and method, the command-line overrides that built the chosen validation cell
-(without experiment=), with the task's seeds (seed=2,...: those after the validation grid's), and a line for the
-released Sinter (amp 5e-5, omega 1e4) at LoRA's choice: the confirmation runs each line with experiment=study_tuned_test
-(make study-tuned-test).
+`overrides` prints, one line per run, the command-line overrides that built each method's chosen validation cell
+(without experiment=), at one of the task's seeds (2, 3, ...: those after the validation grid's), and the same for the
+released Sinter (amp 5e-5, omega 1e4) at LoRA's choice; seed-major (every run at seed 2 first), so that a confirmation
+cut short holds whole seeds: the confirmation runs each line with experiment=study_tuned_test (make study-tuned-test).
 `progress` prints, per task, the grid's runs done and missing (by method: learning rate and seed), whether the extension
 is owed (decided once the protocol's rates have all run: until then it may add every method's two seeds at one rate
 beyond either edge) and the hours left at the median wall time of the task's last 5 runs; it writes nothing and exits 0
@@ -318,18 +318,19 @@ def seed_plans(grid, experiment: str, results: Path, argv: list[str]) -> None:
 
 
 def confirmation_overrides(grid) -> list[str]:
-    """The confirmation's cells: each method's chosen validation cell, as the overrides that built it, with the task's
-    seeds."""
-    lines = []
+    """The confirmation's runs, one a line: each method's chosen validation cell, as the overrides that built it, at
+    one of its task's seeds; seed-major (every task's and method's run at seed 2, then at 3, ...), so that a
+    confirmation cut short holds whole seeds, every method alike."""
+    cells = {}
     for task in grid:
-        seeds = "seed=" + ",".join(str(s) for s in confirmation_seeds(seed_plan(grid, task)["seeds"]))
+        seeds = confirmation_seeds(seed_plan(grid, task)["seeds"])
         for entry, chosen in chosen_cells(grid, task):
             overrides = [o for o in chosen[0]["overrides"] if not o.startswith(("experiment=", "seed="))]
-            lines.append(" ".join(overrides + [seeds]))
+            cells[" ".join(overrides)] = seeds
             if is_control(entry["method"]):
-                lines.append(" ".join([o for o in overrides if not o.startswith("activation=")] + RELEASED_SINTER
-                                      + [seeds]))
-    return lines
+                cells[" ".join([o for o in overrides if not o.startswith("activation=")] + RELEASED_SINTER)] = seeds
+    order = sorted({seed for seeds in cells.values() for seed in seeds})
+    return [f"{cell} seed={seed}" for seed in order for cell, seeds in cells.items() if seed in seeds]
 
 
 def main(argv=None) -> None:

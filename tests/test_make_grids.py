@@ -18,14 +18,14 @@ from conftest import REPO, cfg_of
 
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
          "study-rank", "study-rank-null", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
-CELLS = {"reproduce-table2": 48, "reproduce-table2-mini": 48}   # 8 rows x 2 tasks x 3 seeds (the README's count)
+CELLS = {"reproduce-table2": 48, "reproduce-table2-mini": 48}   # 8 rows x 2 tasks x 3 seeds
 TABLE_SCRIPTS = {"scripts/build_table.py", "scripts/study_table.py", "scripts/study_choose.py",
                  "scripts/study_confirm.py"}
 CHOSEN_LENGTH = 200  # what the stand-in interpreter answers for `scripts/study_choose.py length`
-CHOSEN_CELLS = ["dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity "
-                "seed=2,3,4,5,6",
-                "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora "
-                "seed=2,3,4,5,6,7,8"]
+# what the stand-in answers for `study_choose.py overrides`: one run a line, seed-major
+LORA_CELL = "dataset=bbc_news trainer.args.max_steps=200 trainer.args.learning_rate=0.003 activation=identity"
+DORA_CELL = "dataset=bbc_headlines trainer.args.max_steps=400 trainer.args.learning_rate=0.0003 adapter=dora"
+CHOSEN_CELLS = [f"{LORA_CELL} seed=2", f"{DORA_CELL} seed=2", f"{LORA_CELL} seed=3"]
 
 
 def make_calls(target: str, tmp_path: Path) -> list[list[str]]:
