@@ -189,6 +189,9 @@ def test_eval_mode_folds_despite_dropout_and_matches(eager):
 def test_disabled_merged_and_mixed_batch_keep_peft_semantics(eager):
     model = _block_model(True, 0.0, False)
     model.add_adapter("other", LoranConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], activation="tanh"))
+    gen = torch.Generator().manual_seed(2)
+    for _, layer in loran_layers(model):   # B = 0 would make "other" the base model: the batch could not tell them apart
+        layer.lora_B["other"].weight.data = torch.randn(layer.lora_B["other"].weight.shape, generator=gen) * 0.5
     model.eval()  # PEFT refuses adapter_names in training mode
     x = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
@@ -199,6 +202,7 @@ def test_disabled_merged_and_mixed_batch_keep_peft_semantics(eager):
             assert not any(_folded(model, x))
         model.set_adapter("other")
         y_other = model(x)
+        assert (y_other - y_base).abs().max() > 1e-2 and (y_other - y_default).abs().max() > 1e-2
         model.set_adapter("default")
         mixed = model(x, adapter_names=["default", "other", "__base__", "default"])
         torch.testing.assert_close(mixed, torch.stack([y_default[0], y_other[1], y_base[2], y_default[3]]), **TOL)
