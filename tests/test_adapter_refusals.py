@@ -64,7 +64,7 @@ def test_plain_lora_next_to_loran_computes_both():
 # 2. The fused forward (dropout 0) with an unfrozen base weight.
 @pytest.mark.parametrize("bias", [True, False])
 def test_unfrozen_base_weight_gets_its_gradient(bias):
-    grads = {}
+    grads, bias_grads = {}, {}
     for efficient in (True, False):
         model = loran(memory_efficient=efficient)
         randomise_B(model)
@@ -72,13 +72,18 @@ def test_unfrozen_base_weight_gets_its_gradient(bias):
         base.weight.requires_grad_(True)
         base.bias.requires_grad_(bias)
         model(X).square().sum().backward()
-        grads[efficient] = base.weight.grad
+        grads[efficient], bias_grads[efficient] = base.weight.grad, base.bias.grad
     assert grads[True] is not None
-    # dL/dW0 = G^T x with G = dL/dy = 2 y for the q_proj block of the output.
+    # dL/dW0 = G^T x and dL/db = the sum of G's rows, with G = dL/dy = 2 y for the q_proj block of the output.
     y = model(X)[..., :16].detach()
     expected = (2 * y).reshape(-1, 16).T @ X.reshape(-1, 16)
     torch.testing.assert_close(grads[True], expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(bias_grads[True], (2 * y).reshape(-1, 16).sum(0), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(bias_grads[True], bias_grads[False], rtol=1e-5, atol=1e-5)
+    else:
+        assert bias_grads[True] is None and bias_grads[False] is None
 
 
 # 4. add_weighted_adapter.

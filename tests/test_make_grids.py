@@ -16,6 +16,8 @@ from loran.pipeline.checks import check_config
 from loran.pipeline.study import study_rows
 from conftest import REPO, cfg_of
 
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="every test here runs make")
+
 GRIDS = ["reproduce-table2", "reproduce-table2-mini", "study-sinter-screen", "study-sine-omega", "study-sinter",
          "study-rank", "study-rank-null", "study-sine-scale", "study-tuned-length", "study-tuned-val", "study-tuned-test"]
 CELLS = {"reproduce-table2": 48, "reproduce-table2-mini": 48}   # 8 rows x 2 tasks x 3 seeds
@@ -59,7 +61,6 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(cell) for cell in itertools.product(*axes)]
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 @pytest.mark.parametrize("target", GRIDS)
 def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(target, tmp_path):
     calls = make_calls(target, tmp_path)
@@ -84,7 +85,6 @@ def test_each_make_grid_composes_into_distinct_checked_cells_and_tables_them(tar
     assert tabled == experiments, (tables, experiments)
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_tuned_grid_runs_the_extension_it_owes_for_every_method_on_both_seeds_before_choosing(tmp_path):
     """study-tuned-val: after the protocol's grid, the rates `study_choose.py extension` names (here 1e-2 on
     headlines) run for every method of the grid, seeds 0 and 1, and only then are the choices made."""
@@ -111,7 +111,6 @@ def test_the_tuned_grid_runs_the_extension_it_owes_for_every_method_on_both_seed
                           ["scripts/study_choose.py", "seeds", "study_tuned_val"]]
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_grids_progress_reads_the_grid_checkouts_records(tmp_path):
     log, fake = tmp_path / "calls.jsonl", tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]))\n")
@@ -126,7 +125,6 @@ def test_the_grids_progress_reads_the_grid_checkouts_records(tmp_path):
                                                results]
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_confirmation_trains_every_cell_in_the_grid_checkout_and_tables_only_here(tmp_path):
     """GRID=<dir>: what that checkout holds lands here first; each chosen cell trains there (the validation grid's code),
     none of them reading the list of cells from its stdin; then the records land here and the table is built here."""
@@ -175,7 +173,6 @@ def test_the_study_control_is_one_configuration_at_each_rank_with_the_scale_cont
         study_rows(records, "accuracy", {"activation.name": "identity"}, pair_by=("adapter.peft.r",), n_boot=10)
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_every_phony_target_has_a_rule_and_a_line_in_make_help():
     """A name in .PHONY without a rule makes `make <name>` print "Nothing to be done" and exit 0."""
     text = (REPO / "Makefile").read_text()

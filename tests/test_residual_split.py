@@ -109,9 +109,10 @@ def test_the_split_keeps_the_loran_minus_lora_difference_within_1_percent(activa
 
 @pytest.mark.parametrize("policy", ["float32", "autocast"])
 def test_identity_and_sinter_amp0_are_the_qlora_row_bit_for_bit(policy):
-    """No dense product where g = 0: the identity and Sinter at amp = 0 run LoRA's path, same output, dL/dx, dL/dA,
-    dL/dB bits as LoranConfig(activation="identity"), with and without autocast."""
-    rows = [twin("identity", {}, policy, d=256), twin("sinter", {"amp": 0.0, "omega": 1e4}, policy, d=256)]
+    """No dense product where g = 0: the identity (the QLoRA row, LoranConfig(activation="identity")) and Sinter at
+    amp = 0 run LoRA's path, and Sinter at amp = 0 gives the QLoRA row's output, dL/dx, dL/dA and dL/dB bits, with and
+    without autocast (the QLoRA row against PEFT's own LoRA: test_loran_peft.py and test_precision.py)."""
+    rows = [twin("sinter", {"amp": 0.0, "omega": 1e4}, policy, d=256)]
     qlora = twin("identity", {}, policy, d=256)
     gen = torch.Generator().manual_seed(3)
     x0, grad_out = torch.randn(32, 256, generator=gen), torch.randn(32, 256, generator=gen)

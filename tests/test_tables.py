@@ -1,6 +1,8 @@
 """loran/pipeline/tables.py, Table 2 from records: means, the paired intervals and MDEs of the crossed bootstrap
 checked against values worked out by hand, records without per-example scores refused, missing and failed cells as
 dashes, the rendered markdown and CSV, rows, the one-config check."""
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -125,8 +127,12 @@ def test_script_writes_csv_and_markdown_with_empty_paper_column(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     csv_text = (tmp_path / "results/grid.csv").read_text()
     assert "loran-sinter,LoRAN (Sinter),accuracy,0.86" in csv_text
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert rows and all(row["paper"] == "" for row in rows)   # the committed paper file holds no number yet
     markdown = (tmp_path / "results/grid.md").read_text()
     assert markdown == proc.stdout.rstrip("\n") + "\n"
+    rows_md = [line for line in markdown.splitlines() if line.startswith(("| QLoRA", "| LoRAN"))]
+    assert rows_md and all(line.endswith("| - / - / - / - |") for line in rows_md)
     # the table names the command that rebuilds it, under its title
     assert markdown.splitlines()[2] == (f"Built from the run records by `python scripts/build_table.py grid --results "
                                         f"{tmp_path / 'results'}`.")
