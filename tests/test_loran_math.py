@@ -239,8 +239,13 @@ def test_start_modes_at_lora_init():
 
 
 def test_sinter_at_released_settings_is_within_amp_of_lora():
-    """|f(Z) - Z| <= amp |Z| element-wise (LORAN.md), while f' differs by about amp*omega*|Z|."""
-    act = Activation("sinter", {"amp": 5e-5, "omega": 1e4}, start="official")
+    """|f(Z) - Z| <= amp |Z| element-wise, while f' - 1 = amp sin(omega Z) + amp omega Z cos(omega Z) is of the
+    order of amp omega |Z| (0.5 |Z| here: the gradient differs from LoRA's where the forward barely does)."""
+    amp, omega = 5e-5, 1e4
+    act = Activation("sinter", {"amp": amp, "omega": omega}, start="official")
     z = torch.randn(1000, dtype=torch.float64) * 0.01
-    assert ((act.f(z) - z).abs() <= 5e-5 * z.abs() + 1e-18).all()
-    assert math.isclose((act.df(z) - 1).abs().max().item(), 0.5 * z.abs().max().item(), rel_tol=0.5)
+    assert ((act.f(z) - z).abs() <= amp * z.abs() + 1e-18).all()
+    zn = z.numpy()
+    expected = amp * np.sin(omega * zn) + amp * omega * zn * np.cos(omega * zn)
+    np.testing.assert_allclose((act.df(z) - 1).numpy(), expected, rtol=1e-9, atol=1e-15)
+    assert np.abs(expected).max() > 0.25 * amp * omega * np.abs(zn).max()
