@@ -1,5 +1,4 @@
 """LoRAN's forward and gradients against independent float64 math, PEFT's LoRA, and the autograd reference."""
-import math
 
 import numpy as np
 import pytest
