@@ -58,6 +58,10 @@ ACTIVATIONS = {
     "tanh": {"activation": "tanh"},
 }
 CASES = [(m, a) for m in MODELS for a in ACTIVATIONS]
+# Each case's f written out here, by the (activation, start) its config names: "base" centres f (f(z) - f(0)), so
+# ReLU and tanh are themselves; the official Sigmoid keeps f(0) = 0.5. The reference never uses the layer's own f.
+F = {("identity", "base"): lambda z: z, ("sinter", "base"): lambda z: z + 0.5 * z * torch.sin(30.0 * z),
+     ("sigmoid", "official"): torch.sigmoid, ("relu", "base"): torch.relu, ("tanh", "base"): torch.tanh}
 X = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(7))
 
 
@@ -99,7 +103,8 @@ def reference(model_name, model, x, adapters, params=None):
         W = ref.get_submodule(name).weight
         for a in adapters:
             A, B = params[(name, a)]
-            delta = layer.scaling[a] * layer.loran_activation[a].f(B @ A)
+            spec = model.peft_config[a]
+            delta = layer.scaling[a] * F[(spec.activation, spec.start)](B @ A)
             W = W + (delta.T if layer.fan_in_fan_out else delta)
         weights[f"{name}.weight"] = W
     return torch.func.functional_call(ref, weights, (x.double(),))
