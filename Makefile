@@ -34,7 +34,7 @@ demo: $(STAMP)
 smoke: $(STAMP)
 	$(PY) train.py experiment=smoke
 
-## The default test suite, offline; slow tests skipped [~5 min, 2-core CPU]
+## The default test suite, offline; slow tests skipped [~7 min, 2-core CPU]
 # One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process), one thread each (tests/conftest.py).
 TEST_WORKERS ?= auto
 test: $(STAMP)
