@@ -8,11 +8,11 @@
 
 Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why; a full disk is one
 line naming the path); 2 configuration error, from Hydra (an unknown group option or key, a malformed override, a value
-of the wrong type for the schema, loran/pipeline/schema.py) or from the project's checks (nothing was loaded or
-written); 3 training diverged (record written, no table row), or did before (the cell is not run again:
-skip_existing=false runs it); 4 another process is running this cell; 128 + signal (143 SIGTERM, 130 Ctrl-C) stopped
-after saving a checkpoint (run the same command again to resume). The heavy stack (torch, transformers, PEFT) is
-imported inside the task, so `--help` and shell completion answer at Hydra's speed.
+of the wrong type for the schema, loran/pipeline/schema.py) or from the project's checks (nothing was loaded or written;
+a -m sweep checks every cell before its first runs); 3 training diverged (record written, no table row), or did before
+(the cell is not run again: skip_existing=false runs it); 4 another process is running this cell; 128 + signal (143
+SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same command again to resume). The heavy stack (torch,
+transformers, PEFT) is imported inside the task, so `--help` and shell completion answer at Hydra's speed.
 """
 import importlib.util
 import logging

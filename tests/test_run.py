@@ -265,6 +265,27 @@ def test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder(
     assert not (workdir / "results").exists()
 
 
+@pytest.mark.parametrize("sweep, bad", [
+    (["activation.params.amp=0.1,-1", "seed=0,1"], ["cell #2 (activation.params.amp=-1 seed=0): ",
+                                                    "cell #3 (activation.params.amp=-1 seed=1): "]),
+    (["experiment=table2_mini", "seed=-1"], ["cell #0 (dataset=bbc_news row=qlora): seed=-1"]),  # its own 16 cells
+    (["activation=sinter,nosuch"], ["cell #1 (activation=nosuch): In 'adapter/loran': Could not find "
+                                    "'activation/nosuch'"]),
+])
+def test_a_sweep_checks_every_cell_before_any_runs(workdir, sweep, bad):
+    """A bad value in a -m list stops the sweep before its first cell (exit 2, one line per bad cell, named by the
+    values that vary), not after the good cells before it; nothing is written. The experiment's own
+    hydra.sweeper.params are expanded as the sweeper expands them (the command's seed replaces its 0,1,2)."""
+    small = [o for o in SMALL if not o.startswith("dataset=")] if sweep[0].startswith("experiment") else SMALL
+    proc = subprocess.run([PY, str(REPO / "train.py"), "-m", *sweep, *small, f"results_dir={workdir / 'results'}"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    count = 16 if sweep[0].startswith("experiment") else len(bad)
+    assert f"configuration error in {count} of the sweep's cells; none was run:" in proc.stderr
+    assert all(line in proc.stderr for line in bad), proc.stderr[-2000:]
+    assert nothing_under(workdir / "outputs") and nothing_under(workdir / "results")
+
+
 # covered fast by test_bad_input_stops_before_training_and_leaves_results_clean in test_pipeline.py (amp=-1 refused
 # before training) and test_train_py_refuses_an_escaping_name_with_exit_code_2_and_makes_no_folder (train.py's exit 2)
 @pytest.mark.slow

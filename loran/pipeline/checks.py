@@ -14,12 +14,14 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from loran.pipeline.cells import check_name
@@ -243,11 +245,9 @@ def to_plain(node: Any) -> Any:
 
 
 class CheckBeforeRun(Callback):
-    """Hydra callback (configs/train.yaml): check a single run's config before Hydra makes its output folder.
-
-    A sweep's cells are checked one by one in run_cell (a cell's values exist only once its job is composed);
-    here a sweep only checks the experiment name, which names the sweep folder.
-    """
+    """Hydra callback (configs/train.yaml): check a single run's config before Hydra makes its output folder, and
+    every cell of a sweep before any cell runs or is submitted (a bad value in a grid's list stops it at once, one
+    line per bad cell, not after hours of the good cells before it)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(check_config, config)
@@ -255,6 +255,18 @@ class CheckBeforeRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(lambda cfg: (check_name("experiment_name", cfg.experiment_name),
                                  check_name_length("experiment_name", cfg.experiment_name)), config)
+        cells, problems = list(sweep_cells(config)), []
+        swept = {o for overrides, _ in cells for o in overrides if sum(o in other for other, _ in cells) < len(cells)}
+        for number, (overrides, compose) in enumerate(cells):
+            try:
+                check_config(compose())
+            except (ConfigError, ValueError, HydraException, OmegaConfBaseException) as err:
+                shown = " ".join(o for o in overrides if o in swept)
+                problems.append(f"  cell #{number} ({shown}): {cause(err)}")
+        if problems:
+            print(f"configuration error in {len(problems)} of the sweep's cells; none was run:", *problems,
+                  sep="\n", file=sys.stderr)
+            sys.exit(2)
 
     @staticmethod
     def _check(check: Callable[[DictConfig], None], config: DictConfig) -> None:
@@ -263,3 +275,18 @@ class CheckBeforeRun(Callback):
         except (ConfigError, ValueError) as err:
             print(f"configuration error: {err}", file=sys.stderr)
             sys.exit(2)  # Hydra reports its own errors with exit code 1; a bad config is 2 everywhere
+
+
+def sweep_cells(config: DictConfig) -> Iterator[tuple[list[str], Callable[[], DictConfig]]]:
+    """A sweep's jobs as Hydra's basic sweeper makes them (the experiment's hydra.sweeper.params, then the command's
+    overrides; hydra/_internal/core_plugins/basic_sweeper.py), each with a function that composes its config."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{key}={value}" for key, value in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
+    for batch in BasicSweeper.split_arguments(parsed, OmegaConf.select(config, "hydra.sweeper.max_batch_size")):
+        for job in batch:
+            yield list(job), lambda job=job: loader.load_sweep_config(config, list(job))
