@@ -157,6 +157,16 @@ def test_help_and_completion_import_no_heavy_library():
                                timeout=120).stdout
     activations = re.search(r"^activation: (.*)$", help_text, re.M).group(1).split(", ")
     assert "none" in activations and not [a for a in activations if a.endswith("_default")], activations
+    # its header (configs/train.yaml, hydra.help.header): the exit codes, and examples that compose and pass the checks
+    assert "Exit codes: 0 done," in help_text and "2 configuration error" in help_text
+    examples = [line.split("#")[0].split()[2:] for line in help_text.splitlines() if line.startswith("  python train")]
+    assert len(examples) == 5
+    from loran.pipeline.checks import check_config
+    from conftest import cfg_of
+
+    for overrides in examples:
+        overrides = [o.split(",")[0] for o in overrides if not o.startswith("-") and o != "job"]  # a sweep's first cell
+        check_config(cfg_of(*overrides))
 
 
 def test_make_help_lists_every_target_with_its_time_and_hardware_and_is_the_default():
