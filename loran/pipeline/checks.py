@@ -75,7 +75,7 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
     for key in node.keys():
         if key not in known and not (not path and key == HYDRA_NODE):
             where = f"{path}.{key}" if path else key
-            hint = difflib.get_close_matches(str(key), known, n=1)
+            hint = _closest(str(key), known)
             raise ConfigError(f"{where}: unknown key (nothing reads it){_did_you_mean(hint)}; "
                               f"{path or 'the top level'} has {sorted(known)}")
     for f, nested in fields_of(schema):
@@ -95,6 +95,17 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
 
 def _did_you_mean(hint: list[str]) -> str:
     return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+# The names other libraries and papers give an argument, where no spelling is close enough for difflib
+SYNONYMS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
+            "steps": "max_steps", "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs"}
+
+
+def _closest(key: str, known) -> list[str]:
+    """The known name a mistyped or synonymous `key` most likely meant, if any."""
+    synonym = SYNONYMS.get(key)
+    return [synonym] if synonym in known else difflib.get_close_matches(key, known, n=1)
 
 
 def _target_nodes(node: Any, path: str = ""):
@@ -122,7 +133,7 @@ def check_targets(cfg: DictConfig) -> None:
             continue
         for key in node.keys():
             if not str(key).startswith("_") and key not in params:
-                hint = difflib.get_close_matches(str(key), params, n=1)
+                hint = _closest(str(key), params)
                 raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{_did_you_mean(hint)}")
 
 
