@@ -13,8 +13,9 @@ import difflib
 import inspect
 import os
 import sys
-from pathlib import Path
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra.errors import HydraException, InstantiationException
@@ -267,7 +268,8 @@ class CheckBeforeRun(Callback):
         self._check(lambda cfg: (check_name("experiment_name", cfg.experiment_name),
                                  check_name_length("experiment_name", cfg.experiment_name)), config)
         cells, problems = list(sweep_cells(config)), []
-        swept = {o for overrides, _ in cells for o in overrides if sum(o in other for other, _ in cells) < len(cells)}
+        shared = Counter(o for overrides, _ in cells for o in overrides)
+        swept = {o for o, n in shared.items() if n < len(cells)}   # the values that tell the cells apart
         for number, (overrides, compose) in enumerate(cells):
             try:
                 check_config(compose())
@@ -290,11 +292,14 @@ class CheckBeforeRun(Callback):
 
 def sweep_cells(config: DictConfig) -> Iterator[tuple[list[str], Callable[[], DictConfig]]]:
     """A sweep's jobs as Hydra's basic sweeper makes them (the experiment's hydra.sweeper.params, then the command's
-    overrides; hydra/_internal/core_plugins/basic_sweeper.py), each with a function that composes its config."""
+    overrides; hydra/_internal/core_plugins/basic_sweeper.py), each with a function that composes its config. None
+    for another sweeper (an optimiser's search space is not a list of cells: its jobs are checked as they run)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return
     loader = GlobalHydra.instance().config_loader()
     params = [f"{key}={value}" for key, value in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(config.hydra.overrides.task))
