@@ -190,8 +190,9 @@ study-progress: $(STAMP)
 # seeds (`make study-progress` forecasts the seeds once a task's protocol rates have run). One run a line, seed-major.
 # The cells are the validation cells the rules chose (scripts/study_choose.py overrides), plus the released Sinter
 # (amp 5e-5) at LoRA's choice, each with experiment=study_tuned_test and its task's seeds: 5, or up to 10 where the
-# validation differences plan an MDE above the target at 5 (scripts/study_choose.py seeds), numbered from 2 (the
-# validation grid trained seeds 0 and 1: fresh seeds keep the tuning's lucky draws out of the confirmation). GRID: the
+# validation differences plan an MDE above the target at 5 and some count up to 10 meets it (scripts/study_choose.py
+# seeds), numbered from 2 (the validation grid trained seeds 0 and 1: fresh seeds keep the tuning's lucky draws out
+# of the confirmation). GRID: the
 # checkout that trains them, the one whose code trained the validation grid (GRID=../study2, a worktree at its
 # commit); its records then land in this checkout (scripts/land_records.py: only clean records of the worktree's
 # commit) before the table (scripts/study_confirm.py, which refuses a confirmation that is not the protocol's whole).

@@ -19,8 +19,8 @@ seeds 0-1 at each learning rate, the chosen one (marked where it is the grid's h
 configurations tried (Sine-LoRA's includes the omegas the first study tried).
 `seeds` writes results/<experiment>_seeds.md and .json: per task, each method at its chosen learning rate against LoRA
 at its own, the variance components of their validation differences (seed, example, residual) and the planned MDE on
-the 836 test articles at 5 seeds and at the task's seeds: the fewest, from 5 up to 10, at which every comparison meets
-the task's target (1.0 accuracy point, 0.5 ROUGE-L point).
+the 836 test articles at 5 seeds, at 10 and at the task's seeds: the fewest, from 5 up to 10, at which every comparison
+meets the task's target (1.0 accuracy point, 0.5 ROUGE-L point), and 5 where even 10 would miss it.
 `overrides` prints, one line per run, the command-line overrides that built each method's chosen validation cell
 (without experiment=), at one of the task's seeds (2, 3, ...: those after the validation grid's), and the same for the
 released Sinter (amp 5e-5, omega 1e4) at LoRA's choice; seed-major (every run at seed 2 first), so that a confirmation
@@ -190,7 +190,7 @@ def forecast(task: str, state: dict) -> str:
     except ValueError as err:
         return f"  no forecast of the confirmation: {err}"
     spread = {n: [100 * c[key] for c in plan["comparisons"]]
-              for n, key in ((5, "mde_5"), (plan["seeds"], "mde_at_seeds"))}
+              for n, key in ((5, "mde_5"), (plan["seeds"], "mde_at_seeds"), (10, "mde_10"))}
     mdes = ", ".join(f"{min(v):.2f}-{max(v):.2f} at {n} seeds" for n, v in spread.items())
     runs = (len(plan["comparisons"]) + 2) * plan["seeds"]   # every method, the control and the released Sinter's row
     return ("  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the whole grid): "
@@ -284,7 +284,8 @@ def seed_plan(grid, task: str) -> dict:
         parts = components(d)
         comparisons.append({"label": method_label(entry["method"]), "learning_rate": entry["chosen"], "seeds": seeds,
                             "examples": len(ids), "components": parts,
-                            "mde_5": planned_mde(parts, 5, TEST_EXAMPLES)})
+                            "mde_5": planned_mde(parts, 5, TEST_EXAMPLES),
+                            "mde_10": planned_mde(parts, 10, TEST_EXAMPLES)})
     seeds = planned_seeds([c["components"] for c in comparisons], TEST_EXAMPLES, DELTA[metric])
     for c in comparisons:
         c["mde_at_seeds"] = planned_mde(c["components"], seeds, TEST_EXAMPLES)
@@ -298,17 +299,20 @@ def seed_plans(grid, experiment: str, results: Path, argv: list[str]) -> None:
     plans = [seed_plan(grid, task) for task in grid]
     lines = [f"# {experiment}: seeds of the confirmation per task (planned from the validation differences)", "",
              f"Each method at its chosen learning rate against LoRA at its own, on validation (seeds 0-1): variance "
-             f"components of the difference (x 1e4), and the planned MDE on {TEST_EXAMPLES} test articles at 5 seeds "
-             f"and at the task's seeds, the fewest from 5 to 10 at which every comparison meets the target.", "",
-             "| task | method | lr | seed | example | residual | MDE at 5 seeds | seeds | MDE at the seeds | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"components of the difference (x 1e4), and the planned MDE on {TEST_EXAMPLES} test articles at 5 and 10 "
+             f"seeds and at the task's seeds: the fewest from 5 to 10 at which every comparison meets the target, and 5 "
+             f"where even 10 would miss it.", "",
+             "| task | method | lr | seed | example | residual | MDE at 5 seeds | MDE at 10 seeds | seeds | "
+             "MDE at the seeds | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for plan in plans:
         for c in plan["comparisons"]:
             parts = " | ".join(f"{1e4 * c['components'][k]:.2f}" for k in ("seed", "example", "residual"))
             lines.append(f"| {plan['task']} | {c['label']} | {c['learning_rate']} | {parts} | {100 * c['mde_5']:.2f} | "
-                         f"{plan['seeds']} | {100 * c['mde_at_seeds']:.2f} | {100 * plan['target']:.1f} |")
+                         f"{100 * c['mde_10']:.2f} | {plan['seeds']} | {100 * c['mde_at_seeds']:.2f} | {100 * plan['target']:.1f} |")
     verdict = {True: "every comparison meets its target.",
-               False: "the target is not met even at 10 seeds (the protocol's cap)."}
+               False: "the target would be missed even at 10 seeds (the protocol's cap), so 5 (the issue's count); "
+                      "reported as missed."}
     lines += [""] + [f"{p['task']}: {p['seeds']} seeds ({', '.join(map(str, confirmation_seeds(p['seeds'])))}); "
                      + verdict[p["met"]] for p in plans]
     markdown = with_command("\n".join(lines) + "\n", "scripts/study_choose.py", argv)
