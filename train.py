@@ -8,8 +8,9 @@
 
 Exit codes, one per kind of failure: 0 done (or already done); 1 the run failed (its record says why; a full disk is one
 line naming the path); 2 configuration error, from Hydra (an unknown group option or key, a malformed override, a value
-of the wrong type for the schema, loran/pipeline/schema.py) or from the project's checks (nothing was loaded or written;
-a -m sweep checks every cell before its first runs); 3 training diverged (record written, no table row), or did before
+of the wrong type for the schema, loran/pipeline/schema.py; a mistyped key is named with the key the config has,
+loran/pipeline/hints.py) or from the project's checks (nothing was loaded or written; a -m sweep checks every cell
+before its first runs); 3 training diverged (record written, no table row), or did before
 (the cell is not run again: skip_existing=false runs it); 4 another process is running this cell; 128 + signal (143
 SIGTERM, 130 Ctrl-C) stopped after saving a checkpoint (run the same command again to resume). The heavy stack (torch,
 transformers, PEFT) is imported inside the task, so `--help` and shell completion answer at Hydra's speed.
@@ -39,20 +40,20 @@ if not OmegaConf.has_resolver("loran.config_hash"):
     OmegaConf.register_new_resolver("loran.config_hash", _config_hash)
 
 
-def _register_schema() -> None:
-    """loran.pipeline.schema.register_schema() (configs/train.yaml's defaults list starts with the schema), with the
-    module loaded from its file: `import loran.pipeline.schema` would first import the `loran` package (torch, PEFT).
-    It is put in sys.modules under its own name, so a later import of it finds this module."""
-    name = "loran.pipeline.schema"
+def _light(name: str):
+    """Module loran.pipeline.<name>, loaded from its file: `import loran.pipeline.<name>` would first import the `loran`
+    package (torch, PEFT). It is put in sys.modules under its own name, so a later import of it finds this module."""
+    name = f"loran.pipeline.{name}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "loran/pipeline/schema.py")
+        path = Path(__file__).parent / (name.replace(".", "/") + ".py")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    sys.modules[name].register_schema()
+    return sys.modules[name]
 
 
-_register_schema()
+_light("schema").register_schema()   # configs/train.yaml's defaults list starts with the schema
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -91,5 +92,9 @@ if __name__ == "__main__":
         main()
     except SystemExit as stop:
         # Hydra reports its own config errors (unknown option or key, bad override) with exit code 1, before the task
-        # runs; they are configuration errors like the project's own.
+        # runs; they are configuration errors like the project's own. Its message for a mistyped key suggests adding it
+        # (`+key=value`): say which key the config has instead.
+        if stop.code == 1 and not _task_started:
+            for hint in _light("hints").hints_for_command(sys.argv[1:], Path(__file__).parent / "configs"):
+                print(hint, file=sys.stderr)
         sys.exit(CONFIG_ERROR if stop.code == 1 and not _task_started else stop.code)

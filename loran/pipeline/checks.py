@@ -9,7 +9,6 @@ it through ``CheckBeforeRun`` before Hydra creates the run's output folder, so a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import os
 import sys
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object, instantiate
@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from loran.pipeline.cells import check_name
+from loran.pipeline.hints import closest, did_you_mean, override_hints
 from loran.pipeline.schema import ANY, Rule, TrainConfig, fields_of
 
 
@@ -76,8 +77,8 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
     for key in node.keys():
         if key not in known and not (not path and key == HYDRA_NODE):
             where = f"{path}.{key}" if path else key
-            hint = _closest(str(key), known)
-            raise ConfigError(f"{where}: unknown key (nothing reads it){_did_you_mean(hint)}; "
+            hint = closest(str(key), known)
+            raise ConfigError(f"{where}: unknown key (nothing reads it){did_you_mean(hint)}; "
                               f"{path or 'the top level'} has {sorted(known)}")
     for f, nested in fields_of(schema):
         key = f"{path}.{f.name}" if path else f.name
@@ -92,21 +93,6 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
                 _apply(f"{key}.{name}", inner, rule)
         if nested is not None and isinstance(value, DictConfig):
             check_schema(cfg, nested, key)
-
-
-def _did_you_mean(hint: list[str]) -> str:
-    return f"; did you mean {hint[0]!r}?" if hint else ""
-
-
-# The names other libraries and papers give an argument, where no spelling is close enough for difflib
-SYNONYMS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
-            "steps": "max_steps", "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs"}
-
-
-def _closest(key: str, known) -> list[str]:
-    """The known name a mistyped or synonymous `key` most likely meant, if any."""
-    synonym = SYNONYMS.get(key)
-    return [synonym] if synonym in known else difflib.get_close_matches(key, known, n=1)
 
 
 def _target_nodes(node: Any, path: str = ""):
@@ -134,8 +120,8 @@ def check_targets(cfg: DictConfig) -> None:
             continue
         for key in node.keys():
             if not str(key).startswith("_") and key not in params:
-                hint = _closest(str(key), params)
-                raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{_did_you_mean(hint)}")
+                hint = closest(str(key), params)
+                raise ConfigError(f"{path}.{key}: {node._target_} takes no argument {key!r}{did_you_mean(hint)}")
 
 
 def check_one_switch(cfg: DictConfig) -> None:
@@ -277,7 +263,10 @@ class CheckBeforeRun(Callback):
                 shown = " ".join(o for o in overrides if o in swept)
                 problems.append(f"  cell #{number} ({shown}): {cause(err)}")
         if problems:
-            print(f"configuration error in {len(problems)} of the sweep's cells; none was run:", *problems,
+            loader = GlobalHydra.instance().config_loader()
+            hints = override_hints(list(config.hydra.overrides.task), set(loader.list_groups("")),
+                                   lambda choices: loader.load_sweep_config(config, choices))
+            print(f"configuration error in {len(problems)} of the sweep's cells; none was run:", *problems, *hints,
                   sep="\n", file=sys.stderr)
             sys.exit(2)
 
@@ -295,7 +284,6 @@ def sweep_cells(config: DictConfig) -> Iterator[tuple[list[str], Callable[[], Di
     overrides; hydra/_internal/core_plugins/basic_sweeper.py), each with a function that composes its config. None
     for another sweeper (an optimiser's search space is not a list of cells: its jobs are checked as they run)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
