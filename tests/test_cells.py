@@ -61,6 +61,19 @@ def test_the_hash_follows_the_resolved_value_not_how_it_was_written():
     assert cfg_of("adapter.peft.r=8").cell == cfg_of().cell  # the default, set explicitly
 
 
+def test_the_config_resolved_in_place_names_the_cell_the_run_uses():
+    """`train.py --cfg job --resolve` resolves the config in place, key by key: the cell comes first, so its hash is
+    taken while ${seed} is still symbolic below it (it printed another cell's hash when `cell` was the last key)."""
+    overrides = ["seed=3", "activation=tanh"]
+    shown = subprocess.run([sys.executable, "train.py", "--cfg", "job", "--resolve", *overrides], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.splitlines()[0] == f"cell: {cfg_of(*overrides).cell}"
+    resolved = cfg_of(*overrides)
+    OmegaConf.resolve(resolved)
+    assert resolved.cell == cfg_of(*overrides).cell
+
+
 ADAPTER_OF_ACTIVATION = {"none": "qlora"}
 
 

@@ -163,6 +163,9 @@ class RowConfig:
 
 @dataclass
 class TrainConfig:
+    # derived from the identity itself; first, so that resolving the config in place (`train.py --cfg job --resolve`)
+    # hashes it before any ${seed} below is replaced by its value (loran/pipeline/cells.py: the seed stays symbolic)
+    cell: str = setting(result=False)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -175,7 +178,6 @@ class TrainConfig:
     results_dir: str = setting(result=False)
     skip_existing: bool = setting(result=False)  # whether a finished (or diverged) cell is run again
     zero_shot: bool = MISSING  # also score the base model before training
-    cell: str = setting(result=False)  # derived from the identity itself
 
 
 def fields_of(schema: type) -> Iterator[tuple[dataclasses.Field, Optional[type]]]:
