@@ -183,7 +183,7 @@ study-tuned-val: $(STAMP)
 study-progress: $(STAMP)
 	$(PY) scripts/study_choose.py progress study_tuned_val --results $(GRID)/results
 
-## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [20-40 h, 2-core CPU]
+## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [16-31 h, 2-core CPU]
 # Times from the validation records: a 400-step classification cell 14.5-16 min at two torch threads on 2 idle cores;
 # a 200-step headline cell 8.6-9.0 min at two threads alone (2 cells); evaluation on the 836 test articles is
 # about 4x validation's 209 (35 s; 1.5-3.5 min for headlines); 7 rows x 2 tasks x 5 seeds = 70 runs, up to 140 at 10
