@@ -216,7 +216,8 @@ def test_the_smoke_preset_runs_its_ten_steps_without_a_logger(workdir):
                                                             r"of \['int8', 'nf4', 'none'\]"),
     (["activation.start=centred"], r"activation.start='centred' \(str\) must be one of \['base', 'official'\]"),
     (["+anything=1"], r"anything: unknown key \(nothing reads it\); the top level has \["),
-    (["+dataset.n_tarin=5"], r"dataset.n_tarin: unknown key .* did you mean 'n_train'\?"),
+    (["+dataset.n_tarin=5"], r"dataset.n_tarin: unknown key .* did you mean 'dataset.n_train'\?"),
+    (["+adapter.rank=8"], r"adapter.rank: unknown key .* did you mean 'adapter.peft.r'\?"),   # one level deeper
     (["+adapter.peft.rank=8"], r"adapter.peft.rank: loran.LoranConfig takes no argument 'rank'; did you mean 'r'\?"),
     (["+trainer.args.lr=1e-4"], r"trainer.args.lr: .* takes no argument 'lr'; did you mean 'learning_rate'\?"),
     (["experiment_name=../../x"], r"experiment_name='../../x' must be a plain folder name"),

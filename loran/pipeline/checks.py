@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from loran.pipeline.cells import check_name
-from loran.pipeline.hints import closest, did_you_mean, override_hints
+from loran.pipeline.hints import closest, did_you_mean, meant, override_hints
 from loran.pipeline.schema import ANY, Rule, TrainConfig, fields_of
 
 
@@ -77,8 +77,10 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
     for key in node.keys():
         if key not in known and not (not path and key == HYDRA_NODE):
             where = f"{path}.{key}" if path else key
-            hint = closest(str(key), known)
-            raise ConfigError(f"{where}: unknown key (nothing reads it){did_you_mean(hint)}; "
+            here = path.split(".") if path else []
+            guess = meant(node, here, str(key))
+            hint = f"; did you mean {'.'.join(guess)!r}?" if guess != here else ""
+            raise ConfigError(f"{where}: unknown key (nothing reads it){hint}; "
                               f"{path or 'the top level'} has {sorted(known)}")
     for f, nested in fields_of(schema):
         key = f"{path}.{f.name}" if path else f.name

@@ -40,10 +40,22 @@ def _leaves(node: DictConfig, path: tuple[str, ...] = ()) -> dict[tuple[str, ...
     return found
 
 
+def meant(node: DictConfig, path: list[str], part: str, last: bool = True) -> list[str]:
+    """The full key `part`, missing from `node` (at `path`), most likely meant: a name of `node` by spelling or synonym,
+    else for a last part the one such name deeper down (adapter.rank -> adapter.peft.r); `path` when none is."""
+    names = [str(k) for k in node.keys() if k != "hydra" and str(k) != part]
+    near = closest(part, names)
+    if near or not last:
+        return [*path, *near[:1]]
+    deeper = {p: name for p, name in _leaves(node).items() if p != (part,)}
+    name = closest(part, set(deeper.values()))
+    paths = [p for p, found in deeper.items() if name and found == name[0]]
+    return [*path, *paths[0]] if len(paths) == 1 else path
+
+
 def unknown_key(cfg: DictConfig, key: str) -> str | None:
-    """Why dotted `key` is not in `cfg`: the first missing part, the key it most likely meant (for a last part with no
-    close name at its level, the closest key deeper down: adapter.rank -> adapter.peft.r), the names there; None if it
-    is there (or below a value that is not a mapping, which Hydra reports well itself)."""
+    """Why dotted `key` is not in `cfg`: the first missing part, the key it most likely meant (``meant``), the names
+    there; None if it is there (or below a value that is not a mapping, which Hydra reports well itself)."""
     node, path, parts = cfg, [], key.split(".")
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig):
@@ -51,13 +63,8 @@ def unknown_key(cfg: DictConfig, key: str) -> str | None:
         if part not in node:
             where = ".".join(path) or "the top level"
             known = sorted(str(k) for k in node.keys() if k != "hydra")
-            meant = [*path, *closest(part, known)[:1]]
-            if meant == path and depth == len(parts) - 1:   # a last part: look deeper
-                deeper = _leaves(node)
-                name = closest(part, set(deeper.values()))
-                paths = [p for p, last in deeper.items() if name and last == name[0]]
-                meant = [*path, *paths[0]] if len(paths) == 1 else path
-            hint = f"; did you mean {'.'.join(meant)!r}?" if meant != path else ""
+            guess = meant(node, path, part, last=depth == len(parts) - 1)
+            hint = f"; did you mean {'.'.join(guess)!r}?" if guess != path else ""
             has = f"has {', '.join(known)}" if known else "has no keys"
             return f"{key}: {where} has no key {part!r}{hint} ({where} {has})"
         node, path = node._get_node(part), [*path, part]
