@@ -179,9 +179,11 @@ study-tuned-val: $(STAMP)
 	$(PY) scripts/study_choose.py lr study_tuned_val && $(PY) scripts/study_choose.py seeds study_tuned_val; \
 	exit $$status
 
-## How far the tuned study's validation grid is (GRID=../study2): runs done and missing, hours left [seconds]
+## How far the tuned study is (GRID=../study2): validation runs done and missing, hours left; the confirmation's [seconds]
 study-progress: $(STAMP)
 	$(PY) scripts/study_choose.py progress study_tuned_val --results $(GRID)/results
+	[ ! -f results/study_tuned_val_seeds.json ] || $(PY) scripts/study_confirm.py study_tuned_test --progress \
+	  --results $(GRID)/results --choices results/study_tuned_val_choices.json --seeds results/study_tuned_val_seeds.json
 
 ## Tuned study, part 3: each method at its chosen rate, 5-10 seeds, test split, both tasks [16-31 h, 2-core CPU]
 # Times from the validation records: a 400-step classification cell 14.5-16 min at two torch threads on 2 idle cores;

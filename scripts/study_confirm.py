@@ -12,14 +12,15 @@ the released Sinter row at LoRA's, on each task's planned seeds (results/<valida
 after the validation grid's, 2, 3, ...), and nothing else; otherwise the missing (or failed) and extra runs are named
 and nothing is written (exit 1). A diverged run is a result: every test example scores 0, and it is named under the
 table (loran/pipeline/confirm.py, ``scored``). Last line: whether every test and validation run used the same library
-versions (their records' "versions"), else which runs used which.
+versions (their records' "versions"), else which runs used which. `--progress` prints, per task, the runs done of
+those asked for and the hours left, and writes nothing (make study-progress).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from loran.pipeline.confirm import gaps, rows_of, scored, to_markdown, versions_note
+from loran.pipeline.confirm import gaps, progress, rows_of, scored, to_markdown, versions_note
 from loran.pipeline.records import CorruptRecord
 from loran.pipeline.study import write_csv
 from loran.pipeline.tables import ended_records, load_records
@@ -32,17 +33,22 @@ def main(argv=None) -> None:
     parser.add_argument("--choices", default=None, help="default: <results>/<validation>_choices.json")
     parser.add_argument("--seeds", default=None, help="default: <results>/<validation>_seeds.json")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--progress", action="store_true", help="print the runs done and the hours left; write nothing")
     args = parser.parse_args(argv)
     results = Path(args.results)
     runs = results / "runs" / args.experiment
     try:
-        records = load_records(runs)
+        records = load_records(runs) if runs.is_dir() or not args.progress else []
+        choices = json.loads(Path(args.choices or results / f"{args.validation}_choices.json").read_text())
+        plans = json.loads(Path(args.seeds or results / f"{args.validation}_seeds.json").read_text())
+        if args.progress:
+            print("\n".join(progress(records, ended_records(runs), choices,
+                                     {plan["task"]: plan["seeds"] for plan in plans})))
+            return
         if not records:
             sys.exit(f"no table written: no successful run record under {runs}")
         ended = ended_records(runs)
         confirmed, diverged = scored(records, ended)
-        choices = json.loads(Path(args.choices or results / f"{args.validation}_choices.json").read_text())
-        plans = json.loads(Path(args.seeds or results / f"{args.validation}_seeds.json").read_text())
         missing = gaps(confirmed, ended, choices, {plan["task"]: plan["seeds"] for plan in plans})
         if missing:
             shown = "; ".join(missing[:6]) + ("; ..." if len(missing) > 6 else "")

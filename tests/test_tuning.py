@@ -555,6 +555,40 @@ def test_the_confirmation_is_the_protocol_s_whole_or_its_gaps_are_named():
         gaps(records, [], [{**choices[0], "chosen": None}], seeds)
 
 
+def test_the_confirmation_s_progress_counts_the_runs_asked_for_and_times_what_is_left(tmp_path):
+    """`study_confirm.py --progress` (make study-progress): per task, the runs done of those the choices and seed plans
+    ask for (a diverged run is done, a failed one is not, a run not asked for does not count), and the hours left at
+    the median of the task's last 5 timed runs (a resumed run's time is its last part: left out)."""
+    from loran.pipeline.confirm import progress
+
+    seeds = {"bbc_news": 3, "bbc_headlines": 2}
+    records, choices = confirmation(seeds)
+    news = [r for r in records if r["identity"]["dataset"]["name"] == "bbc_news"]
+    timed = [{**r, "finished_at": f"2026-12-07T0{i}:00", "wall_time_s": 60.0 * (10 + i)} for i, r in enumerate(news)]
+    kept = timed[:6] + [{**timed[6], "resumed_from": "checkpoint-50", "wall_time_s": 1.0}]   # resumed: not timed
+    failed = {**timed[7], "status": "failed"}
+    diverged = {**timed[8], "status": "diverged"}
+    lines = progress(kept, [failed, diverged], choices, seeds)
+    minutes = sorted(10.0 + i for i in range(1, 6))[2]              # the last 5 timed runs: 11-15 min, median 13
+    assert lines == [f"bbc_news: 8 of 9 test runs (3 seeds); about {minutes / 60:.1f} h left at {minutes:.1f} min a "
+                     "run (the median of its last 5)",
+                     "bbc_headlines: 0 of 6 test runs (2 seeds); no test run timed yet",
+                     f"in all: 7 test runs missing, about {minutes / 60:.1f} h"]
+    stray = {**timed[0], "identity": {**timed[0]["identity"], "seed": 9}, "choices": {"seed": 9}}
+    assert progress(kept + [stray], [failed, diverged], choices, seeds)[0].startswith("bbc_news: 8 of 9")
+    # the script reads the choices and the seed plans, from another checkout's results too, and writes nothing
+    for name, value in (("choices", choices), ("seeds", [{"task": t, "seeds": n} for t, n in seeds.items()])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+    done = subprocess.run([sys.executable, "scripts/study_confirm.py", "study_tuned_test", "--progress", "--results",
+                           str(tmp_path / "grid"), "--choices", str(tmp_path / "choices.json"), "--seeds",
+                           str(tmp_path / "seeds.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["bbc_news: 0 of 9 test runs (3 seeds); no test run timed yet",
+                                        "bbc_headlines: 0 of 6 test runs (2 seeds); no test run timed yet",
+                                        "in all: 15 test runs missing"]
+    assert not (tmp_path / "grid").exists()
+
+
 def test_a_diverged_test_run_is_a_result_scored_0_on_every_example_and_a_failed_one_stays_missing():
     """Amendment of 2026-12-07: a diverged confirmation run delivered no usable model; it keeps its place (its
     comparison, the Holm family) with every example scored 0, not rerun until it converges. A failed run (an error) is

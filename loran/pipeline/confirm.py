@@ -42,14 +42,9 @@ def is_control(flat: dict[str, Any]) -> bool:
     return all(flat.get(k) == v for k, v in CONTROL.items())
 
 
-def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
-         seeds: dict[str, int]) -> list[str]:
-    """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
-    per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on its
-    seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no record among
-    `records` is missing (or failed, when `ended` holds it); a successful record of anything else is not in the protocol
-    (it would join the Holm family), nor is one evaluated on another split than test. `records` are the confirmation's
-    results (``scored``: a diverged run is one)."""
+def wanted_runs(choices: list[dict[str, Any]], seeds: dict[str, int]) -> dict[tuple, str]:
+    """The runs the protocol asks for, ``run_key`` -> a readable name: per task, each method of `choices` at its chosen
+    learning rate and the released Sinter row at the control's, on its seeds[task] confirmation seeds (2, 3, ...)."""
     wanted = {}
     for c in choices:
         if c["chosen"] is None:
@@ -60,6 +55,45 @@ def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: li
         for method, name in rows:
             for seed in confirmation_seeds(seeds[c["task"]]):
                 wanted[(c["task"], method, c["chosen"], seed)] = f"{c['task']} {name} lr {c['chosen']:g} seed {seed}"
+    return wanted
+
+
+def progress(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
+             seeds: dict[str, int], recent: int = 5) -> list[str]:
+    """How far the confirmation is: per task, the runs done (a diverged run is done: it is a result) of those asked for
+    (``wanted_runs``), and the hours left at the median wall time of its last `recent` test runs (a resumed run's
+    record times its last part only: it is left out); then the total."""
+    wanted = wanted_runs(choices, seeds)
+    done = {run_key(r) for r in records} | {run_key(r) for r in ended if r["status"] == "diverged"}
+    lines, left, hours = [], 0, 0.0
+    for task in dict.fromkeys(key[0] for key in wanted):
+        asked = [key for key in wanted if key[0] == task]
+        missing = [key for key in asked if key not in done]
+        timed = sorted((r["finished_at"], r["wall_time_s"]) for r in records
+                       if r["identity"]["dataset"]["name"] == task and r.get("wall_time_s") and r.get("finished_at")
+                       and not r.get("resumed_from"))[-recent:]
+        line = f"{task}: {len(asked) - len(missing)} of {len(asked)} test runs ({seeds[task]} seeds)"
+        if missing and timed:
+            minutes = sorted(t for _, t in timed)[len(timed) // 2] / 60
+            hours += len(missing) * minutes / 60
+            line += f"; about {len(missing) * minutes / 60:.1f} h left at {minutes:.1f} min a run (the median of its " \
+                    f"last {len(timed)})"
+        elif missing:
+            line += "; no test run timed yet"
+        lines.append(line)
+        left += len(missing)
+    return lines + [f"in all: {left} test runs missing" + (f", about {hours:.1f} h" if hours else "")]
+
+
+def gaps(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
+         seeds: dict[str, int]) -> list[str]:
+    """What keeps the test records from being the protocol's confirmation, one line each (none: complete). Asked for,
+    per task: each method of `choices` at its chosen learning rate and the released Sinter row at the control's, on its
+    seeds[task] confirmation seeds (``tuning.confirmation_seeds``: 2, 3, ...). A run asked for with no record among
+    `records` is missing (or failed, when `ended` holds it); a successful record of anything else is not in the protocol
+    (it would join the Holm family), nor is one evaluated on another split than test. `records` are the confirmation's
+    results (``scored``: a diverged run is one)."""
+    wanted = wanted_runs(choices, seeds)
     have = {run_key(r) for r in records}
     status = {run_key(r): r["status"] for r in ended}
     out = [name + (f" ({status[key]})" if key in status else "") for key, name in wanted.items() if key not in have]
