@@ -39,7 +39,7 @@ from pathlib import Path
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.paired import components, difference_matrix, planned_mde, scores_by_seed
 from loran.pipeline.records import CorruptRecord, with_command
-from loran.pipeline.tables import ended_records, load_records
+from loran.pipeline.tables import ended_records, load_records, recent_timed
 from loran.pipeline.tuning import (
     LENGTH_KEY, LR_KEY, choose_length, choose_settings, grid_gaps, length_curve, method_label, method_of,
     VALIDATION_SEEDS, confirmation_seeds, owed_extensions, planned_seeds, value_of,
@@ -162,11 +162,10 @@ def progress(records, diverged) -> list[str]:
                          f"{' and '.join(map(str, SEEDS))})")
         if s["rates"] is not None:
             lines.append(forecast(task, s))
-        timed = sorted((r["finished_at"], r["wall_time_s"], r["machine"]["torch_threads"]) for r in finished
-                       if r.get("wall_time_s") and r.get("finished_at") and not r.get("resumed_from"))[-RECENT:]
+        timed = recent_timed(finished, RECENT)
         if s["missing"] and timed:
-            each = statistics.median(wall for _, wall, _ in timed)
-            threads = "/".join(str(n) for n in sorted({n for _, _, n in timed}))
+            each = statistics.median(r["wall_time_s"] for r in timed)
+            threads = "/".join(str(n) for n in sorted({r["machine"]["torch_threads"] for r in timed}))
             hours += len(s["missing"]) * each / 3600
             lines.append(f"  about {len(s['missing']) * each / 3600:.1f} h left at {each / 60:.1f} min a run (the "
                          f"median of its last {len(timed)} runs; torch threads {threads})")

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from loran.pipeline.cells import check_name
-from loran.pipeline.hints import closest, did_you_mean, meant, override_hints
+from loran.pipeline.hints import closest, did_you_mean, meant_hint, override_hints
 from loran.pipeline.schema import ANY, Rule, TrainConfig, fields_of
 
 
@@ -77,9 +77,7 @@ def check_schema(cfg: DictConfig, schema: type = TrainConfig, path: str = "") ->
     for key in node.keys():
         if key not in known and not (not path and key == HYDRA_NODE):
             where = f"{path}.{key}" if path else key
-            here = path.split(".") if path else []
-            guess = meant(node, here, str(key))
-            hint = f"; did you mean {'.'.join(guess)!r}?" if guess != here else ""
+            hint = meant_hint(node, path.split(".") if path else [], str(key))
             raise ConfigError(f"{where}: unknown key (nothing reads it){hint}; "
                               f"{path or 'the top level'} has {sorted(known)}")
     for f, nested in fields_of(schema):

@@ -9,11 +9,13 @@ test run is in it, every example scored 0 (``scored``).
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any
 
 from loran.pipeline.cells import flatten
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.study import _pct, configurations, study_rows, with_holm
+from loran.pipeline.tables import recent_timed
 from loran.pipeline.tuning import LR_KEY, confirmation_seeds
 
 CONTROL = {"activation.name": "identity"}
@@ -61,20 +63,18 @@ def wanted_runs(choices: list[dict[str, Any]], seeds: dict[str, int]) -> dict[tu
 def progress(records: list[dict[str, Any]], ended: list[dict[str, Any]], choices: list[dict[str, Any]],
              seeds: dict[str, int], recent: int = 5) -> list[str]:
     """How far the confirmation is: per task, the runs done (a diverged run is done: it is a result) of those asked for
-    (``wanted_runs``), and the hours left at the median wall time of its last `recent` test runs (a resumed run's
-    record times its last part only: it is left out); then the total."""
+    (``wanted_runs``), and the hours left at the median wall time of its last `recent` test runs
+    (``tables.recent_timed``); then the total."""
     wanted = wanted_runs(choices, seeds)
     done = {run_key(r) for r in records} | {run_key(r) for r in ended if r["status"] == "diverged"}
     lines, left, hours = [], 0, 0.0
     for task in dict.fromkeys(key[0] for key in wanted):
         asked = [key for key in wanted if key[0] == task]
         missing = [key for key in asked if key not in done]
-        timed = sorted((r["finished_at"], r["wall_time_s"]) for r in records
-                       if r["identity"]["dataset"]["name"] == task and r.get("wall_time_s") and r.get("finished_at")
-                       and not r.get("resumed_from"))[-recent:]
+        timed = recent_timed([r for r in records if r["identity"]["dataset"]["name"] == task], recent)
         line = f"{task}: {len(asked) - len(missing)} of {len(asked)} test runs ({seeds[task]} seeds)"
         if missing and timed:
-            minutes = sorted(t for _, t in timed)[len(timed) // 2] / 60
+            minutes = statistics.median(r["wall_time_s"] for r in timed) / 60
             hours += len(missing) * minutes / 60
             line += f"; about {len(missing) * minutes / 60:.1f} h left at {minutes:.1f} min a run (the median of its " \
                     f"last {len(timed)})"

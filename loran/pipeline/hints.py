@@ -53,6 +53,12 @@ def meant(node: DictConfig, path: list[str], part: str, last: bool = True) -> li
     return [*path, *paths[0]] if len(paths) == 1 else path
 
 
+def meant_hint(node: DictConfig, path: list[str], part: str, last: bool = True) -> str:
+    """"; did you mean 'a.b.c'?" for ``meant``'s key, or "" when none is likely."""
+    guess = meant(node, path, part, last)
+    return did_you_mean([".".join(guess)] if guess != path else [])
+
+
 def unknown_key(cfg: DictConfig, key: str) -> str | None:
     """Why dotted `key` is not in `cfg`: the first missing part, the key it most likely meant (``meant``), the names
     there; None if it is there (or below a value that is not a mapping, which Hydra reports well itself)."""
@@ -63,8 +69,7 @@ def unknown_key(cfg: DictConfig, key: str) -> str | None:
         if part not in node:
             where = ".".join(path) or "the top level"
             known = sorted(str(k) for k in node.keys() if k != "hydra")
-            guess = meant(node, path, part, last=depth == len(parts) - 1)
-            hint = f"; did you mean {'.'.join(guess)!r}?" if guess != path else ""
+            hint = meant_hint(node, path, part, last=depth == len(parts) - 1)
             has = f"has {', '.join(known)}" if known else "has no keys"
             return f"{key}: {where} has no key {part!r}{hint} ({where} {has})"
         node, path = node._get_node(part), [*path, part]

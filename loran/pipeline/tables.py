@@ -72,6 +72,13 @@ def ended_records(runs_dir: str | Path) -> list[dict[str, Any]]:
     return [record for record in records if record.get("status") != "ok"]
 
 
+def recent_timed(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The `count` records that finished last among those timing a whole run (a resumed run's record times its last
+    part only: left out), oldest first: what a grid's hours left are estimated from."""
+    timed = [r for r in records if r.get("wall_time_s") and r.get("finished_at") and not r.get("resumed_from")]
+    return sorted(timed, key=lambda r: r["finished_at"])[-count:]
+
+
 def row_key(record: dict[str, Any]) -> str | None:
     """A record's Table 2 row: its row's name, or "<adapter>-<activation>" for records made before rows had names
     (None when its choices name neither)."""
