@@ -1,6 +1,7 @@
 """Shared test set-up: no network, caches in a temporary folder, deterministic CPU threads; and the helpers several
 test files use (import them with `from conftest import ...`): the composed train config (cfg_of), a config group's
-options, the runner's tiny CPU cell (SMALL), and fixtures for a working folder, eager kernels and the tiny model."""
+options, the runner's tiny CPU cell (SMALL), a script run in this process (run_script), and fixtures for a working
+folder, eager kernels and the tiny model."""
 import os
 import tempfile
 
@@ -17,8 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import runpy  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,6 +48,31 @@ def cfg_of(*overrides: str, results=None, configs: Path = CONFIGS):
     register_resolver()  # the schema and ${loran.config_hash:} (the cell name), registered by the entry points
     with initialize_config_dir(str(configs), version_base="1.3"):
         return compose("train", overrides=[*overrides, *([f"results_dir={results}"] if results else [])])
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from the repository root, run in this process: the same `__main__` block, exit code,
+    stdout and stderr as the subprocess, without its 5-8 s of interpreter start and imports (torch, PEFT). A test per
+    script still runs it as a subprocess, for the entry point itself."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = [script, *map(str, args)]
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+            except SystemExit as stop:  # as the interpreter maps it: None -> 0, a message -> stderr and 1
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if not isinstance(stop.code, (int, type(None))):
+                    print(stop.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - an uncaught exception: the traceback and exit code 1, as a subprocess
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def options(group: str) -> list[str]:

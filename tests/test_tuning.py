@@ -11,7 +11,7 @@ import pytest
 from loran.pipeline.cells import flatten, identity
 from loran.pipeline.metrics import primary_metric
 from loran.pipeline.tuning import choose_length, choose_settings, confirmation_seeds, length_curve
-from conftest import REPO, cfg_of
+from conftest import REPO, cfg_of, run_script
 
 CONTROL = {"adapter.name": "loran", "adapter.peft.activation": "identity", "trainer.args.learning_rate": "0.001"}
 
@@ -141,15 +141,13 @@ def test_the_script_prints_the_chosen_length_and_writes_the_choices(tmp_path):
                            "--results", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "200\n" and "rougeL" in done.stderr
-    missing = subprocess.run([*script, "length", "study_tuned_val", "--dataset", "bbc_news", "--results",
-                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    missing = run_script("scripts/study_choose.py", "length", "study_tuned_val", "--dataset", "bbc_news",
+                         "--results", str(tmp_path))
     assert missing.returncode == 1 and missing.stdout == "" and "no choice made" in missing.stderr
-    nothing = subprocess.run([*script, "extension", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    nothing = run_script("scripts/study_choose.py", "extension", "study_tuned_val", "--results", str(tmp_path))
     assert (nothing.returncode, nothing.stdout) == (0, ""), nothing.stderr   # owed only once the protocol's rates ran
     for what in ("lr", "seeds", "overrides"):  # one seed of one learning rate: the grid is not complete
-        refused = subprocess.run([*script, what, "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
-                                 capture_output=True, text=True, timeout=120)
+        refused = run_script("scripts/study_choose.py", what, "study_tuned_val", "--results", str(tmp_path))
         assert refused.returncode == 1 and refused.stdout == "", refused.stderr
         assert "the validation grid is incomplete" in refused.stderr and "finish it" in refused.stderr
     # the protocol's rates are the grid's, whatever the records hold
@@ -199,8 +197,7 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
                 write(runs, rec)
     for n in (100, 200):  # the control's length curve: 400 steps the best
         write(runs, record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1))
-    done = subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_script("scripts/study_choose.py", "lr", "study_tuned_val", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr
     entries = json.loads((tmp_path / "study_tuned_val_choices.json").read_text())
     by_label = {e["label"].split(" ")[0]: e for e in entries}
@@ -227,16 +224,14 @@ def test_a_diverged_run_completes_the_grid_counts_as_tried_and_makes_its_learnin
     for lr in ("3e-4", "1e-3", "3e-3"):
         write(runs, record("dataset=bbc_headlines", "activation=identity", "trainer.args.max_steps=200",
                            f"trainer.args.learning_rate={lr}", seed=1, value=0.3))
-    refused = subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
-                              str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    refused = run_script("scripts/study_choose.py", "lr", "study_tuned_val", "--results", str(tmp_path))
     assert refused.returncode == 1 and "incomplete, 18 runs missing" in refused.stderr, refused.stderr
     assert "(bbc_headlines dora lr 0.0003 seed 0; bbc_headlines dora lr 0.0003 seed 1; " in refused.stderr
 
 
 def progress_of(results) -> list[str]:
     """`study_choose.py progress` on `results`: its lines (it exits 0 however far the grid is)."""
-    done = subprocess.run([sys.executable, "scripts/study_choose.py", "progress", "study_tuned_val", "--results",
-                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_script("scripts/study_choose.py", "progress", "study_tuned_val", "--results", str(results))
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -330,8 +325,7 @@ def test_each_task_owes_its_own_extension_and_a_rate_its_grid_does_not_hold_is_r
         return runs / rec["cell"]
 
     def choose():
-        return subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
-                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        return run_script("scripts/study_choose.py", "lr", "study_tuned_val", "--results", str(tmp_path))
 
     for task in steps:
         for lr in ("3e-4", "1e-3", "3e-3"):
@@ -344,8 +338,7 @@ def test_each_task_owes_its_own_extension_and_a_rate_its_grid_does_not_hold_is_r
     assert refused.returncode == 1 and "incomplete, 2 runs missing (bbc_headlines loran-identity lr 0.01 seed 0; " \
         "bbc_headlines loran-identity lr 0.01 seed 1)" in refused.stderr, refused.stderr
     assert refused.stderr.count("TUNED_TASKS=") == 1 and "TUNED_TASKS=bbc_headlines TUNED_LRS=0.01)" in refused.stderr
-    owed = subprocess.run([sys.executable, "scripts/study_choose.py", "extension", "study_tuned_val", "--results",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    owed = run_script("scripts/study_choose.py", "extension", "study_tuned_val", "--results", str(tmp_path))
     assert (owed.returncode, owed.stdout) == (0, "bbc_headlines 0.01\n"), owed.stderr   # what make runs next
     stray = run("bbc_news", "1e-2", 0)
     refused = choose()
@@ -376,8 +369,7 @@ def test_a_best_strictly_at_the_grids_edge_extends_every_methods_grid_by_one_rat
                            f"trainer.args.learning_rate={lr}", seed=seed, value=values[name][lr]))
 
     def choose():
-        return subprocess.run([sys.executable, "scripts/study_choose.py", "lr", "study_tuned_val", "--results",
-                               str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        return run_script("scripts/study_choose.py", "lr", "study_tuned_val", "--results", str(tmp_path))
 
     for name in methods:
         for lr in ("3e-4", "1e-3", "3e-3"):
@@ -579,9 +571,8 @@ def test_the_confirmation_s_progress_counts_the_runs_asked_for_and_times_what_is
     # the script reads the choices and the seed plans, from another checkout's results too, and writes nothing
     for name, value in (("choices", choices), ("seeds", [{"task": t, "seeds": n} for t, n in seeds.items()])):
         (tmp_path / f"{name}.json").write_text(json.dumps(value))
-    done = subprocess.run([sys.executable, "scripts/study_confirm.py", "study_tuned_test", "--progress", "--results",
-                           str(tmp_path / "grid"), "--choices", str(tmp_path / "choices.json"), "--seeds",
-                           str(tmp_path / "seeds.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_script("scripts/study_confirm.py", "study_tuned_test", "--progress", "--results", str(tmp_path / "grid"),
+                      "--choices", str(tmp_path / "choices.json"), "--seeds", str(tmp_path / "seeds.json"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["bbc_news: 0 of 9 test runs (3 seeds); no test run timed yet",
                                         "bbc_headlines: 0 of 6 test runs (2 seeds); no test run timed yet",
@@ -628,7 +619,7 @@ def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole
         "no table written: the confirmation is not the protocol's, 1 run to mend (bbc_news activation=identity lr 0.001 "
         "seed 2): run make study-tuned-test, or move what is not asked for away")
     write(tmp_path / "runs" / "study_tuned_test", test[0])
-    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_script(*script[1:])
     assert done.returncode == 0, done.stderr
     markdown = (tmp_path / "study_tuned_test.md").read_text()
     assert markdown.count("| control |") == 2 and markdown == done.stdout.rstrip("\n") + "\n"
@@ -636,7 +627,7 @@ def test_the_confirmation_script_refuses_an_incomplete_grid_and_writes_the_whole
     lost = next(r for r in test if r["identity"]["activation"].get("params", {}).get("amp") == 0.5)
     (tmp_path / "runs" / "study_tuned_test" / lost["cell"] / "record.json").write_text(json.dumps(
         {**lost, "status": "diverged", "metrics": None, "predictions": None}))
-    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_script(*script[1:])
     assert done.returncode == 0, done.stderr
     markdown = (tmp_path / "study_tuned_test.md").read_text()
     assert "# study_tuned_test: 11 successful runs, 1 diverged\n" in markdown
@@ -690,9 +681,7 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
         rec = record("dataset=bbc_news", "activation=identity", f"trainer.args.max_steps={n}", value=0.1)
         (runs / rec["cell"]).mkdir(parents=True)
         (runs / rec["cell"] / "record.json").write_text(json.dumps(rec))
-    script = [sys.executable, "scripts/study_choose.py"]
-    done = subprocess.run([*script, "seeds", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script("scripts/study_choose.py", "seeds", "study_tuned_val", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr
     (plan,) = json.loads((tmp_path / "study_tuned_val_seeds.json").read_text())
     (comparison,) = plan["comparisons"]
@@ -716,8 +705,7 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     assert comparison["mde_at_seeds"] == pytest.approx(mde(plan["seeds"]), rel=1e-4)
     markdown = (tmp_path / "study_tuned_val_seeds.md").read_text()
     assert markdown == done.stdout and f"bbc_news: {plan['seeds']} seeds (2, 3, 4, 5, 6" in markdown
-    done = subprocess.run([*script, "overrides", "study_tuned_val", "--results", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script("scripts/study_choose.py", "overrides", "study_tuned_val", "--results", str(tmp_path))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()   # LoRA, Sinter and the released Sinter at each seed after the grid's 0 and 1
     assert len(lines) == 3 * plan["seeds"] and len(set(lines)) == len(lines)
