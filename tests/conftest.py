@@ -21,6 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import runpy  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -55,10 +56,12 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     stdout and stderr as the subprocess, without its 5-8 s of interpreter start and imports (torch, PEFT). A test per
     script still runs it as a subprocess, for the entry point itself."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    argv, cwd = sys.argv, os.getcwd()
+    argv, cwd, root = sys.argv, os.getcwd(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         sys.argv = [script, *map(str, args)]
         os.chdir(REPO)
+        root.handlers = []  # as in a new interpreter: the script's logging.basicConfig writes to its stderr
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 runpy.run_path(str(REPO / script), run_name="__main__")
@@ -72,6 +75,7 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     finally:
         sys.argv = argv
         os.chdir(cwd)
+        root.handlers, root.level = handlers, level
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 

@@ -11,6 +11,7 @@ from loran.pipeline.paired import holm
 from loran.pipeline.study import (
     configurations, nulls_markdown, seed_nulls, study_rows, to_markdown, with_holm, write_csv,
 )
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +81,7 @@ def test_the_control_must_be_one_configuration(records):
 
 
 def test_the_script_refuses_an_empty_experiment(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("scripts/study_table.py", "screen", "--results", str(tmp_path))
     assert proc.returncode == 1 and "no successful run record under" in proc.stderr
     assert not list(tmp_path.iterdir())
 

@@ -15,6 +15,7 @@ from loran.pipeline.records import CorruptRecord
 from loran.pipeline.paired import MDE_FACTOR, NoPredictions, compare
 from loran.pipeline.tables import (MixedConfigs, _fmt, build, load_records, load_rows, paired_difference, read_paper,
                                    row_key, to_markdown)
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = load_rows(REPO / "configs" / "row")
@@ -196,8 +197,7 @@ def test_the_script_writes_no_table_from_mixed_records(tmp_path, write_fake_reco
     runs = tmp_path / "results/runs/mixed"
     write_fake_record(runs, "qlora", "none", "bbc_news", 0, {"accuracy": 0.8})
     write_fake_record(runs, "qlora", "none", "newsgroups20", 0, {"accuracy": 0.6})
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/build_table.py"), "mixed", "--results",
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    proc = run_script("scripts/build_table.py", "mixed", "--results", str(tmp_path / "results"))
     assert proc.returncode == 1 and "no table written: qlora-none / accuracy would pool" in proc.stderr
     assert not (tmp_path / "results/mixed.md").exists() and not (tmp_path / "results/mixed.csv").exists()
 
@@ -276,8 +276,7 @@ def test_the_scripts_build_their_tables_around_a_bad_record(runs, tmp_path, writ
     """build_table.py and study_table.py write their tables and name the bad record on stderr."""
     bad = write_fake_record(runs, "loran", "sinter", "bbc_news", 7, {"accuracy": 0.1})
     path = _edit(runs, bad, metrics=DROP)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/build_table.py"), "grid", "--results",
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    proc = run_script("scripts/build_table.py", "grid", "--results", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stderr
     assert f"WARNING: {path} left out of the table" in proc.stderr and (tmp_path / "results/grid.md").exists()
 
@@ -292,8 +291,7 @@ def test_the_scripts_build_their_tables_around_a_bad_record(runs, tmp_path, writ
     (study / "bad/record.json").write_text(json.dumps({**rec, "cell": "bad", "metrics": None}))
     (study / "other").mkdir()
     (study / "other/record.json").write_text(json.dumps({**rec, "cell": "other", "metrics": {"rougeL": 0.2}}))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
-                           str(tmp_path / "results"), "--boot", "100"], capture_output=True, text=True, timeout=300)
+    proc = run_script("scripts/study_table.py", "screen", "--results", str(tmp_path / "results"), "--boot", "100")
     assert proc.returncode == 0, proc.stderr
     assert f"{study / 'bad/record.json'} left out of the table: status is \"ok\" but metrics is None" in proc.stderr
     assert f"{study / 'other/record.json'} left out of the table: it reports no 'accuracy'" in proc.stderr
@@ -310,8 +308,7 @@ def test_the_study_script_asks_for_migration_of_a_record_without_identity(tmp_pa
             del rec["identity"]
         (study / rec["cell"]).mkdir(parents=True)
         (study / rec["cell"] / "record.json").write_text(json.dumps(rec))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/study_table.py"), "screen", "--results",
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    proc = run_script("scripts/study_table.py", "screen", "--results", str(tmp_path / "results"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no table written: screen: records ['identity{}.seed1'] carry no config identity" in proc.stderr
     assert "scripts/migrate_records.py" in proc.stderr
