@@ -161,7 +161,7 @@ def progress(records, diverged) -> list[str]:
             lines.append(f"  an extension, if owed, adds {per_rate} runs a rate (every method, seeds "
                          f"{' and '.join(map(str, SEEDS))})")
         if s["rates"] is not None:
-            lines.append(forecast(task, s))
+            lines += forecast(task, s)
         timed = recent_timed(finished, RECENT)
         if s["missing"] and timed:
             each = statistics.median(r["wall_time_s"] for r in timed)
@@ -177,9 +177,10 @@ def progress(records, diverged) -> list[str]:
     return lines
 
 
-def forecast(task: str, state: dict) -> str:
+def forecast(task: str, state: dict) -> list[str]:
     """The confirmation's size as the grid stands: ``seed_plan`` over the rates every method has run on both seeds
-    (once the protocol's rates have all run). A forecast of its cost, not a choice: `seeds` plans on the whole grid."""
+    (once the protocol's rates have all run), then each comparison's planned MDEs and variance components. A forecast
+    of its cost, not a choice: `seeds` plans on the whole grid."""
     finished, ended = state["runs"]
     open_rates = {gap["lr"] for gap in state["missing"]}
     run = [[r for r in rs if value_of(r, LR_KEY) in state["rates"] and value_of(r, LR_KEY) not in open_rates]
@@ -187,14 +188,18 @@ def forecast(task: str, state: dict) -> str:
     try:
         plan = seed_plan({task: tuple(run)}, task)
     except ValueError as err:
-        return f"  no forecast of the confirmation: {err}"
+        return [f"  no forecast of the confirmation: {err}"]
     spread = {n: [100 * c[key] for c in plan["comparisons"]]
               for n, key in ((5, "mde_5"), (plan["seeds"], "mde_at_seeds"), (10, "mde_10"))}
     mdes = ", ".join(f"{min(v):.2f}-{max(v):.2f} at {n} seeds" for n, v in spread.items())
     runs = (len(plan["comparisons"]) + 2) * plan["seeds"]   # every method, the control and the released Sinter's row
-    return ("  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the whole grid): "
+    head = ("  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the whole grid): "
             f"{plan['seeds']} seeds, {runs} test runs; planned MDE {mdes} (target {100 * plan['target']:.1f}: "
             f"{'met' if plan['met'] else 'missed'})")
+    return [head] + [f"    {c['label']} at {c['learning_rate']:g}: MDE {100 * c['mde_5']:.2f} at 5 seeds, "
+                     f"{100 * c['mde_10']:.2f} at 10; components x 1e-4: seed {1e4 * c['components']['seed']:.2f}, "
+                     f"example {1e4 * c['components']['example']:.2f}, residual {1e4 * c['components']['residual']:.2f}"
+                     for c in plan["comparisons"]]
 
 
 def extended(finished, ended) -> list:

@@ -686,13 +686,15 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     (plan,) = json.loads((tmp_path / "study_tuned_val_seeds.json").read_text())
     (comparison,) = plan["comparisons"]
 
-    def mde_at(lr, n_s):   # a two-way ANOVA of the difference at `lr`, and the crossed bootstrap's variance
+    def anova(lr):   # a two-way ANOVA of the difference at `lr`: seed, example and residual components
         d = np.array([scores[("activation=sinter", lr, s)] - scores[("activation=identity", lr, s)]
                       for s in (0, 1)])
         row, col, m = d.mean(axis=1), d.mean(axis=0), d.mean()
         ms_res = ((d - row[:, None] - col[None, :] + m) ** 2).sum() / (1 * 59)
-        v_seed = max(0.0, (60 * row.var(ddof=1) - ms_res) / 60)
-        v_example = max(0.0, (2 * col.var(ddof=1) - ms_res) / 2)
+        return max(0.0, (60 * row.var(ddof=1) - ms_res) / 60), max(0.0, (2 * col.var(ddof=1) - ms_res) / 2), ms_res
+
+    def mde_at(lr, n_s):   # the crossed bootstrap's variance from those components
+        v_seed, v_example, ms_res = anova(lr)
         return 2.801585 * np.sqrt((n_s - 1) / n_s**2 * (v_seed + ms_res / 836)
                                   + 835 / 836**2 * (v_example + ms_res / n_s)
                                   + (n_s - 1) * 835 / (n_s * 836) ** 2 * ms_res)
@@ -712,7 +714,13 @@ def test_the_script_plans_the_confirmation_seeds_from_the_validation_differences
     assert [line.rsplit(" ", 1)[1] for line in lines] == [f"seed={2 + k // 3}" for k in range(len(lines))]  # seed-major
     assert all(f"trainer.args.learning_rate={chosen}" in line for line in lines)
     # `progress` forecasts the same plan from the whole grid; with the extension not yet run, from the protocol's rates
-    forecast = [line for line in progress_of(tmp_path) if "forecast" in line]
+    lines = progress_of(tmp_path)
+    forecast = [line for line in lines if "forecast" in line]
+    # then each comparison: its planned MDEs and components
+    components = ", ".join(f"{name} {1e4 * v:.2f}" for name, v in zip(("seed", "example", "residual"), anova(chosen)))
+    assert lines[lines.index(forecast[0]) + 1] == (f"    {comparison['label']} at {float(chosen):g}: MDE "
+                                                   f"{100 * mde(5):.2f} at 5 seeds, {100 * mde(10):.2f} at 10; "
+                                                   f"components x 1e-4: {components}")
     mdes = ", ".join(f"{100 * mde(n):.2f}-{100 * mde(n):.2f} at {n} seeds" for n in dict.fromkeys((5, plan["seeds"], 10)))
     assert forecast == [f"  forecast of the confirmation from the rates run so far (not a choice: `seeds` plans on the "
                         f"whole grid): {plan['seeds']} seeds, {3 * plan['seeds']} test runs; planned MDE {mdes} "
