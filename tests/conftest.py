@@ -66,9 +66,11 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
             try:
                 runpy.run_path(str(REPO / script), run_name="__main__")
             except SystemExit as stop:  # as the interpreter maps it: None -> 0, a message -> stderr and 1
-                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-                if not isinstance(stop.code, (int, type(None))):
+                if stop.code is None or isinstance(stop.code, int):
+                    code = stop.code or 0
+                else:
                     print(stop.code, file=sys.stderr)
+                    code = 1
             except Exception:  # noqa: BLE001 - an uncaught exception: the traceback and exit code 1, as a subprocess
                 traceback.print_exc()
                 code = 1
